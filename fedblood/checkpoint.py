@@ -1,0 +1,231 @@
+"""Orbax checkpoints of a run: save every step, keep the last K and the best, restore exactly.
+
+A workdir holds one Orbax CheckpointManager per stage under ``checkpoints/``::
+
+  checkpoints/reference/<epoch>/   reference training (full params + Adam state)
+  checkpoints/local_<center>/...   local-only baselines, same layout
+  checkpoints/pooled/<epoch>/      pooled centralized baseline
+  checkpoints/fl/<round>/          federated rounds: server state, every center's
+                                   client state (stacked on a center axis), RNG key
+
+Each step has two items: ``state`` (a pytree of arrays, saved with
+``StandardSave``) and ``meta`` (JSON: round/epoch, metrics, what the tree is,
+parameter counts). What is kept is what resume needs and nothing twice: the
+FL checkpoints hold only the TRAINABLE part of the model (the frozen blocks
+never change, so they live once, in the reference checkpoint), and they are
+pruned to the last ``keep`` plus the best by a validation metric. The RNG key
+is stored for completeness, though every random stream is re-derived with
+``fold_in(seed, round)``.
+
+Writes are synchronous and Orbax commits a step atomically (a temporary
+directory renamed on success), so a run killed at any instant leaves the last
+committed step intact; train.py writes its logs BEFORE committing a step and
+truncates them to the committed step on resume.
+
+Restores go through :func:`restore`, which compares the stored tree (paths,
+shapes, dtypes, read from metadata without loading arrays) with the template
+built from the current config and refuses a mismatch with a message naming
+the differing leaves, e.g. a checkpoint of a width-1/4 VGG restored into a
+width-1/8 one.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+STATE, META = 'state', 'meta'
+
+
+class ShapeMismatchError(ValueError):
+  """The stored tree differs from the one the current config builds."""
+
+
+def manager(directory, keep: int = 3, best_metric: str | None = None,
+            best_mode: str = 'max') -> ocp.CheckpointManager:
+  """A CheckpointManager keeping the last ``keep`` steps plus the best one.
+
+  Args:
+    directory: where the steps live (created if missing).
+    keep: number of most recent steps kept.
+    best_metric: key of the ``metrics`` dict passed to :func:`save` that ranks
+      steps; None keeps only the last ``keep``.
+    best_mode: 'max' or 'min'.
+  """
+  if keep < 1:
+    raise ValueError(f'checkpoint keep must be >= 1, got {keep}')
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  if best_metric is not None:
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    policies.append(checkpoint_managers.BestN(
+        get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min', n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      enable_async_checkpointing=False, create=True,
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                               item_handlers=_handlers())
+
+
+def _handlers() -> dict:
+  # Explicit handlers let a manager read item metadata before any save or restore call.
+  return {STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()}
+
+
+def _to_saveable(tree):
+  # Orbax stores arrays; typed PRNG keys are stored as their raw uint32 data.
+  def leaf(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.key_data(x)
+    return np.asarray(x) if np.isscalar(x) or isinstance(x, np.generic) else x
+  return jax.tree.map(leaf, tree)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
+         metrics: dict | None = None) -> None:
+  """Saves ``state`` (arrays) and ``meta`` (JSON) as ``step``; returns once committed."""
+  meta = json.loads(json.dumps(meta))  # fail early on anything JSON cannot hold
+  mngr.save(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave(_to_saveable(state)), META: ocp.args.JsonSave(meta)}),
+            metrics=metrics, force=True)
+  mngr.wait_until_finished()
+
+
+def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    key = '/'.join(str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p)))) for p in path)
+    flat[key] = (tuple(int(d) for d in leaf.shape), str(np.dtype(leaf.dtype)))
+  return flat
+
+
+def stored_shapes(mngr: ocp.CheckpointManager, step: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """'/'-joined path -> (shape, dtype) of the stored state, read from metadata only."""
+  tree = mngr.item_metadata(step)[STATE]
+  tree = getattr(tree, 'tree', tree)
+  return _flat_shapes(tree)
+
+
+def _fmt(shape_dtype) -> str:
+  return 'absent' if shape_dtype is None else f'{shape_dtype[1]}{list(shape_dtype[0])}'
+
+
+def check_compatible(stored: dict, expected: dict, where: str) -> None:
+  """Raises ShapeMismatchError naming the leaves whose path, shape or dtype differ."""
+  if stored == expected:
+    return
+  lines = []
+  for path in sorted(set(stored) | set(expected)):
+    got, want = stored.get(path), expected.get(path)
+    if got != want:
+      lines.append(f'  {path}: checkpoint {_fmt(got)}, this config {_fmt(want)}')
+  shown = '\n'.join(lines[:12]) + (f'\n  ... and {len(lines) - 12} more' if len(lines) > 12 else '')
+  raise ShapeMismatchError(
+      f'checkpoint {where} was written by a different model or run shape '
+      f'({len(lines)} differing leaves):\n{shown}\n'
+      'Use a fresh --workdir, or the config the checkpoint was made with.')
+
+
+def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> tuple[Any, dict]:
+  """Restores ``(state, meta)`` of ``step`` (default latest) into the structure of ``template``.
+
+  Args:
+    mngr: the manager.
+    template: a pytree of arrays (or ShapeDtypeStructs) shaped like the saved
+      state, built from the current config.
+    step: which step; None for the latest.
+
+  Raises:
+    FileNotFoundError: no such step.
+    ShapeMismatchError: the stored tree differs from ``template``.
+  """
+  steps = mngr.all_steps()
+  if step is None:
+    step = mngr.latest_step()
+  if step is None or step not in steps:
+    raise FileNotFoundError(f'no checkpoint step {step} in {mngr.directory} (have {list(steps)})')
+  template = _to_saveable(template)
+  check_compatible(stored_shapes(mngr, step), _flat_shapes(template), f'{mngr.directory}/{step}')
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+  out = mngr.restore(step, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}))
+  return out[STATE], out[META]
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON ``meta`` item of a step (no arrays read)."""
+  return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+
+
+def param_summary(trainable, frozen, model: str = '') -> dict:
+  """Counts stored in a step's meta so that ``inspect`` can show them without arrays."""
+  def leaves(tree):
+    return len(jax.tree.leaves(tree))
+  def scalars(tree):
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)))
+  return {'model': model, 'trainable': scalars(trainable), 'trainable_leaves': leaves(trainable),
+          'frozen': scalars(frozen), 'frozen_leaves': leaves(frozen)}
+
+
+def summarize_tree(shapes: dict) -> dict[str, dict]:
+  """Leaf and scalar counts per top-level subtree of a ``stored_shapes`` dict."""
+  out = {}
+  for path, (shape, _) in shapes.items():
+    top = path.split('/')[0]
+    entry = out.setdefault(top, {'leaves': 0, 'scalars': 0})
+    entry['leaves'] += 1
+    entry['scalars'] += int(np.prod(shape, dtype=np.int64))
+  return out
+
+
+def _best_step(metas: dict[int, dict]) -> int | None:
+  # meta['best_metric'] names the ranking metric (higher is better) the run used.
+  ranked = [(m['metrics'][m['best_metric']], step) for step, m in metas.items()
+            if m.get('best_metric') and m.get('metrics', {}).get(m['best_metric']) is not None]
+  # Ties go to the earliest step, as a "first reached" rule would pick.
+  return max(ranked, key=lambda t: (t[0], -t[1]))[1] if ranked else None
+
+
+def inspect(workdir) -> str:
+  """A human-readable listing of every checkpoint of a workdir, without loading arrays.
+
+  For each stage directory: the kept steps with their metrics, which one is
+  best, and the parameter summary stored in the latest step's meta
+  (trainable / frozen counts) plus the stored tree's sizes per subtree.
+  """
+  root = Path(workdir) / 'checkpoints'
+  if not root.is_dir():
+    raise FileNotFoundError(f'{workdir} holds no checkpoints/ directory (is it a fedblood workdir?)')
+  lines = [f'checkpoints in {root}']
+  for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    # No preservation policy and no save: opening the manager deletes nothing.
+    mngr = ocp.CheckpointManager(stage_dir.absolute(), item_handlers=_handlers(),
+                                 options=ocp.CheckpointManagerOptions(create=False))
+    steps = list(mngr.all_steps())
+    if not steps:
+      lines.append(f'\n[{stage_dir.name}] no committed step')
+      continue
+    lines.append(f'\n[{stage_dir.name}] steps {steps}')
+    metas = {step: read_meta(mngr, step) for step in steps}
+    best = _best_step(metas)
+    for step, meta in metas.items():
+      shown = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
+                        for k, v in meta.get('metrics', {}).items())
+      lines.append(f'  {meta.get("kind", "step")} {step}{" (best)" if step == best else ""}: {shown}')
+    latest = steps[-1]
+    meta = read_meta(mngr, latest)
+    params = meta.get('params')
+    if params:
+      lines.append(f'  model: {params.get("model", "?")}; trainable {params["trainable"]:,} '
+                   f'scalars in {params["trainable_leaves"]} leaves, frozen {params["frozen"]:,} '
+                   f'in {params["frozen_leaves"]} leaves')
+    sizes = summarize_tree(stored_shapes(mngr, latest))
+    lines.append('  stored state: ' + ', '.join(
+        f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
+    mngr.close()
+  return '\n'.join(lines)
