@@ -1,0 +1,167 @@
+"""The federated-algorithm interface and the local SGD every algorithm shares.
+
+An algorithm is a builder that closes over its hyper-parameters and returns a
+:class:`FedAlgorithm`, a NamedTuple of pure functions over a pytree of
+*trainable* parameters (any pytree, any differentiable loss: frozen parameters
+never reach an algorithm). Per-client state is ONE pytree whose leaves carry a
+leading client axis ``[C, ...]``; an algorithm without client state uses ``()``.
+
+* ``init(params, num_clients) -> (server_state, client_states)``
+* ``client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng)
+  -> (local_params, new_client_state, metrics)``: one client's local training
+  (``client_state`` without the client axis; ``vmap`` it for many clients).
+
+  - ``weight``: the client's training size normalised to mean 1 over ALL clients,
+    ``w_k = n_k / sum(n) * C`` (:func:`client_weights`); FedDyn derives
+    ``alpha_k = alpha / w_k`` from it.
+  - ``loss_fn(params, batch, rng) -> (loss, aux)``, ``aux`` a dict of scalars.
+  - ``batch_fn(step) -> batch`` for ``step`` an int32 scalar in ``[0, num_steps)``.
+  - ``num_steps``: int32 scalar, may be traced. Local training is a
+    ``lax.fori_loop`` with this trip count: run alone a client takes exactly its
+    own number of steps; under ``vmap`` the loop runs to the largest count and
+    the clients already done keep their carry (params, optimizer state, metric
+    sums) untouched, i.e. their padded steps are no-ops.
+  - ``rng``: the client's key for this round; step ``s`` uses ``fold_in(rng, s)``.
+  - ``metrics``: ``{'loss', **aux}`` averaged over the real steps, and ``num_steps``.
+
+* ``server_update(server_state, local_params, weights, active, client_states) -> server_state``:
+  ``local_params`` and ``client_states`` stacked over ALL ``C`` clients, ``weights``
+  float ``[C]`` as above, ``active`` bool ``[C]``. ``client_states`` are the states
+  after the round (inactive clients' unchanged); inactive clients' ``local_params``
+  are ignored whatever they hold (selected out with ``jnp.where``, never multiplied).
+  With no active client the server state is returned unchanged.
+* ``eval_params(server_state) -> {name: params}``: the models worth evaluating.
+  Every algorithm has ``'server'``, the model clients start the next round from.
+
+Local training is clipped SGD through optax, in FedDyn's order (see FEDDYN.md)::
+
+  g = clip_by_global_norm(grad(loss + penalty), max_grad_norm)
+  params <- params - lr * (g + weight_decay * params)
+
+Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
+``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class FedAlgorithm(NamedTuple):
+  """A federated algorithm as pure functions; see the module docstring for signatures."""
+  init: Callable
+  client_update: Callable
+  server_update: Callable
+  eval_params: Callable
+
+
+class ServerState(NamedTuple):
+  """Server state of algorithms that move the server model with an optimizer (FedAvg, FedProx).
+
+  Attributes:
+    params: the server model.
+    opt_state: state of the server optimizer (empty for plain averaging).
+  """
+  params: Any
+  opt_state: Any
+
+
+def client_weights(sizes) -> jax.Array:
+  """Training sizes ``[C]`` -> weights ``n_k / sum(n) * C`` (mean 1), as FedDyn's code defines them."""
+  sizes = jnp.asarray(sizes, jnp.float32)
+  return sizes / jnp.sum(sizes) * sizes.shape[0]
+
+
+def copy_tree(tree):
+  """Fresh buffers, so donating a state never deletes the caller's arrays."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def local_tx(lr, max_grad_norm: Optional[float], weight_decay) -> optax.GradientTransformation:
+  """Clip the gradient, then add ``weight_decay * params``, then plain SGD (FedDyn's order)."""
+  clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
+  return optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(lr))
+
+
+def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, weight_decay,
+              penalty_fn: Optional[Callable] = None):
+  """Runs ``num_steps`` steps of clipped SGD on ``loss_fn + penalty_fn`` from ``params``.
+
+  Args:
+    params: starting point (trainable pytree).
+    loss_fn: ``(params, batch, rng) -> (loss, aux)``.
+    batch_fn: ``step -> batch``.
+    num_steps: int32 scalar (may be traced).
+    rng: key; step ``s`` draws ``fold_in(rng, s)``.
+    lr, max_grad_norm, weight_decay: see :func:`local_tx` (``weight_decay`` may be traced).
+    penalty_fn: optional ``params -> scalar`` added to the loss before differentiation.
+
+  Returns:
+    ``(params, metrics)``, metrics ``{'loss', **aux}`` averaged over the steps taken
+    (zero when none) and ``'num_steps'``.
+  """
+  tx = local_tx(lr, max_grad_norm, weight_decay)
+
+  def objective(p, batch, step_rng):
+    loss, aux = loss_fn(p, batch, step_rng)
+    total = loss if penalty_fn is None else loss + penalty_fn(p)
+    return total, dict(loss=loss, **aux)
+
+  grad_fn = jax.grad(objective, has_aux=True)
+  probe = jax.eval_shape(lambda: objective(params, batch_fn(jnp.int32(0)), rng)[1])
+  sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), probe)
+
+  def body(step, carry):
+    p, opt_state, sums = carry
+    grads, stats = grad_fn(p, batch_fn(step), jax.random.fold_in(rng, step))
+    updates, opt_state = tx.update(grads, opt_state, p)
+    sums = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), sums, stats)
+    return optax.apply_updates(p, updates), opt_state, sums
+
+  num_steps = jnp.asarray(num_steps, jnp.int32)
+  params, _, sums = jax.lax.fori_loop(0, num_steps, body, (params, tx.init(params), sums))
+  metrics = jax.tree.map(lambda s: s / jnp.maximum(num_steps, 1), sums)
+  metrics['num_steps'] = num_steps
+  return params, metrics
+
+
+def _bcast(mask, x):
+  return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+
+
+def masked_mean(stacked, weights, active):
+  """``sum_k w_k x_k / sum_k w_k`` over active ``k`` of a pytree stacked on axis 0.
+
+  Inactive entries are selected out (``jnp.where``), so NaNs there cannot leak.
+  Returns ``(mean, any_active)``; the mean is zero when no client is active.
+  """
+  active = jnp.asarray(active, bool)
+  w = jnp.where(active, jnp.asarray(weights, jnp.float32), 0.0)
+  total = jnp.sum(w)
+  safe_total = jnp.where(total > 0, total, 1.0)
+
+  def mean(x):
+    x = jnp.where(_bcast(active, x), x, 0)
+    return (jnp.tensordot(w, x, axes=1) / safe_total).astype(x.dtype)
+
+  return jax.tree.map(mean, stacked), total > 0
+
+
+def keep_if(cond, new, old):
+  """``new`` where the scalar ``cond`` holds, else ``old`` (leafwise)."""
+  return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
+def server_step(state: ServerState, local_params, weights, active, server_tx) -> ServerState:
+  """Moves the server model towards the weighted mean of the active clients' models.
+
+  The pseudo-gradient ``params - mean_k(local_k)`` goes through ``server_tx``
+  (``sgd(1.0)`` gives plain averaging; a momentum or lr != 1 gives FedAvgM / server lr).
+  """
+  mean, any_active = masked_mean(local_params, weights, active)
+  pseudo_grad = jax.tree.map(jnp.subtract, state.params, mean)
+  updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
+  new = ServerState(optax.apply_updates(state.params, updates), opt_state)
+  return keep_if(any_active, new, state)

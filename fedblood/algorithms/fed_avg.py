@@ -1,0 +1,67 @@
+"""FedAvg (McMahan et al., AISTATS 2017) and FedProx (Li et al., MLSys 2020).
+
+FedAvg: every client runs local SGD from the server model; the server moves to
+the sample-weighted mean of the active clients' models, optionally through a
+server optimizer (server lr / momentum: FedAvgM, Hsu et al. 2019).
+FedProx is FedAvg with the proximal term ``mu/2 |p - theta_s|^2`` in the local
+loss; ``mu = 0`` gives FedAvg's updates exactly.
+"""
+
+from typing import Optional
+
+import optax
+
+from fedblood.algorithms import base
+
+
+def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], server_lr: float,
+           server_momentum: float, mu: Optional[float]) -> base.FedAlgorithm:
+  server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
+
+  def init(params, num_clients):
+    del num_clients  # stateless clients
+    params = base.copy_tree(params)
+    return base.ServerState(params, server_tx.init(params)), ()
+
+  def client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng):
+    del weight  # FedAvg weighs clients only on the server
+    theta_s = server_state.params
+    penalty_fn = None
+    if mu is not None:
+      penalty_fn = lambda p: 0.5 * mu * optax.tree.norm(optax.tree.sub(p, theta_s), squared=True)
+    local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
+                                    max_grad_norm=max_grad_norm, weight_decay=weight_decay,
+                                    penalty_fn=penalty_fn)
+    return local, client_state, metrics
+
+  def server_update(server_state, local_params, weights, active, client_states):
+    del client_states
+    return base.server_step(server_state, local_params, weights, active, server_tx)
+
+  def eval_params(server_state):
+    return {'server': server_state.params}
+
+  return base.FedAlgorithm(init, client_update, server_update, eval_params)
+
+
+def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
+            server_lr: float = 1.0, server_momentum: float = 0.0) -> base.FedAlgorithm:
+  """FedAvg with sample-weighted averaging.
+
+  Args:
+    lr: local SGD learning rate.
+    weight_decay: local weight decay, added after clipping.
+    max_grad_norm: local gradient clipping (global norm); None or 0 turns it off.
+    server_lr: server learning rate on the averaged update (1.0: plain averaging).
+    server_momentum: server heavy-ball momentum (0: none).
+  """
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None)
+
+
+def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
+             max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
+             server_momentum: float = 0.0) -> base.FedAlgorithm:
+  """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in every client's loss (args as :func:`fed_avg`)."""
+  if mu < 0:
+    raise ValueError(f'fl.mu must be >= 0, got {mu}')
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu))

@@ -1,0 +1,294 @@
+"""One federated round over all centers, jitted, with the data kept on the device.
+
+API (stable: the pipeline codes against it)::
+
+  centers = Centers(examples={'image': uint8[C, Nmax, H, W, 3], 'label': int32[C, Nmax]},
+                    sizes=int32[C])                       # real examples per center; rest padding
+  loss_fn = classifier_loss(model, augment_fn=None)       # (trainable, frozen, batch, rng) -> (loss, aux)
+  alg, round_fn = build(config.fl, loss_fn)               # or algorithms.build + build_round
+  server_state, client_states = alg.init(trainable, num_clients=C)
+  for r in range(rounds):
+    server_state, client_states, metrics = round_fn(
+        server_state, client_states, frozen, centers, active, key, r)
+    models = alg.eval_params(server_state)    # {'server': ...} (+ FedDyn's 'active_mean')
+  predict = make_predict(model, batch_size)   # logits = predict(trainable, frozen, images)
+
+* ``round_fn(server_state, client_states, frozen, centers, active, key, round_index)``
+  -> ``(server_state, client_states, metrics)``. ``frozen`` is an argument (never a
+  baked constant); algorithms see only ``trainable``. ``active``: bool[C] (inactive
+  centers' states are returned unchanged). ``key``: the run's base key; center k
+  draws from ``fold_in(fold_in(key, round_index), k)``, so a checkpoint needs only
+  the round number. ``round_index`` is traced: later rounds never recompile.
+  ``metrics``: dict of float[C]: ``loss`` and the loss's aux (e.g. ``accuracy``)
+  averaged over each center's local steps, and ``num_steps``; zero for inactive centers.
+  With ``donate=True`` (default) the server and client states passed in are consumed.
+* Each epoch, center k visits its ``n_k`` examples in a fresh random order, in
+  ``ceil(n_k / batch_size)`` batches; the last batch is partial: ``batch['mask']``
+  (float32[B], 1 for real examples) tells the loss which rows count. So center k
+  runs exactly ``local_epochs * ceil(n_k / batch_size)`` steps.
+* ``execution`` (identical results up to float rounding, see tests):
+  ``'vmap'`` vmaps the local update over centers (centers short of the longest
+  one's steps are masked no-ops); ``'loop'`` calls one jitted client step per
+  active center (each runs exactly its own steps; inactive centers are skipped),
+  then a jitted server step; ``'unroll'`` is the same loop unrolled inside one
+  jit; ``'shard'`` splits the center axis over devices (``shard_map``, vmap on
+  each device; the center axis is padded with empty centers to a multiple of the
+  device count, which copies the data each round unless it divides evenly).
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from fedblood import algorithms, partition
+from fedblood.algorithms import base
+
+EXECUTIONS = ('vmap', 'loop', 'unroll', 'shard')
+
+
+class Centers(NamedTuple):
+  """Per-center training data, padded to a common length Nmax.
+
+  Attributes:
+    examples: dict of arrays ``[C, Nmax, ...]`` (e.g. ``image``, ``label``).
+    sizes: int32 ``[C]``, each center's number of real examples (the first ``n_k`` rows).
+  """
+  examples: dict
+  sizes: Any
+
+
+def _ceil_div(a, b):
+  return (a + b - 1) // b
+
+
+def epoch_orders(rng, size, nmax: int, epochs: int):
+  """``[epochs, nmax]`` visiting orders: a random permutation of ``0..size-1``, then the padding rows."""
+  def one(epoch):
+    perm = jax.random.permutation(jax.random.fold_in(rng, epoch), nmax)
+    return perm[jnp.argsort((perm >= size).astype(jnp.int8), stable=True)]
+  return jax.vmap(one)(jnp.arange(epochs))
+
+
+def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: int):
+  """``step -> batch`` of center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``)."""
+  nmax = jax.tree.leaves(examples)[0].shape[1]
+  steps_per_epoch = jnp.maximum(_ceil_div(size, batch_size), 1)
+  orders = epoch_orders(rng, size, nmax, local_epochs)
+
+  def batch_fn(step):
+    epoch = jnp.minimum(step // steps_per_epoch, local_epochs - 1)
+    pos = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
+    idx = orders[epoch, jnp.minimum(pos, nmax - 1)]
+    batch = {name: x[center, idx] for name, x in examples.items()}
+    batch['mask'] = (pos < size).astype(jnp.float32)
+    return batch
+
+  return batch_fn
+
+
+def _check_centers(centers: Centers):
+  if not isinstance(centers.examples, dict) or not centers.examples:
+    raise ValueError('Centers.examples must be a non-empty dict of [C, Nmax, ...] arrays, got '
+                     f'{type(centers.examples).__name__}')
+  if 'mask' in centers.examples:
+    raise ValueError("Centers.examples may not have a 'mask' entry: the round adds it to each batch")
+  num = np.shape(centers.sizes)
+  for name, x in centers.examples.items():
+    if np.ndim(x) < 2 or (np.shape(x)[0],) != num:
+      raise ValueError(f'Centers.examples[{name!r}] has shape {np.shape(x)}; expected '
+                       f'[C={num[0] if num else "?"}, Nmax, ...] to match Centers.sizes {num}')
+
+
+def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
+                local_epochs: int, execution: str = 'vmap', donate: bool = True,
+                devices: Optional[Sequence[Any]] = None) -> Callable:
+  """Builds ``round_fn`` (see the module docstring).
+
+  Args:
+    algorithm: a :class:`fedblood.algorithms.FedAlgorithm`.
+    loss_fn: ``(trainable, frozen, batch, rng) -> (loss, aux)``; ``batch`` holds the
+      examples' entries for the step plus ``'mask'``.
+    batch_size: local batch size.
+    local_epochs: passes over its data each center makes per round.
+    execution: 'vmap', 'loop', 'unroll' or 'shard'.
+    donate: let XLA reuse the input states' buffers for the outputs.
+    devices: devices of the 'shard' mesh (default: all).
+  """
+  if execution not in EXECUTIONS:
+    raise ValueError(f'fl.execution must be one of {EXECUTIONS}, got {execution!r}')
+  if batch_size < 1 or local_epochs < 1:
+    raise ValueError(f'fl.batch_size and fl.local_epochs must be >= 1, got {batch_size}, '
+                     f'{local_epochs}')
+  donated = (0, 1) if donate else ()
+
+  def client(server_state, client_state, weight, frozen, examples, center, size, rng):
+    perm_rng, step_rng = jax.random.split(rng)
+    batch_fn = make_batch_fn(examples, center, size, perm_rng, batch_size, local_epochs)
+    local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
+    num_steps = local_epochs * _ceil_div(size, batch_size)
+    return algorithm.client_update(server_state, client_state, weight, local_loss, batch_fn,
+                                   num_steps, step_rng)
+
+  def round_keys(key, round_index, num):
+    round_key = jax.random.fold_in(key, round_index)
+    return jax.vmap(lambda k: jax.random.fold_in(round_key, k))(jnp.arange(num))
+
+  def finish(server_state, client_states, outputs, sizes, active):
+    """Keeps inactive centers' states, zeroes their metrics, runs the server update."""
+    local_params, new_states, metrics = outputs
+    active = jnp.asarray(active, bool)
+    keep = lambda new, old: jnp.where(base._bcast(active, new), new, old)
+    new_states = jax.tree.map(keep, new_states, client_states)
+    metrics = jax.tree.map(lambda m: jnp.where(active, m, jnp.zeros_like(m)), metrics)
+    weights = base.client_weights(sizes)
+    server_state = algorithm.server_update(server_state, local_params, weights, active, new_states)
+    return server_state, new_states, metrics
+
+  mapped = (None, 0, 0, None, None, 0, 0, 0)
+
+  def vmap_round(server_state, client_states, frozen, centers, active, key, round_index):
+    num = centers.sizes.shape[0]
+    outputs = jax.vmap(client, in_axes=mapped)(
+        server_state, client_states, base.client_weights(centers.sizes), frozen, centers.examples,
+        jnp.arange(num), centers.sizes, round_keys(key, round_index, num))
+    return finish(server_state, client_states, outputs, centers.sizes, active)
+
+  def unroll_round(server_state, client_states, frozen, centers, active, key, round_index):
+    num = centers.sizes.shape[0]
+    weights, rngs = base.client_weights(centers.sizes), round_keys(key, round_index, num)
+    outs = [client(server_state, jax.tree.map(lambda x: x[k], client_states), weights[k], frozen,
+                   centers.examples, k, centers.sizes[k], rngs[k]) for k in range(num)]
+    outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return finish(server_state, client_states, outputs, centers.sizes, active)
+
+  def shard_round(server_state, client_states, frozen, centers, active, key, round_index):
+    mesh_devices = np.asarray(devices if devices is not None else jax.devices())
+    mesh = jax.sharding.Mesh(mesh_devices, ('centers',))
+    num = centers.sizes.shape[0]
+    pad = -num % mesh_devices.size
+    pad_fn = lambda x, value=0: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1),
+                                        constant_values=value) if pad else x
+    weights = pad_fn(base.client_weights(centers.sizes), 1.0)  # empty centers take 0 steps
+    rngs = round_keys(key, round_index, num + pad)
+
+    def local(server_state, client_states, weights, frozen, examples, sizes, rngs):
+      centers_here = jnp.arange(sizes.shape[0])
+      return jax.vmap(client, in_axes=mapped)(server_state, client_states, weights, frozen,
+                                              examples, centers_here, sizes, rngs)
+
+    split = P('centers')
+    outputs = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, P(), split, split, split),
+                            out_specs=split, check_vma=False)(
+        server_state, jax.tree.map(pad_fn, client_states), weights, frozen,
+        jax.tree.map(pad_fn, centers.examples), pad_fn(centers.sizes), rngs)
+    outputs = jax.tree.map(lambda x: x[:num], outputs)
+    return finish(server_state, client_states, outputs, centers.sizes, active)
+
+  if execution != 'loop':
+    body = dict(vmap=vmap_round, unroll=unroll_round, shard=shard_round)[execution]
+    jitted = jax.jit(body, donate_argnums=donated)
+
+    def round_fn(server_state, client_states, frozen, centers, active, key, round_index):
+      _check_centers(centers)
+      return jitted(server_state, client_states, frozen, centers, active, key, round_index)
+
+    round_fn.jitted = jitted
+    return round_fn
+
+  @jax.jit
+  def client_step(server_state, client_states, frozen, centers, key, round_index, k):
+    rng = jax.random.fold_in(jax.random.fold_in(key, round_index), k)
+    return client(server_state, jax.tree.map(lambda x: x[k], client_states),
+                  base.client_weights(centers.sizes)[k], frozen, centers.examples, k,
+                  centers.sizes[k], rng)
+
+  @functools.partial(jax.jit, donate_argnums=donated)
+  def server_step(server_state, client_states, outs, sizes, active):
+    outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    return finish(server_state, client_states, outputs, sizes, active)
+
+  def loop_round(server_state, client_states, frozen, centers, active, key, round_index):
+    _check_centers(centers)
+    active_host = np.asarray(active, bool)
+    run = [k for k in range(active_host.size) if active_host[k]] or [0]
+    done = {k: client_step(server_state, client_states, frozen, centers, key, round_index, k)
+            for k in run}
+    # Inactive centers' outputs are ignored by finish/server_update: any same-shaped value does.
+    outs = [done.get(k, done[run[0]]) for k in range(active_host.size)]
+    return server_step(server_state, client_states, outs, centers.sizes, active)
+
+  loop_round.client_step, loop_round.server_step = client_step, server_step
+  return loop_round
+
+
+def build(fl_cfg, loss_fn: Callable, **kwargs) -> tuple[base.FedAlgorithm, Callable]:
+  """``(algorithm, round_fn)`` from ``config.fl`` (algorithm, batch_size, local_epochs, execution)."""
+  for key in ('batch_size', 'local_epochs'):
+    if key not in fl_cfg:
+      raise ValueError(f'fl.{key} is missing from the config')
+  algorithm = algorithms.build(fl_cfg)
+  execution = fl_cfg['execution'] if 'execution' in fl_cfg else 'vmap'
+  return algorithm, build_round(algorithm, loss_fn, batch_size=fl_cfg['batch_size'],
+                                local_epochs=fl_cfg['local_epochs'], execution=execution, **kwargs)
+
+
+def to_float(images):
+  """uint8 images -> float32 in [0, 1]; float images pass through as float32."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def classifier_loss(model, augment_fn: Optional[Callable] = None) -> Callable:
+  """Masked softmax cross-entropy of a Flax classifier over (trainable, frozen) params.
+
+  Args:
+    model: a linen module taking float images in [0, 1] and ``train`` (dropout rng 'dropout').
+    augment_fn: optional ``(rng, images) -> images`` on float32 images in [0, 1].
+
+  Returns:
+    ``loss_fn(trainable, frozen, batch, rng) -> (loss, {'accuracy': ...})`` for batches
+    ``{'image', 'label'[, 'mask']}``; rows with mask 0 do not count.
+  """
+  def loss_fn(trainable, frozen, batch, rng):
+    aug_rng, dropout_rng = jax.random.split(rng)
+    images = to_float(batch['image'])
+    if augment_fn is not None:
+      images = augment_fn(aug_rng, images)
+    logits = model.apply({'params': partition.merge(trainable, frozen)}, images, train=True,
+                         rngs={'dropout': dropout_rng})
+    labels = batch['label']
+    mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask) / count
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * mask) / count
+    return loss, {'accuracy': accuracy}
+
+  return loss_fn
+
+
+def make_predict(model, batch_size: int = 64) -> Callable:
+  """Jitted ``predict(trainable, frozen, images[..., H, W, 3]) -> logits[..., K]``.
+
+  Runs the model in eval mode over fixed-size batches (``lax.map``), padding the
+  last one, so memory stays bounded; it compiles once per input shape, so feed it
+  padded arrays (e.g. ``Centers.examples['image']``) to keep that shape fixed.
+  """
+  @jax.jit
+  def predict(trainable, frozen, images):
+    params = {'params': partition.merge(trainable, frozen)}
+    lead, image_shape = images.shape[:-3], images.shape[-3:]
+    flat = images.reshape((-1,) + image_shape)
+    num = flat.shape[0]
+    flat = jnp.pad(flat, [(0, -num % batch_size)] + [(0, 0)] * 3)
+    batches = flat.reshape((-1, batch_size) + image_shape)
+    logits = jax.lax.map(lambda x: model.apply(params, to_float(x), train=False), batches)
+    logits = logits.reshape((-1, logits.shape[-1]))[:num]
+    return logits.reshape(lead + logits.shape[-1:])
+
+  return predict
