@@ -68,17 +68,20 @@ def _ceil_div(a, b):
 
 def epoch_orders(rng, size, nmax: int, epochs: int):
   """``[epochs, nmax]`` visiting orders: a random permutation of ``0..size-1``, then the padding rows."""
-  def one(epoch):
-    perm = jax.random.permutation(jax.random.fold_in(rng, epoch), nmax)
-    return perm[jnp.argsort((perm >= size).astype(jnp.int8), stable=True)]
-  return jax.vmap(one)(jnp.arange(epochs))
+  # One sort of uniform keys, with the padding rows' keys above every real one.
+  keys = jax.random.uniform(rng, (epochs, nmax))
+  keys = jnp.where(jnp.arange(nmax) < size, keys, 2.0)
+  return jnp.argsort(keys, axis=-1).astype(jnp.int32)
 
 
 def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: int):
   """``step -> batch`` of center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``)."""
   nmax = jax.tree.leaves(examples)[0].shape[1]
   steps_per_epoch = jnp.maximum(_ceil_div(size, batch_size), 1)
-  orders = epoch_orders(rng, size, nmax, local_epochs)
+  if batch_size >= nmax:  # full-batch steps: visiting order is irrelevant, skip the sorts
+    orders = jnp.broadcast_to(jnp.arange(nmax, dtype=jnp.int32), (local_epochs, nmax))
+  else:
+    orders = epoch_orders(rng, size, nmax, local_epochs)
 
   def batch_fn(step):
     epoch = jnp.minimum(step // steps_per_epoch, local_epochs - 1)
