@@ -11,7 +11,8 @@ from fedblood import models
 from fedblood import partition
 
 VGG16_CONVS = (2, 2, 3, 3, 3)
-KEY = jax.random.key(0)
+# rbg: XLA:CPU compiles a VGG init with threefry keys several times slower.
+KEY = jax.random.key(0, impl='rbg')
 
 
 def shapes(model, size=224, batch=1):

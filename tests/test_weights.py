@@ -93,8 +93,15 @@ def torch_logits(net, images_nhwc):
 
 
 def init_params(model, size):
-  # jit drops the forward pass that init traces: only the params are computed.
-  return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
+  # jit drops the forward pass that init traces; rbg keys compile several times faster on CPU.
+  key = jax.random.key(0, impl='rbg')
+  return jax.jit(model.init)(key, jnp.zeros((1, size, size, 3)))['params']
+
+
+@pytest.fixture(scope='module')
+def fresh_gap():
+  """Fresh params of a 5-class gap-head VGG16 (the same for any image size and input_norm)."""
+  return init_params(models.VGG16(num_classes=5, head='gap'), 32)
 
 
 def flat(tree):
@@ -223,12 +230,11 @@ def features_state_dict(cfg=VGG16_CFG):
   return random_state_dict(torchvision_shapes(cfg, classifier=False))
 
 
-def test_five_class_gap_head_loads_only_the_conv_blocks(tmp_path):
+def test_five_class_gap_head_loads_only_the_conv_blocks(tmp_path, fresh_gap):
   sd = features_state_dict()  # a '_notop' file
   path = tmp_path / 'vgg16_notop.npz'
   np.savez(path, **sd)
-  model = models.VGG16(num_classes=5, head='gap')
-  fresh = init_params(model, 64)
+  model, fresh = models.VGG16(num_classes=5, head='gap'), fresh_gap
   params, report = weights.load_pretrained(fresh, path, model=model)
   assert set(report.loaded) == CONV_PATHS and report.skipped == ()
   assert report.initialised == ('head/out/bias', 'head/out/kernel')
@@ -242,7 +248,7 @@ def test_five_class_gap_head_loads_only_the_conv_blocks(tmp_path):
     np.testing.assert_array_equal(flat(params)[f'{name}/bias'], sd[f'features.{index}.bias'])
 
 
-def test_head_layers_load_whole_or_not_at_all():
+def test_head_layers_load_whole_or_not_at_all(fresh_gap):
   """File head layers the model cannot take are skipped with a reason, never half-loaded."""
   model = models.VGG16(num_classes=5, head='gap')
   shapes = param_shapes(model, 32)
@@ -256,7 +262,7 @@ def test_head_layers_load_whole_or_not_at_all():
                           'bias': np.zeros(4096, np.float32)},
                   'out': {'kernel': np.zeros((4096, 5), np.float32),
                           'bias': np.zeros(5, np.float32)}}
-  fresh = init_params(model, 32)
+  fresh = fresh_gap
   params, report = weights.overlay(fresh, tree, source='vgg16.npz')
   assert set(report.loaded) == CONV_PATHS
   assert report.skipped == (
@@ -287,14 +293,15 @@ def test_vgg11_state_dict_loads_into_vgg11_and_not_vgg16():
   assert sorted(tree) == [f'block{b}' for b in range(1, 6)]
   assert sorted(tree['block5']) == ['conv1', 'conv2']
   vgg11 = models.VGG11(num_classes=5, head='gap')
-  _, report = weights.overlay(init_params(vgg11, 32), tree, source='vgg11.npz')
+  zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), param_shapes(vgg11, 32))
+  _, report = weights.overlay(zeros, tree, source='vgg11.npz')
   assert len(report.loaded) == 16 and report.initialised == ('head/out/bias', 'head/out/kernel')
   shapes = param_shapes(models.VGG16(num_classes=5, head='gap'), 32)
   with pytest.raises(ValueError, match=r'vgg11\.npz does not fit.*block1/conv2/bias'):
     weights.overlay(shapes, tree, source='vgg11.npz')
 
 
-def test_keras_notop_keras1_names_and_whole_model_file(tmp_path):
+def test_keras_notop_keras1_names_and_whole_model_file(tmp_path, fresh_gap):
   features = features_state_dict()
   expected = weights.torch_state_dict_to_flax(features)
   for style, wrap in (('keras1', False), ('keras2', True)):
@@ -305,7 +312,7 @@ def test_keras_notop_keras1_names_and_whole_model_file(tmp_path):
     for key, value in flat(expected).items():
       np.testing.assert_array_equal(flat(tree)[key], value)
   model = models.VGG16(num_classes=5, head='gap', input_norm='caffe')
-  _, report = weights.load_pretrained(init_params(model, 32), path, model=model)
+  _, report = weights.load_pretrained(fresh_gap, path, model=model)
   assert set(report.loaded) == CONV_PATHS
   assert report.initialised == ('head/out/bias', 'head/out/kernel')
 
@@ -322,7 +329,7 @@ def features_npz(tmp_path, name='features.npz', edit=None):
 @pytest.fixture(scope='module')
 def gap_params():
   model = models.VGG16(num_classes=5, head='gap')
-  return model, jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  return model, param_shapes(model, 32)
 
 
 @pytest.mark.parametrize('edit, match', [
