@@ -118,21 +118,7 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], source: str = 'state
     ``{'block1': {'conv1': {'kernel', 'bias'}, ...}, ..., 'head': {'fc1', 'fc2', 'out'}}`` with
     whichever head layers the state_dict has.
   """
-  if any(key.endswith('running_mean') for key in state_dict):
-    raise ValueError(f'{source}: batch-norm VGGs (vgg16_bn) are not supported; use plain vgg16')
-  pattern = re.compile(r'(features|classifier)\.(\d+)\.(weight|bias)')
-  layers: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-  for key, value in state_dict.items():
-    match = pattern.fullmatch(key)
-    if not match:
-      raise ValueError(f'{source}: unknown tensor {key!r}; expected torchvision VGG keys '
-                       f'features.<i>.weight|bias and classifier.<i>.weight|bias')
-    part, index, kind = match.groups()
-    layers.setdefault((part, index), {})[kind] = _numpy(value)
-  for (part, index), layer in layers.items():
-    if set(layer) != {'weight', 'bias'}:
-      raise ValueError(f'{source}: {part}.{index} has {sorted(layer)}, needs weight and bias')
-
+  layers = _torch_layers(state_dict, source)
   conv_indices = sorted(int(i) for part, i in layers if part == 'features')
   if not conv_indices:
     raise ValueError(f'{source}: no features.<i>.weight convolutions; is this a torchvision VGG?')
@@ -152,20 +138,41 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any], source: str = 'state
     if index not in TORCH_CLASSIFIER:
       raise ValueError(f'{source}: unknown tensor classifier.{index}; torchvision VGG has '
                        f'linear layers classifier.{{0,3,6}}')
-    weight = layer['weight']
     name = TORCH_CLASSIFIER[index]
-    if name == 'fc1':
-      out_units, in_units = weight.shape
-      grid = int(round((in_units / channels) ** 0.5))
-      if grid * grid * channels != in_units:
-        raise ValueError(f'{source}: classifier.0.weight has {in_units} inputs, not a square grid '
-                         f'of {channels} channels')
-      kernel = weight.reshape(out_units, channels, grid, grid).transpose(2, 3, 1, 0)
-      kernel = kernel.reshape(grid * grid * channels, out_units)
-    else:
-      kernel = weight.T
+    kernel = (_fc1_kernel(layer['weight'], channels, source) if name == 'fc1'
+              else layer['weight'].T)
     tree.setdefault('head', {})[name] = {'kernel': kernel, 'bias': layer['bias']}
   return tree
+
+
+def _torch_layers(state_dict, source: str) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+  """Groups ``features.3.weight``-style keys as ``{('features', '3'): {'weight', 'bias'}}``."""
+  if any(key.endswith('running_mean') for key in state_dict):
+    raise ValueError(f'{source}: batch-norm VGGs (vgg16_bn) are not supported; use plain vgg16')
+  pattern = re.compile(r'(features|classifier)\.(\d+)\.(weight|bias)')
+  layers: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+  for key, value in state_dict.items():
+    match = pattern.fullmatch(key)
+    if not match:
+      raise ValueError(f'{source}: unknown tensor {key!r}; expected torchvision VGG keys '
+                       f'features.<i>.weight|bias and classifier.<i>.weight|bias')
+    part, index, kind = match.groups()
+    layers.setdefault((part, index), {})[kind] = _numpy(value)
+  for (part, index), layer in layers.items():
+    if set(layer) != {'weight', 'bias'}:
+      raise ValueError(f'{source}: {part}.{index} has {sorted(layer)}, needs weight and bias')
+  return layers
+
+
+def _fc1_kernel(weight: np.ndarray, channels: int, source: str) -> np.ndarray:
+  """torchvision's fc1 weight (out, C*H*W) as our (H*W*C, out) kernel."""
+  out_units, in_units = weight.shape
+  grid = int(round((in_units / channels) ** 0.5))
+  if grid * grid * channels != in_units:
+    raise ValueError(f'{source}: classifier.0.weight has {in_units} inputs, not a square grid '
+                     f'of {channels} channels')
+  kernel = weight.reshape(out_units, channels, grid, grid).transpose(2, 3, 1, 0)
+  return kernel.reshape(grid * grid * channels, out_units)
 
 
 def _h5_names(group, name: str) -> list[str]:
