@@ -21,33 +21,9 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
 
 
-def _dihedral(image, k, flip):
-  """One of the 8 symmetries of a square: ``k`` quarter turns, then an optional mirror."""
-  image = jax.lax.switch(k, [lambda x, i=i: jnp.rot90(x, i, axes=(0, 1)) for i in range(4)], image)
-  return jnp.where(flip, image[:, ::-1], image)
-
-
-def _colour(image, rng, cfg):
-  """Colour / stain jitter of one [H, W, 3] image in [0, 1]."""
-  r_bright, r_contrast, r_sat, r_hue, r_stain = jax.random.split(rng, 5)
-  if cfg.stain:
-    # Per-channel intensity: a crude stain / white-balance change.
-    image = image * jax.random.uniform(r_stain, (3,), minval=1 - cfg.stain, maxval=1 + cfg.stain)
-  if cfg.brightness:
-    image = image + jax.random.uniform(r_bright, (), minval=-cfg.brightness,
-                                       maxval=cfg.brightness)
-  if cfg.contrast:
-    mean = image.mean(axis=(0, 1), keepdims=True)
-    factor = jax.random.uniform(r_contrast, (), minval=1 - cfg.contrast, maxval=1 + cfg.contrast)
-    image = mean + (image - mean) * factor
-  if cfg.saturation or cfg.hue:
-    scale = jax.random.uniform(r_sat, (), minval=1 - cfg.saturation, maxval=1 + cfg.saturation)
-    angle = 2 * jnp.pi * jax.random.uniform(r_hue, (), minval=-cfg.hue, maxval=cfg.hue)
-    cos, sin, zero = scale * jnp.cos(angle), scale * jnp.sin(angle), jnp.zeros(())
-    chroma = jnp.stack([jnp.stack([zero + 1, zero, zero]), jnp.stack([zero, cos, -sin]),
-                        jnp.stack([zero, sin, cos])])
-    image = image @ (_YIQ_TO_RGB @ chroma @ _RGB_TO_YIQ).T
-  return jnp.clip(image, 0.0, 1.0)
+def _uniform(u, spread):
+  """Maps u in [0, 1) to [-spread, spread)."""
+  return (2 * u - 1) * spread
 
 
 def augment(rng, images, cfg):
@@ -68,14 +44,35 @@ def augment(rng, images, cfg):
     return images
   if cfg.rot90 and images.shape[1] != images.shape[2]:
     raise ValueError(f'data.augment.rot90 needs square images, got shape {images.shape}')
+  x = images.astype(jnp.float32)
+  # One draw for the whole batch, a row of parameters per image: cheap to compile and run.
+  u = jax.random.uniform(rng, (x.shape[0], 10))
+  per_image = lambda v: v[:, None, None, None]
 
-  def one(image, key):
-    r_geo, r_flip, r_col = jax.random.split(key, 3)
-    k = jax.random.randint(r_geo, (), 0, 4) if cfg.rot90 else 0
-    flip = jax.random.bernoulli(r_flip) if cfg.flip else False
-    if cfg.rot90 or cfg.flip:
-      image = _dihedral(image, k, flip)
-    return _colour(image, r_col, cfg)
+  if cfg.rot90:  # the 8 symmetries of the square: 0-3 quarter turns, then maybe a mirror
+    k = jnp.floor(u[:, 0] * 4).astype(jnp.int32)
+    turned = x
+    for i in range(1, 4):
+      turned = jnp.where(per_image(k == i), jnp.rot90(x, i, axes=(1, 2)), turned)
+    x = turned
+  if cfg.flip:
+    x = jnp.where(per_image(u[:, 1] < 0.5), x[:, :, ::-1], x)
 
-  keys = jax.random.split(rng, images.shape[0])
-  return jax.vmap(one)(images.astype(jnp.float32), keys)
+  if cfg.stain:  # per-channel intensity: a crude stain / white-balance change
+    x = x * (1 + _uniform(u[:, None, None, 2:5], cfg.stain))
+  if cfg.brightness:
+    x = x + per_image(_uniform(u[:, 5], cfg.brightness))
+  if cfg.contrast:
+    mean = x.mean(axis=(1, 2), keepdims=True)
+    x = mean + (x - mean) * per_image(1 + _uniform(u[:, 6], cfg.contrast))
+  if cfg.saturation or cfg.hue:
+    # In YIQ, saturation scales the (I, Q) chroma plane and hue rotates it; Y (luma) is kept.
+    scale = 1 + _uniform(u[:, 7], cfg.saturation)
+    angle = 2 * jnp.pi * _uniform(u[:, 8], cfg.hue)
+    cos, sin = scale * jnp.cos(angle), scale * jnp.sin(angle)
+    one, zero = jnp.ones_like(cos), jnp.zeros_like(cos)
+    chroma = jnp.stack([jnp.stack([one, zero, zero], -1), jnp.stack([zero, cos, -sin], -1),
+                        jnp.stack([zero, sin, cos], -1)], -2)                    # [B, 3, 3]
+    mix = jnp.asarray(_YIQ_TO_RGB) @ chroma @ jnp.asarray(_RGB_TO_YIQ)         # [B, 3, 3]
+    x = jnp.einsum('bhwc,bdc->bhwd', x, mix)
+  return jnp.clip(x, 0.0, 1.0)

@@ -44,7 +44,7 @@ _OD_GRANULE = np.array([
     [0.25, 0.40, 0.20],   # neutrophil: fine, faint
 ], np.float32)
 _OD_RBC = np.array([0.08, 0.55, 0.45], np.float32)
-_GRANULE_DENSITY = np.array([0.55, 0.45, 0, 0, 0.20], np.float32)
+_GRANULE_DENSITY = np.array([0.65, 0.45, 0, 0, 0.20], np.float32)
 _NUCLEUS_DENSITY = np.array([0.8, 0.9, 1.25, 0.75, 1.0], np.float32)  # chromatin: lym dense, mono lacy
 _CELL_RADIUS = np.array([0.50, 0.56, 0.40, 0.66, 0.55], np.float32)   # of the image half-width
 
@@ -97,10 +97,20 @@ def _uniform(rng, low, high, n):
   return rng.uniform(low, high, n).astype(np.float32)
 
 
-def _coarse_noise(rng, n, size, grid):
-  """Per-image random field on a ``grid`` x ``grid`` lattice, nearest-upsampled to ``size``."""
-  idx = (np.arange(size) * grid) // size
-  return rng.random((n, grid, grid), dtype=np.float32)[:, idx][:, :, idx]
+def _coarse_noise(rng, n, size, grid, smooth=False):
+  """Per-image random field on a ``grid`` x ``grid`` lattice, upsampled to ``size``.
+
+  Nearest upsampling gives grains (granules); ``smooth`` interpolates bilinearly (chromatin).
+  """
+  field = rng.random((n, grid, grid), dtype=np.float32)
+  if not smooth:
+    idx = (np.arange(size) * grid) // size
+    return field[:, idx][:, :, idx]
+  pos = np.linspace(0, grid - 1, size, dtype=np.float32)
+  lo = np.minimum(pos.astype(int), grid - 2)
+  w = pos - lo
+  field = field[:, lo] * (1 - w)[:, None] + field[:, lo + 1] * w[:, None]
+  return field[:, :, lo] * (1 - w) + field[:, :, lo + 1] * w
 
 
 def _blur_matrix(size: int, sigma: float) -> np.ndarray:
@@ -160,7 +170,7 @@ def _render(rng, labels, style: Style, size: int) -> np.ndarray:
   granules = (_coarse_noise(rng, n, size, 40) < _column(_GRANULE_DENSITY[labels])) * cell
   # Basophil granules cover the nucleus too; the others' sit in the cytoplasm only.
   granules *= np.where(_column(labels == BASO), np.float32(1), 1 - nucleus)
-  chromatin = 0.75 + 0.5 * _coarse_noise(rng, n, size, 16)
+  chromatin = 0.75 + 0.5 * _coarse_noise(rng, n, size, 12, smooth=True)
 
   # Red cells behind the white cell: pale-centred discs at random places.
   rbc = np.zeros_like(cell)

@@ -1,0 +1,103 @@
+"""Augmentation: jittable, per image, dihedral geometry exact, colour kept in [0, 1]."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fedblood.data import augment, default_config
+
+
+def _cfg(**overrides):
+  cfg = default_config().augment
+  for k, v in overrides.items():
+    cfg[k] = v
+  return cfg
+
+
+_NO_COLOUR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, stain=0.0)
+
+
+# Every batch has 16 images: the random draw (the costly part to compile) is then compiled once
+# for the whole file; the rest runs eagerly.
+_run = augment
+
+
+def _images(b=16, s=16):
+  return jax.random.uniform(jax.random.key(0), (b, s, s, 3))
+
+
+def test_default_is_jittable_in_range_and_per_image():
+  x = jnp.repeat(_images(1), 16, axis=0)  # 16 copies of one image
+  fn = jax.jit(lambda rng, x: augment(rng, x, _cfg()))
+  y = fn(jax.random.key(1), x)
+  assert y.shape == x.shape and y.dtype == jnp.float32
+  assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+  flat = np.asarray(y).reshape(16, -1)
+  assert len({row.tobytes() for row in flat}) == 16  # every copy got its own draw
+  np.testing.assert_array_equal(y, fn(jax.random.key(1), x))
+  assert not np.array_equal(y, fn(jax.random.key(2), x))
+
+
+def test_disabled_or_all_zero_is_identity():
+  x = _images()
+  assert augment(jax.random.key(0), x, _cfg(enabled=False)) is x
+  y = _run(jax.random.key(0), x, _cfg(flip=False, rot90=False, **_NO_COLOUR))
+  np.testing.assert_array_equal(y, x)
+
+
+def test_geometry_only_gives_the_8_symmetries_of_the_square():
+  x = np.asarray(_images())
+  seen = set()
+  for seed in range(4):
+    y = np.asarray(_run(jax.random.key(seed), x, _cfg(**_NO_COLOUR)))
+    for i in range(len(x)):
+      variants = [np.rot90(x[i], k) for k in range(4)]
+      variants += [v[:, ::-1] for v in variants]
+      match = [j for j, v in enumerate(variants) if np.array_equal(v, y[i])]
+      assert match, f'image {i} is not a flip/rotation of its input'
+      seen.add(match[0])
+  assert len(seen) == 8  # all of them occur in 64 draws
+
+
+def test_rot90_only_and_flip_only():
+  x = np.asarray(_images())
+  y = np.asarray(_run(jax.random.key(4), x, _cfg(flip=False, **_NO_COLOUR)))
+  for a, b in zip(x, y):
+    assert any(np.array_equal(np.rot90(a, k), b) for k in range(4))
+  y = np.asarray(_run(jax.random.key(4), x, _cfg(rot90=False, **_NO_COLOUR)))
+  for a, b in zip(x, y):
+    assert np.array_equal(a, b) or np.array_equal(a[:, ::-1], b)
+
+
+def test_rot90_needs_square_images():
+  with pytest.raises(ValueError, match='rot90'):
+    augment(jax.random.key(0), jnp.zeros((2, 8, 12, 3)), _cfg())
+
+
+def test_colour_jitter_ranges():
+  grey = jnp.full((16, 4, 4, 3), 0.5)
+  # Saturation and hue leave grey grey (they act on chroma only).
+  y = _run(jax.random.key(5), grey, _cfg(flip=False, rot90=False, brightness=0.0,
+                                            contrast=0.0, stain=0.0, saturation=0.5, hue=0.3))
+  np.testing.assert_allclose(y, grey, atol=1e-5)
+  # Brightness shifts every pixel of an image by one amount within +-0.1.
+  y = np.asarray(_run(jax.random.key(6), grey, _cfg(flip=False, rot90=False,
+                                                       **dict(_NO_COLOUR, brightness=0.1))))
+  shift = y[:, 0, 0, 0] - 0.5
+  assert np.abs(shift).max() <= 0.1 + 1e-6 and shift.std() > 0.03
+  np.testing.assert_allclose(y, np.broadcast_to(y[:, :1, :1, :1], y.shape), atol=1e-6)
+  # Hue rotates chroma: a red image changes colour but keeps its luma.
+  red = jnp.broadcast_to(jnp.array([0.6, 0.45, 0.45]), (16, 2, 2, 3))
+  y = np.asarray(_run(jax.random.key(7), red, _cfg(flip=False, rot90=False,
+                                                      **dict(_NO_COLOUR, hue=0.1))))
+  luma = y @ np.array([0.299, 0.587, 0.114])
+  np.testing.assert_allclose(luma, 0.6 * 0.299 + 0.45 * 0.587 + 0.45 * 0.114, atol=2e-3)
+  assert np.abs(y - np.asarray(red)).max() > 0.02
+
+
+def test_strong_jitter_stays_in_unit_range():
+  x = _images()
+  y = _run(jax.random.key(8), x, _cfg(brightness=0.8, contrast=0.9, saturation=0.9,
+                                         hue=0.5, stain=0.9))
+  assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
