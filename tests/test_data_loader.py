@@ -151,6 +151,14 @@ def test_second_build_and_cache(tmp_path, monkeypatch):
   assert len(builds) == 3  # a, b, and a again (changed)
 
 
+def test_named_set_in_the_default_manual_dir(tmp_path):
+  make_named(str(tmp_path / 'cache' / 'downloads' / 'manual'), 'jtsc')
+  manual = str(tmp_path / 'cache' / 'downloads' / 'manual')
+  for root in ('', manual):  # '' = <cache>/downloads/manual, TFDS' convention
+    c, = data.load_centers(_cfg(tmp_path, source='jtsc', root=root))
+    np.testing.assert_array_equal(np.bincount(_all(c), minlength=5), NAMED_COUNTS['jtsc'])
+
+
 def test_tfds_data_source_reads_back_without_tensorflow(tmp_path):
   make_named(str(tmp_path / 'downloads' / 'manual'), 'bccd')
   builder = builder_lib.Leukocytes(config='bccd', data_dir=str(tmp_path),

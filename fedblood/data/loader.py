@@ -115,9 +115,10 @@ def _check(data_cfg):
   splits_lib.check_fractions(data_cfg.val_fraction, data_cfg.test_fraction)
   if data_cfg.source != 'synthetic' and data_cfg.root:
     root, cache = os.path.realpath(data_cfg.root), os.path.realpath(cache_dir(data_cfg))
-    if os.path.commonpath([root, cache]) in (root, cache):
-      raise ValueError(f'data.cache_dir ({cache}) must not be inside data.root ({root}) or '
-                       'contain it: caches never go beside the images')
+    # (The reverse, images inside the cache dir, is TFDS' own manual-download convention.)
+    if os.path.commonpath([root, cache]) == root:
+      raise ValueError(f'data.cache_dir ({cache}) must not be inside data.root ({root}): '
+                       'caches never go beside the images')
 
 
 def _center_specs(data_cfg) -> list[tuple[str, dict]]:
