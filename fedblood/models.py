@@ -143,9 +143,10 @@ VGG19 = functools.partial(VGG, stages=(2, 2, 4, 4, 4))
 def build(model_cfg) -> VGG:
   """Builds the model named by ``model_cfg.name`` from a config (``getattr`` on this module)."""
   cls = globals().get(model_cfg.name)
-  if cls is None or not callable(cls):
+  is_model = isinstance(cls, functools.partial) and cls.func is VGG or cls is VGG
+  if not is_model:
     raise ValueError(f'model.name {model_cfg.name!r} is not a model in fedblood.models '
-                     f'(try VGG11, VGG16, VGG19)')
+                     f'(try VGG, VGG11, VGG16, VGG19)')
   kwargs = dict(num_classes=model_cfg.num_classes, head=model_cfg.head, width=model_cfg.width,
                 dropout=model_cfg.get('dropout', 0.5),
                 input_norm=model_cfg.get('input_norm', 'imagenet'),
