@@ -54,7 +54,8 @@ def test_morphology_nucleus_size_and_granules():
   redness = per_class(((x[..., 0] - x[..., 2]) * cell).sum((1, 2)) / cell.sum((1, 2)))
   assert CLASSES[int(np.argmax(redness))] == 'eosinophil'
   size = per_class(cell.sum((1, 2)))
-  assert CLASSES[int(np.argmax(size))] == 'monocyte' and CLASSES[int(np.argmin(size))] == 'lymphocyte'
+  assert CLASSES[int(np.argmax(size))] == 'monocyte'
+  assert CLASSES[int(np.argmin(size))] == 'lymphocyte'
 
 
 def _colour_histograms(images):
@@ -62,7 +63,8 @@ def _colour_histograms(images):
   q = images.astype(np.int64) // 64
   idx = (q[..., 0] * 16 + q[..., 1] * 4 + q[..., 2]).reshape(len(images), -1)
   idx += 64 * np.arange(len(images))[:, None]
-  return np.bincount(idx.ravel(), minlength=64 * len(images)).reshape(len(images), 64) / idx.shape[1]
+  counts = np.bincount(idx.ravel(), minlength=64 * len(images)).reshape(len(images), 64)
+  return counts / idx.shape[1]
 
 
 def _fit(x, y):
@@ -70,7 +72,8 @@ def _fit(x, y):
 
 
 def test_domain_shift_between_centers_and_recovery_when_pooled():
-  centers = [synthetic.make_center(k, n, seed=0, size=32) for k, n in enumerate((400, 300, 300, 200))]
+  centers = [synthetic.make_center(k, n, seed=0, size=32)
+             for k, n in enumerate((400, 300, 300, 200))]
   feats = [(_colour_histograms(x), y) for x, y in centers]
   cut = [int(0.7 * len(y)) for _, y in feats]
   train = [(x[:c], y[:c]) for (x, y), c in zip(feats, cut)]

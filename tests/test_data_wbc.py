@@ -1,4 +1,4 @@
-"""The real centers in ../shared/data/wbc (skipped when absent): counts and decoding of every image."""
+"""The real centers in ../shared/data/wbc (skipped when absent): counts, every image decodes."""
 
 import os
 from pathlib import Path

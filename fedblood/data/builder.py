@@ -81,7 +81,8 @@ class Leukocytes(tfds.core.GeneratorBasedBuilder):
     return epath.Path(__file__)
 
   def _info(self):
-    # DatasetInfo(builder=self) does not need importlib_resources, unlike self.dataset_info_from_configs.
+    # DatasetInfo(builder=self), unlike self.dataset_info_from_configs, needs no
+    # importlib_resources.
     return tfds.core.DatasetInfo(
         builder=self,
         description='Single white blood cells of one center, 5 classes.',

@@ -164,7 +164,7 @@ NAMED_SETS = {
     'pbc': NamedSet(
         folder='PBC_dataset_normal_DIB', parts=('',),
         instructions=(
-            'Download "PBC_dataset_normal_DIB.zip" (about 270 MB) from Mendeley Data, '
+            'Download "PBC_dataset_normal_DIB.zip" from Mendeley Data, '
             'https://data.mendeley.com/datasets/snkd93bnjr/1 , and unzip it into {manual_dir} so '
             'that {manual_dir}/PBC_dataset_normal_DIB/basophil/BA_*.jpg exists. Of its 8 class '
             'folders the 5 leukocyte ones are used (ig, erythroblast and platelet are skipped).'),
@@ -175,8 +175,8 @@ NAMED_SETS = {
             'From https://raabindata.com/free-data/ download the "Double-labeled Cropped Cells" '
             'archives Train and TestA, and extract both into {manual_dir}/Raabin-WBC so that '
             '{manual_dir}/Raabin-WBC/Train/Basophil/ and {manual_dir}/Raabin-WBC/TestA/Basophil/ '
-            'exist (both parts form one center; TestB, from other microscopes, is not used).'),
-        citation='Kouzehkanan et al., Sci Rep 12:1123 (2022), CC BY-SA 4.0.'),
+            'exist (both parts form one center; TestB is not used).'),
+        citation='Kouzehkanan et al., Sci Rep 12:1123 (2022).'),
     'lisc': NamedSet(
         folder=os.path.join('LISC Database', 'Main Dataset'), parts=('',),
         instructions=(
@@ -191,10 +191,11 @@ NAMED_SETS = {
         labels_csv='Class Labels of Dataset 1.csv',
         instructions=(
             'Clone or download https://github.com/zxaoyou/segmentation_WBC into '
-            '{manual_dir}/segmentation_WBC so that "{manual_dir}/segmentation_WBC/Dataset 1/001.bmp"'
-            ' and "{manual_dir}/segmentation_WBC/Class Labels of Dataset 1.csv" exist (Jiangxi '
-            'Tecom "Dataset 1": 300 BMP images 120x120; labels 1-5 = neutrophil, lymphocyte, '
-            'monocyte, eosinophil, basophil; the .png masks are ignored).'),
+            '{manual_dir}/segmentation_WBC so that '
+            '"{manual_dir}/segmentation_WBC/Dataset 1/001.bmp" and '
+            '"{manual_dir}/segmentation_WBC/Class Labels of Dataset 1.csv" exist (Jiangxi Tecom '
+            '"Dataset 1": 300 BMP images 120x120; labels 1-5 = neutrophil, lymphocyte, monocyte, '
+            'eosinophil, basophil; the .png masks are ignored).'),
         citation='Zheng et al., Micron 107:55-71 (2018), GPL-3.0.'),
     'bccd': NamedSet(
         folder=os.path.join('BCCD', 'BCCD_cropped'), parts=('',),

@@ -3,7 +3,8 @@
 ``load_centers(config.data)`` returns one :class:`Center` per hospital, the reference first. The
 first run lists each center's files, builds its TFDS dataset (array_record, the original images
 validated and stored once, split into train / validation / test), reads it back resized to
-``image_size`` and writes the arrays to ``<cache_dir>/fedblood/<center>-<digest>_<size>px_<policy>.npz``.
+``image_size`` and writes the arrays to
+``<cache_dir>/fedblood/<center>-<digest>_<size>px_<policy>.npz``.
 Later runs with the same files and settings load that .npz and decode nothing. The digest covers
 the file list (names, sizes, mtimes), the split settings and, for synthetic centers, the
 generator settings, so a changed folder or setting is rebuilt, never served stale.
@@ -142,7 +143,8 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
     specs = [(n, dict(layout='folder', path=os.path.join(root, n))) for n in names]
   elif source == 'manual':
     if not data_cfg.centers:
-      raise ValueError(f'data.source="manual" needs data.centers, a tuple of {tuple(layouts.NAMED_SETS)}')
+      raise ValueError('data.source="manual" needs data.centers, a tuple of '
+                       f'{tuple(layouts.NAMED_SETS)}')
     specs = [(n, dict(layout=n, path=manual)) for n in layouts.NAMED_SETS]
   else:
     specs = [(source, dict(layout=source, path=manual))]

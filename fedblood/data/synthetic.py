@@ -45,7 +45,8 @@ _OD_GRANULE = np.array([
 ], np.float32)
 _OD_RBC = np.array([0.08, 0.55, 0.45], np.float32)
 _GRANULE_DENSITY = np.array([0.65, 0.45, 0, 0, 0.20], np.float32)
-_NUCLEUS_DENSITY = np.array([0.8, 0.9, 1.25, 0.75, 1.0], np.float32)  # chromatin: lym dense, mono lacy
+# Chromatin density: lymphocytes dense, monocytes lacy.
+_NUCLEUS_DENSITY = np.array([0.8, 0.9, 1.25, 0.75, 1.0], np.float32)
 _CELL_RADIUS = np.array([0.50, 0.56, 0.40, 0.66, 0.55], np.float32)   # of the image half-width
 
 
@@ -192,8 +193,8 @@ def _render(rng, labels, style: Style, size: int) -> np.ndarray:
                       _OD_GRANULE[labels], np.broadcast_to(_OD_RBC, (n, 3))], 1) @ style.mixing
   # Slide-to-slide variation inside a center: stain intensity and brightness per image.
   vectors *= rng.uniform(0.8, 1.2, (n, 1, 1)).astype(np.float32)
-  light = _column(_uniform(rng, 0.94, 1.06, n)) + style.gradient[0] * xx + style.gradient[1] * yy - style.vignette / 2 * (
-      xx ** 2 + yy ** 2)
+  light = (_column(_uniform(rng, 0.94, 1.06, n)) + style.gradient[0] * xx
+           + style.gradient[1] * yy - style.vignette / 2 * (xx ** 2 + yy ** 2))
   img = np.empty((n, size, size, 3), np.float32)
   for c in range(3):
     od = sum(m * _column(vectors[:, k, c]) for k, m in enumerate(maps))
