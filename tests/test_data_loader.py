@@ -235,11 +235,20 @@ def test_config_errors_name_the_key(tmp_path, overrides, match):
     data.load_centers(_cfg(tmp_path, **overrides))
 
 
-def test_synthetic_sizes_must_match_num_centers(tmp_path):
+@pytest.mark.parametrize('num, sizes', [(3, (10, 10)), (0, ())])
+def test_synthetic_sizes_must_match_num_centers(tmp_path, num, sizes):
   cfg = _cfg(tmp_path)
-  cfg.synthetic.num_centers = 3
-  with pytest.raises(ValueError, match='data.synthetic.images_per_center'):
+  cfg.synthetic.num_centers, cfg.synthetic.images_per_center = num, sizes
+  with pytest.raises(ValueError, match='data.synthetic.num_centers'):
     data.load_centers(cfg)
+
+
+def test_default_cache_dir_is_tfds_data_dir(monkeypatch, tmp_path):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  assert data.loader.cache_dir(data.default_config()) == str(tmp_path / 'tfds')
+  monkeypatch.delenv('TFDS_DATA_DIR')
+  assert data.loader.cache_dir(data.default_config()) == os.path.expanduser(
+      '~/tensorflow_datasets')
 
 
 def test_cache_is_never_inside_the_image_tree(tmp_path):

@@ -129,7 +129,7 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
   if source == 'synthetic':
     s = data_cfg.synthetic
     sizes = tuple(s.images_per_center)
-    if len(sizes) != s.num_centers:
+    if s.num_centers < 1 or len(sizes) != s.num_centers:
       raise ValueError(f'data.synthetic.images_per_center has {len(sizes)} entries, '
                        f'data.synthetic.num_centers is {s.num_centers}')
     specs = [(f'synth{k}', dict(layout='synthetic', synth_index=k, synth_images=n,
