@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
@@ -154,7 +155,10 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
   out = mngr.restore(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}))
-  return out[STATE], out[META]
+  # Orbax returns arrays committed to a device; fresh arrays are uncommitted. Jitted
+  # functions compile once per kind, so hand back the kind a fresh run would have.
+  state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), out[STATE])
+  return state, out[META]
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

@@ -169,7 +169,8 @@ def write_report(workdir, results: dict | None = None, history: Sequence[dict] |
   plot_accuracy_per_round(history, figures / 'accuracy_per_round.png', reference, results['before'])
   confusion_md = []
   class_names = results.get('classes', CLASSES)
-  for stage, label in (('before', 'reference model'), ('after', 'after FL')):
+  for stage, label, heading in (('before', 'reference model', 'Reference model (Table 1)'),
+                                ('after', 'after FL', 'After FL (Table 2)')):
     cells = []
     for c in centers:
       matrix = (results.get('confusion') or {}).get(stage, {}).get(c)
@@ -179,7 +180,7 @@ def write_report(workdir, results: dict | None = None, history: Sequence[dict] |
       plot_confusion(matrix, figures / name, f'{c}: {label}', class_names)
       cells.append(f'![{c} {label}](figures/{name})')
     if cells:
-      confusion_md.append(f'**{label.capitalize()}**\n\n' + ' '.join(cells))
+      confusion_md.append(f'**{heading}**\n\n' + ' '.join(cells))
 
   facts = [f'- algorithm: `{results.get("algorithm", "?")}`, rounds: {results.get("rounds", "?")}, '
            f'reference center: `{reference}`']

@@ -1,0 +1,215 @@
+"""Centralized training: the reference model, and the local-only and pooled baselines.
+
+One recipe for all three (``config.reference`` / ``config.baselines``): Adam
+with decoupled weight decay, linear warmup then cosine decay, global-norm
+gradient clipping, optional augmentation, early stopping on a validation
+split. A narrow VGG without normalisation layers collapses to one class on
+pooled data with a large constant lr; warmup + clipping is what makes it
+robust.
+
+The learning rate is computed on the host from the schedule and passed to the
+jitted step as an argument, so every fit of the same model and partition
+reuses one compiled step whatever its length. Batches are gathered on the host
+(small uint8 arrays) into a fixed shape with a mask for the last partial one.
+
+Each epoch is checkpointed (last one + best by the monitored validation
+metric); a fit restarts from its last committed epoch with the early-stopping
+counters stored in the checkpoint's meta, and every random stream is
+``fold_in(key, epoch)``, so an interrupted fit finishes bit-identical to an
+uninterrupted one.
+"""
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedblood import checkpoint, metrics, partition, simulate
+
+
+class FitResult(NamedTuple):
+  """Attributes:
+    params: the best epoch's full parameter tree.
+    epoch: the best epoch (1-based).
+    val: the best epoch's validation metrics summary.
+    epochs_run: epochs trained before stopping.
+  """
+  params: Any
+  epoch: int
+  val: dict
+  epochs_run: int
+
+
+def adam_tx(max_grad_norm: float, weight_decay: float) -> optax.GradientTransformation:
+  """Clip, Adam, decoupled weight decay; the caller multiplies by ``-lr``."""
+  parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+  parts += [optax.scale_by_adam(), optax.add_decayed_weights(weight_decay)]
+  return optax.chain(*parts)
+
+
+def lr_at(recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
+  """Linear warmup from 0 over ``warmup_epochs``, then cosine decay to ``lr * final_lr_fraction``.
+
+  Plain Python (the same curve as ``optax.warmup_cosine_decay_schedule``): it runs
+  on the host once per step, where a jnp schedule would cost a dispatch each time.
+  """
+  warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+  end = recipe.lr * recipe.get('final_lr_fraction', 0.01)
+  if step < warmup:
+    return recipe.lr * step / warmup
+  decay = max(total_steps - warmup, 1)
+  progress = min(step - warmup, decay) / decay
+  return end + (recipe.lr - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@functools.lru_cache(maxsize=8)
+def train_step_fn(model, max_grad_norm: float, weight_decay: float, augment_fn: Callable | None):
+  """Jitted ``(trainable, opt_state, frozen, batch, rng, lr) -> (trainable, opt_state, loss, acc)``."""
+  loss_fn = simulate.classifier_loss(model, augment_fn)
+  tx = adam_tx(max_grad_norm, weight_decay)
+
+  @jax.jit
+  def step(trainable, opt_state, frozen, batch, rng, lr):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    updates = jax.tree.map(lambda u: -lr * u, updates)
+    return optax.apply_updates(trainable, updates), opt_state, loss, aux['accuracy']
+
+  return step, tx
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model, batch_size: int):
+  return simulate.make_predict(model, batch_size)
+
+
+def predict_probs(model, trainable, frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+  """Softmax probabilities ``[N, K]`` of uint8 images, in fixed-size chunks (one compile)."""
+  predict = _predict_fn(model, batch_size)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    logits = predict(trainable, frozen, jnp.asarray(chunk))
+    out.append(np.asarray(jax.nn.softmax(logits, axis=-1))[:batch_size - pad])
+  if not out:
+    return np.zeros((0, model.num_classes), np.float32)
+  return np.concatenate(out)
+
+
+def evaluate(model, trainable, frozen, split, batch_size: int = 128) -> dict:
+  """Full metrics (:func:`fedblood.metrics.classify`) of a model on a split."""
+  probs = predict_probs(model, trainable, frozen, split.images, batch_size)
+  return metrics.classify(split.labels, probs.argmax(-1) if len(probs) else np.zeros(0, int))
+
+
+def epoch_batches(rng, n: int, batch_size: int):
+  """Index ``[steps, B]`` and mask ``[steps, B]`` of one epoch in a random order."""
+  order = np.asarray(jax.random.permutation(rng, n))
+  steps = max(1, math.ceil(n / batch_size))
+  pad = steps * batch_size - n
+  idx = np.concatenate([order, np.zeros(pad, order.dtype)]).reshape(steps, batch_size)
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(steps, batch_size)
+  return idx, mask
+
+
+def check_finite(value: float, what: str, last_good: str) -> None:
+  """Stops a run on a NaN/inf loss with a message naming where and the checkpoint kept."""
+  if not np.isfinite(value):
+    raise FloatingPointError(f'{what}: the training loss is {value}. Stopped; the last good '
+                             f'checkpoint is kept: {last_good}. Lower the learning rate or '
+                             'check the data, then rerun the same command to resume from it.')
+
+
+def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
+        augment_fn: Callable | None = None, log=None, keep: int = 1, eval_batch: int = 128,
+        progress=None) -> FitResult:
+  """Trains ``params`` on ``train``, early-stopped on ``val``; resumes from ``ckpt_dir``.
+
+  Args:
+    name: stage name (logs, checkpoint meta, messages), e.g. 'reference'.
+    model: the Flax module.
+    params: initial full parameter tree.
+    rules: partition rules (frozen blocks get no update).
+    train, val: splits with ``images`` uint8 [N, S, S, 3] and ``labels`` int [N].
+    recipe: ConfigDict with epochs, batch_size, lr, warmup_epochs, weight_decay,
+      max_grad_norm, patience (epochs without improvement before stopping; 0 = never),
+      monitor (a key of the val metrics, higher is better).
+    key: this fit's PRNG key; epoch e uses ``fold_in(key, e)``.
+    ckpt_dir: the fit's checkpoint directory.
+    augment_fn: optional ``(rng, float images) -> images``.
+    log: optional ``callable(row: dict)`` for one row per epoch; on resume,
+      rows of epochs past the checkpoint are dropped by the caller (see train.py).
+    keep: epochs kept besides the best.
+    eval_batch: validation batch size.
+    progress: optional tqdm-like factory ``(total, desc, initial) -> bar``.
+  """
+  if len(train.labels) == 0:
+    raise ValueError(f'{name}: the training split is empty')
+  trainable, frozen = partition.split(params, rules)
+  step_fn, tx = train_step_fn(model, float(recipe.max_grad_norm), float(recipe.weight_decay),
+                              augment_fn)
+  mngr = checkpoint.manager(ckpt_dir, keep=keep, best_metric='score')
+  steps_per_epoch = max(1, math.ceil(len(train.labels) / recipe.batch_size))
+  total_steps = recipe.epochs * steps_per_epoch
+  monitor = recipe.get('monitor', 'accuracy')
+  state = {'trainable': trainable, 'opt_state': tx.init(trainable)}
+  track = {'epoch': 0, 'best_epoch': 0, 'best': -math.inf, 'bad_epochs': 0, 'done': False,
+           'best_val': None}
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, state)
+    track = meta['track']
+  bar = progress(recipe.epochs, name, track['epoch']) if progress else None
+  while not track['done']:
+    epoch = track['epoch'] + 1
+    epoch_key = jax.random.fold_in(key, epoch)
+    idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels), recipe.batch_size)
+    losses, accs, weights = [], [], []
+    t, o = state['trainable'], state['opt_state']
+    for s in range(len(idx)):
+      batch = {'image': jnp.asarray(train.images[idx[s]]), 'label': jnp.asarray(train.labels[idx[s]]),
+               'mask': jnp.asarray(mask[s])}
+      lr = lr_at(recipe, (epoch - 1) * steps_per_epoch + s, total_steps, steps_per_epoch)
+      t, o, loss, acc = step_fn(t, o, frozen, batch, jax.random.fold_in(epoch_key, s + 1),
+                                jnp.float32(lr))
+      losses.append(loss)
+      accs.append(acc)
+      weights.append(mask[s].sum())
+    losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
+    train_loss = float(np.average(losses, weights=weights))
+    check_finite(train_loss, f'{name}, epoch {epoch}',
+                 f'epoch {track["epoch"]} in {ckpt_dir}' if track['epoch'] else 'none yet')
+    val_metrics = evaluate(model, t, frozen, val, eval_batch) if len(val.labels) else None
+    score = (val_metrics or {}).get(monitor)
+    score = -train_loss if score is None else score  # no validation split: fall back to train loss
+    improved = score > track['best']
+    track = {'epoch': epoch, 'best_epoch': epoch if improved else track['best_epoch'],
+             'best': max(score, track['best']), 'bad_epochs': 0 if improved else track['bad_epochs'] + 1,
+             'best_val': metrics.summary(val_metrics) if improved and val_metrics else track['best_val']}
+    track['done'] = epoch >= recipe.epochs or bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
+    row = {'stage': name, 'epoch': epoch, 'loss': train_loss,
+           'train_accuracy': float(np.average(accs, weights=weights)), 'lr': lr,
+           **({f'val_{k}': v for k, v in metrics.summary(val_metrics).items()} if val_metrics else {})}
+    if log is not None:
+      log(row)
+    state = {'trainable': t, 'opt_state': o}
+    # Ranking score with ties broken towards the earliest epoch (the one early stopping keeps).
+    checkpoint.save(mngr, epoch, state,
+                    {'kind': 'epoch', 'stage': name, 'track': track, 'best_metric': 'score',
+                     'metrics': {'score': score, 'loss': train_loss}},
+                    metrics={'score': score - 1e-9 * epoch})
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(epoch=epoch, loss=f'{train_loss:.3f}', val=f'{score:.3f}')
+  if bar is not None:
+    bar.close()
+  best_state, _ = checkpoint.restore(mngr, state, step=track['best_epoch'])
+  mngr.close()
+  return FitResult(partition.merge(best_state['trainable'], frozen), track['best_epoch'],
+                   track['best_val'] or {}, track['epoch'])

@@ -1,0 +1,152 @@
+"""Using a finished (or running) workdir: evaluate on a labelled folder, predict a folder of images.
+
+The model is rebuilt from the workdir's own ``config.json`` (not the command
+line's), with the reference model from ``checkpoints/reference_model`` (which
+holds the frozen blocks) and the trainable part from an FL round checkpoint.
+``round=None`` takes the latest round, ``round=0`` the reference model itself.
+"""
+
+import csv
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from fedblood import centralized, checkpoint, data, metrics, models, partition, train
+
+
+class Loaded(NamedTuple):
+  """Attributes:
+    config: the workdir's config.
+    model: the Flax module.
+    params: the full parameter tree.
+    round: the FL round (0 = reference model).
+    name: which model, e.g. 'fl round 3 (active_mean)'.
+  """
+  config: Any
+  model: Any
+  params: Any
+  round: int
+  name: str
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir (train into it first)')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def load_model(workdir, round_index: int | None = None) -> Loaded:
+  """The model of FL round ``round_index`` (None: latest; 0: the reference model)."""
+  workdir = Path(workdir)
+  config = load_config(workdir)
+  model = models.build(config.model)
+  template = train.param_shapes(config, model)
+  ref_dir = workdir / 'checkpoints' / 'reference_model'
+  if not ref_dir.exists():
+    raise FileNotFoundError(f'{workdir} holds no reference model yet (checkpoints/reference_model)')
+  mngr = checkpoint.manager(ref_dir)
+  state, _ = checkpoint.restore(mngr, {'params': template})
+  mngr.close()
+  reference = state['params']
+  fl_dir = workdir / 'checkpoints' / 'fl'
+  mngr = checkpoint.manager(fl_dir) if fl_dir.exists() else None
+  steps = list(mngr.all_steps()) if mngr else []
+  if round_index == 0 or (round_index is None and not steps):
+    return Loaded(config, model, reference, 0, 'reference model')
+  if round_index is None:
+    round_index = steps[-1]
+  if round_index not in steps:
+    raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; kept rounds: {steps} '
+                            '(0 = the reference model)')
+  meta = checkpoint.read_meta(mngr, round_index)
+  algorithm, _, state_template, frozen = train.fl_template(config, model, reference,
+                                                           len(meta['centers']))
+  state, meta = checkpoint.restore(mngr, state_template, step=round_index)
+  mngr.close()
+  name = meta['eval_model']
+  params = partition.merge(algorithm.eval_params(state['server'])[name], frozen)
+  return Loaded(config, model, params, round_index, f'fl round {round_index} ({name})')
+
+
+def _probs(loaded: Loaded, images) -> np.ndarray:
+  trainable, frozen = partition.split(loaded.params, train.fl_rules(loaded.config))
+  return centralized.predict_probs(loaded.model, trainable, frozen, images,
+                                   loaded.config.eval.batch_size)
+
+
+def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None) -> dict:
+  """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON.
+
+  Args:
+    workdir: the run's workdir.
+    eval_dir: a folder of class folders (may be a center never seen in training).
+    round_index: FL round (None = latest, 0 = reference model).
+    output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
+
+  Returns:
+    ``{'model', 'round', 'eval_dir', 'metrics'}`` (metrics as :func:`fedblood.metrics.classify`).
+  """
+  loaded = load_model(workdir, round_index)
+  cfg = loaded.config.data
+  try:
+    split = data.load_folder(str(eval_dir), cfg.image_size, cfg.resize)
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
+                     f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
+  if len(split.labels) == 0:
+    raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
+                     f'{metrics.CLASSES}')
+  probs = _probs(loaded, split.images)
+  result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
+            'metrics': metrics.classify(split.labels, probs.argmax(-1))}
+  if output is None:
+    output = Path(workdir) / 'evaluation' / f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
+  output = Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(result, indent=1))
+  result['output'] = str(output)
+  return result
+
+
+def format_metrics(result: dict) -> str:
+  """The evaluation as a short text table (overall, then per class)."""
+  m = result['metrics']
+  lines = [f'{result["model"]} on {result["eval_dir"]} ({m["n"]} images)',
+           '  ' + '  '.join(f'{k} {100 * m[k]:.1f}' if m[k] is not None else f'{k} -'
+                            for k in metrics.HEADLINE),
+           f'  {"class":<12} {"n":>5} {"prec":>6} {"recall":>6} {"spec":>6} {"f1":>6}']
+  fmt = lambda v: f'{100 * v:6.1f}' if v is not None else f'{"-":>6}'
+  for name, pc in m['per_class'].items():
+    lines.append(f'  {name:<12} {pc["support"]:>5} {fmt(pc["precision"])} {fmt(pc["recall"])} '
+                 f'{fmt(pc["specificity"])} {fmt(pc["f1"])}')
+  return '\n'.join(lines)
+
+
+def predict_folder(workdir, input_path, output, round_index: int | None = None) -> int:
+  """Classifies every image under ``input_path``; writes a CSV (file, predicted class, probabilities).
+
+  Returns the number of images classified. Files without an image extension are
+  skipped with a warning; a file with an image extension that cannot be decoded
+  is an error naming it (nothing is written then).
+  """
+  loaded = load_model(workdir, round_index)
+  cfg = loaded.config.data
+  try:
+    images, files = data.load_images(str(input_path), cfg.image_size, cfg.resize)
+  except ValueError as e:
+    raise ValueError(f'--input {input_path}: {e}') from e
+  probs = _probs(loaded, images)
+  output = Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tmp = output.with_name(output.name + '.tmp')
+  with open(tmp, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
+    for name, p in zip(files, probs):
+      writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
+  tmp.replace(output)
+  return len(files)

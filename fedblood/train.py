@@ -1,0 +1,373 @@
+"""The study, one command: reference model, Table 1, federated fine-tuning, Table 2, baselines.
+
+``run(config, workdir)`` runs the stages in order; each is resumable, so the
+same command in the same workdir picks up where a previous run stopped::
+
+  (a) reference   centralized training on the reference center (or restore it
+                  from ``reference.restore``), early-stopped on its validation split
+  (b) Table 1     the reference model on every center's test split
+  (c) fl          ``fl.rounds`` federated rounds, every center evaluated each round
+  (d) Table 2     the final federated model(s) on every center's test split
+  baselines       local-only training per center and pooled centralized training
+
+Workdir::
+
+  config.json  metrics.jsonl  results.json  report.md  figures/  tb/  checkpoints/
+
+Determinism: every random stream derives from ``config.seed`` by ``fold_in``
+(stage, then epoch or round), and rows of ``metrics.jsonl`` are written before
+the checkpoint that commits them and dropped on resume when no checkpoint
+committed them, so a run killed at any point and resumed ends bit-identical to
+an uninterrupted one.
+"""
+
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedblood import centralized, checkpoint, data, metrics, models, partition, report, simulate
+from fedblood import runlog
+
+# Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
+STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
+EVAL_MODELS = ('server', 'active_mean')
+
+
+def init_params(config, model):
+  """Fresh parameters from ``config.seed``, overlaid with ``model.pretrained`` weights if set.
+
+  The init key is an 'rbg' key: XLA compiles threefry's bit generation for every
+  parameter leaf slowly (about 10 s for VGG16 on 2 CPU cores, against 2-3 s);
+  rbg is deterministic on a given backend, which is all a run needs.
+  """
+  size = config.data.image_size
+  params = jax.jit(model.init)(jax.random.key(config.seed, impl='rbg'),
+                               jnp.zeros((1, size, size, 3), jnp.float32))['params']
+  if config.model.get('pretrained'):
+    from fedblood import weights  # pylint: disable=g-import-not-at-top
+    params, load = weights.load_pretrained(params, config.model.pretrained, model=model)
+    logging.info('loaded %d tensors from %s; kept fresh: %s', len(load.loaded), load.path,
+                 load.initialised)
+  return params
+
+
+def param_shapes(config, model):
+  """The parameter tree's shapes and dtypes, computed without running anything."""
+  size = config.data.image_size
+  return jax.eval_shape(model.init, jax.random.key(0),
+                        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
+
+
+def fl_rules(config):
+  return partition.frozen_block_rules(config.model.frozen_blocks)
+
+
+def augment_fn(config):
+  """``(rng, images) -> images`` from ``data.augment``, or None when disabled."""
+  if not config.data.augment.enabled:
+    return None
+  return _augment_for(json.dumps(config.data.augment.to_dict(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _augment_for(cfg_json: str):
+  # One function object per augmentation config, so the jitted steps cached on it are reused.
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  return lambda rng, images: data.augment(rng, images, cfg)
+
+
+def _progress(config):
+  if not config.get('progress', True):
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return lambda total, desc, initial: tqdm(total=total, desc=desc, initial=initial,
+                                           dynamic_ncols=True, leave=True)
+
+
+def evaluate_split(config, model, params, split) -> dict:
+  """Full metrics of ``params`` on a split (split with the FL rules: one predict compile)."""
+  trainable, frozen = partition.split(params, fl_rules(config))
+  return centralized.evaluate(model, trainable, frozen, split, config.eval.batch_size)
+
+
+# ------------------------------------------------------------------------------- (a) reference
+def reference_stage(config, model, center, key, workdir: Path, log) -> tuple[dict, dict]:
+  """Trains (or restores) the reference model; saves it once to ``checkpoints/reference_model``."""
+  mngr = checkpoint.manager(workdir / 'checkpoints' / 'reference_model', keep=1)
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, {'params': param_shapes(config, model)})
+    return state['params'], meta['info']
+  template = init_params(config, model)
+  if config.reference.get('restore'):
+    params, source = load_reference(config.reference.restore, template)
+    info = {'center': center.name, 'restored_from': source}
+  else:
+    runlog.truncate(workdir, 'reference', _committed(workdir / 'checkpoints' / 'reference'))
+    result = centralized.fit(
+        'reference', model, template, partition.frozen_block_rules(config.reference.frozen_blocks),
+        center.train, center.val, config.reference, jax.random.fold_in(key, STAGE['reference']),
+        workdir / 'checkpoints' / 'reference', augment_fn=augment_fn(config),
+        log=lambda row: log({**row, 'center': center.name}), eval_batch=config.eval.batch_size,
+        progress=_progress(config))
+    params = result.params
+    info = {'center': center.name, 'best_epoch': result.epoch, 'epochs_run': result.epochs_run,
+            'val': result.val}
+  trainable, frozen = partition.split(params, fl_rules(config))
+  checkpoint.save(mngr, info.get('best_epoch', 0), {'params': params}, {
+      'kind': 'reference model', 'info': info, 'metrics': {
+          f'val_{k}': v for k, v in (info.get('val') or {}).items() if k != 'n'},
+      'params': checkpoint.param_summary(trainable, frozen, config.model.name)})
+  mngr.close()
+  return params, info
+
+
+def _committed(ckpt_dir: Path) -> int:
+  """The latest committed step of a checkpoint directory (0 if none)."""
+  if not ckpt_dir.exists():
+    return 0
+  mngr = checkpoint.manager(ckpt_dir)
+  step = mngr.latest_step() or 0
+  mngr.close()
+  return step
+
+
+def load_reference(path, template) -> tuple[dict, str]:
+  """A full reference model from a workdir, a checkpoint directory, or a weights file."""
+  path = Path(path)
+  candidates = [path / 'checkpoints' / 'reference_model', path]
+  for directory in candidates:
+    if directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir()):
+      mngr = checkpoint.manager(directory)
+      state, _ = checkpoint.restore(mngr, {'params': template})
+      mngr.close()
+      return state['params'], str(directory)
+  if path.is_file():
+    from fedblood import weights  # pylint: disable=g-import-not-at-top
+    params, load = weights.load_pretrained(template, path, model=None)
+    if load.initialised:
+      raise ValueError(f'reference.restore={str(path)!r} does not hold a full model of this '
+                       f'config: {load.initialised} would stay freshly initialised')
+    return params, str(path)
+  raise FileNotFoundError(f'reference.restore={str(path)!r} is neither a fedblood workdir, a '
+                          'checkpoint directory, nor a weights file')
+
+
+# -------------------------------------------------------------------------------------- (c) fl
+def stack_centers(centers) -> simulate.Centers:
+  """Every center's training split padded to a common length, for the jitted round."""
+  nmax = max(len(c.train.labels) for c in centers)
+  def pad(x):
+    return np.concatenate([x, np.zeros((nmax - len(x),) + x.shape[1:], x.dtype)])
+  return simulate.Centers(
+      examples={'image': jnp.asarray(np.stack([pad(c.train.images) for c in centers])),
+                'label': jnp.asarray(np.stack([pad(c.train.labels.astype(np.int32)) for c in centers]))},
+      sizes=jnp.asarray([len(c.train.labels) for c in centers], jnp.int32))
+
+
+def participation(config, key, round_index: int, num: int) -> np.ndarray:
+  """Active-center mask of a round: ``ceil(fraction * C)`` centers drawn from ``fold_in(key, r)``."""
+  fraction = config.fl.get('participation', 1.0)
+  if not 0 < fraction <= 1:
+    raise ValueError(f'fl.participation must be in (0, 1], got {fraction}')
+  count = max(1, math.ceil(fraction * num))
+  if count == num:
+    return np.ones(num, bool)
+  order = np.asarray(jax.random.permutation(jax.random.fold_in(key, round_index), num))
+  active = np.zeros(num, bool)
+  active[order[:count]] = True
+  return active
+
+
+def eval_model_name(config, available) -> str:
+  name = config.fl.get('eval_model', 'server')
+  if name not in EVAL_MODELS:
+    raise ValueError(f'fl.eval_model must be one of {EVAL_MODELS}, got {name!r}')
+  # FedAvg / FedProx / SCAFFOLD have one model: their server model IS the average.
+  return name if name in available else 'server'
+
+
+def fl_template(config, model, reference_params, num_centers: int):
+  """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
+  trainable, frozen = partition.split(reference_params, fl_rules(config))
+  algorithm, round_fn = _fl_functions(model, json.dumps(config.fl.to_dict(), sort_keys=True),
+                                      augment_fn(config))
+  server, clients = algorithm.init(trainable, num_centers)
+  state = {'server': server, 'clients': clients,
+           'rng': jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), STAGE['fl']))}
+  return algorithm, round_fn, state, frozen
+
+
+@functools.lru_cache(maxsize=4)
+def _fl_functions(model, fl_json: str, augment):
+  # Cached per config: a resumed or repeated run in the same process reuses the compiled round.
+  loss_fn = simulate.classifier_loss(model, augment)
+  return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
+
+
+def fl_stage(config, model, reference_params, centers, key, workdir: Path, log) -> tuple[dict, dict]:
+  """Runs (or resumes) the federated rounds; returns ``({name: params}, info)`` of the final round."""
+  names = [c.name for c in centers]
+  algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers))
+  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
+                            best_metric='val_accuracy')
+  start = 0
+  if mngr.latest_step() is not None:
+    state, meta = checkpoint.restore(mngr, state)
+    start = meta['round']
+  runlog.truncate(workdir, 'fl', start)
+  sim = stack_centers(centers)
+  fl_key = jax.random.fold_in(key, STAGE['fl'])
+  part_key = jax.random.fold_in(key, STAGE['participation'])
+  server, clients = state['server'], state['clients']
+  eval_name = eval_model_name(config, algorithm.eval_params(server))
+  progress = _progress(config)
+  bar = progress(config.fl.rounds, f'fl {config.fl.algorithm}', start) if progress else None
+  summary = checkpoint.param_summary(*partition.split(reference_params, fl_rules(config)),
+                                     config.model.name)
+  for r in range(start + 1, config.fl.rounds + 1):
+    active = participation(config, part_key, r, len(centers))
+    server, clients, round_metrics = round_fn(server, clients, frozen, sim, jnp.asarray(active),
+                                              fl_key, jnp.int32(r))
+    losses = np.asarray(round_metrics['loss'])
+    last_good = f'round {r - 1} in {mngr.directory}' if r > 1 else 'the reference model'
+    for k, name in enumerate(names):
+      if active[k]:
+        centralized.check_finite(float(losses[k]), f'fl round {r}, center {name!r}', last_good)
+    params = algorithm.eval_params(server)[eval_name]
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
+      raise FloatingPointError(f'fl round {r}: the {eval_name} model has non-finite parameters '
+                               f'after aggregation. Stopped; the last good checkpoint is kept: '
+                               f'{last_good}.')
+    full = partition.merge(params, frozen)
+    rows, val_accs, test_accs = [], [], []
+    for k, center in enumerate(centers):
+      test = metrics.summary(evaluate_split(config, model, full, center.test))
+      val = (metrics.summary(evaluate_split(config, model, full, center.val))
+             if len(center.val.labels) else {})
+      rows.append({'stage': 'fl', 'round': r, 'center': center.name, 'model': eval_name,
+                   'active': bool(active[k]), 'loss': float(losses[k]),
+                   'train_accuracy': float(np.asarray(round_metrics['accuracy'])[k]), **test,
+                   **{f'val_{m}': v for m, v in val.items()}})
+      test_accs.append(test['accuracy'])
+      if val:
+        val_accs.append(val['accuracy'])
+    for row in rows:
+      log(row)
+    mean_val = float(np.mean(val_accs)) if val_accs else None
+    round_summary = {'val_accuracy': mean_val, 'test_accuracy': float(np.mean(test_accs)),
+                     'loss': float(np.mean(losses[active]))}
+    checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': state['rng']},
+                    {'kind': 'round', 'round': r, 'centers': names, 'eval_model': eval_name,
+                     'algorithm': config.fl.algorithm, 'metrics': round_summary,
+                     'best_metric': 'val_accuracy', 'params': summary},
+                    metrics={'val_accuracy': (mean_val if mean_val is not None else 0.0) - 1e-9 * r})
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(round=r, loss=f'{round_summary["loss"]:.3f}',
+                      acc=f'{round_summary["test_accuracy"]:.3f}')
+  if bar is not None:
+    bar.close()
+  mngr.close()
+  models_out = {name: partition.merge(p, frozen) for name, p in algorithm.eval_params(server).items()}
+  return models_out, {'eval_model': eval_name, 'rounds': config.fl.rounds}
+
+
+# ------------------------------------------------------------------------------- baselines
+def _concat(splits) -> data.Split:
+  return data.Split(*[np.concatenate([getattr(s, f) for s in splits]) for f in data.Split._fields])
+
+
+def baselines_stage(config, model, reference_params, centers, key, workdir: Path, log) -> dict:
+  """Local-only training per center and pooled training on all centers: {name: {center: metrics}}."""
+  cfg = config.baselines
+  out = {}
+  if cfg.init == 'reference':
+    start, rules = reference_params, fl_rules(config)
+  elif cfg.init == 'scratch':
+    start, rules = init_params(config, model), partition.frozen_block_rules(
+        config.reference.frozen_blocks)
+  else:
+    raise ValueError(f"baselines.init must be 'reference' or 'scratch', got {cfg.init!r}")
+
+  def run_fit(stage, train, val, stage_key):
+    runlog.truncate(workdir, stage, _committed(workdir / 'checkpoints' / stage))
+    return centralized.fit(stage, model, start, rules, train, val, cfg, stage_key,
+                           workdir / 'checkpoints' / stage, augment_fn=augment_fn(config),
+                           log=log, eval_batch=config.eval.batch_size,
+                           progress=_progress(config)).params
+
+  if cfg.local_only:
+    out['local_only'] = {}
+    for k, center in enumerate(centers):
+      if cfg.init == 'reference' and k == 0:
+        params = reference_params  # the reference model IS local-only training at its center
+      else:
+        params = run_fit(f'local_{center.name}', center.train, center.val,
+                         jax.random.fold_in(key, STAGE['local'] + k))
+      out['local_only'][center.name] = evaluate_split(config, model, params, center.test)
+  if cfg.pooled:
+    params = run_fit('pooled', _concat([c.train for c in centers]), _concat([c.val for c in centers]),
+                     jax.random.fold_in(key, STAGE['pooled']))
+    out['pooled'] = {c.name: evaluate_split(config, model, params, c.test) for c in centers}
+  return out
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(config, workdir) -> dict:
+  """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
+  workdir = Path(workdir)
+  runlog.check_config(config, workdir)
+  started = time.time()
+  times = {}
+  key = jax.random.key(config.seed)
+  centers = data.load_centers(config.data)
+  times['data_s'] = time.time() - started
+  names = [c.name for c in centers]
+  model = models.build(config.model)
+  log = runlog.logger(workdir)
+
+  t = time.time()
+  reference_params, reference_info = reference_stage(config, model, centers[0], key, workdir, log)
+  times['reference_s'] = time.time() - t
+  before = {c.name: evaluate_split(config, model, reference_params, c.test) for c in centers}
+
+  t = time.time()
+  fl_models, fl_info = fl_stage(config, model, reference_params, centers, key, workdir, log)
+  times['fl_s'] = time.time() - t
+  after_models = {name: {c.name: evaluate_split(config, model, p, c.test) for c in centers}
+                  for name, p in fl_models.items()}
+  after = after_models[fl_info['eval_model']]
+
+  t = time.time()
+  baselines = baselines_stage(config, model, reference_params, centers, key, workdir, log)
+  times['baselines_s'] = time.time() - t
+
+  summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
+  results = {
+      'title': config.get('title', 'fedblood run'), 'centers': names, 'reference': names[0],
+      'classes': list(metrics.CLASSES), 'algorithm': config.fl.algorithm,
+      'rounds': config.fl.rounds, 'eval_model': fl_info['eval_model'],
+      'before': summarize(before), 'after': summarize(after),
+      'after_models': {name: summarize(per) for name, per in after_models.items()},
+      'baselines': {name: summarize(per) for name, per in baselines.items()},
+      'confusion': {'before': {c: m['confusion'] for c, m in before.items()},
+                    'after': {c: m['confusion'] for c, m in after.items()}},
+      'details': {'before': before, 'after': after, **baselines},
+      'reference_training': reference_info,
+      'train_sizes': {c.name: int(len(c.train.labels)) for c in centers},
+  }
+  times['total_s'] = time.time() - started
+  # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
+  (workdir / 'results.json').write_text(json.dumps(results, indent=1))
+  (workdir / 'timing.json').write_text(json.dumps(times, indent=1))
+  report.write_report(workdir, {**results, 'wall_time_s': times['total_s']})
+  runlog.close(workdir)
+  return results
