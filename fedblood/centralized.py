@@ -183,8 +183,11 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
       weights.append(mask[s].sum())
     losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
     train_loss = float(np.average(losses, weights=weights))
-    check_finite(train_loss, f'{name}, epoch {epoch}',
-                 f'epoch {track["epoch"]} in {ckpt_dir}' if track['epoch'] else 'none yet')
+    last_good = f'epoch {track["epoch"]} in {ckpt_dir}' if track['epoch'] else 'none yet'
+    check_finite(train_loss, f'{name}, epoch {epoch}', last_good)
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(t)):
+      raise FloatingPointError(f'{name}, epoch {epoch}: non-finite parameters after the epoch. '
+                               f'Stopped; the last good checkpoint is kept: {last_good}.')
     val_metrics = evaluate(model, t, frozen, val, eval_batch) if len(val.labels) else None
     score = (val_metrics or {}).get(monitor)
     score = -train_loss if score is None else score  # no validation split: fall back to train loss

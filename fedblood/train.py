@@ -49,7 +49,7 @@ def init_params(config, model):
   rbg is deterministic on a given backend, which is all a run needs.
   """
   size = config.data.image_size
-  params = jax.jit(model.init)(jax.random.key(config.seed, impl='rbg'),
+  params = _jitted_init(model)(jax.random.key(config.seed, impl='rbg'),
                                jnp.zeros((1, size, size, 3), jnp.float32))['params']
   if config.model.get('pretrained'):
     from fedblood import weights  # pylint: disable=g-import-not-at-top
@@ -57,6 +57,11 @@ def init_params(config, model):
     logging.info('loaded %d tensors from %s; kept fresh: %s', len(load.loaded), load.path,
                  load.initialised)
   return params
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init(model):
+  return jax.jit(model.init)
 
 
 def param_shapes(config, model):
@@ -105,11 +110,11 @@ def reference_stage(config, model, center, key, workdir: Path, log) -> tuple[dic
   if mngr.latest_step() is not None:
     state, meta = checkpoint.restore(mngr, {'params': param_shapes(config, model)})
     return state['params'], meta['info']
-  template = init_params(config, model)
   if config.reference.get('restore'):
-    params, source = load_reference(config.reference.restore, template)
+    params, source = load_reference(config.reference.restore, param_shapes(config, model), model)
     info = {'center': center.name, 'restored_from': source}
   else:
+    template = init_params(config, model)
     runlog.truncate(workdir, 'reference', _committed(workdir / 'checkpoints' / 'reference'))
     result = centralized.fit(
         'reference', model, template, partition.frozen_block_rules(config.reference.frozen_blocks),
@@ -139,8 +144,16 @@ def _committed(ckpt_dir: Path) -> int:
   return step
 
 
-def load_reference(path, template) -> tuple[dict, str]:
-  """A full reference model from a workdir, a checkpoint directory, or a weights file."""
+def load_reference(path, template, model) -> tuple[dict, str]:
+  """A full reference model from a workdir, a checkpoint directory, or a weights file.
+
+  Args:
+    path: a fedblood workdir (its ``checkpoints/reference_model``), an Orbax
+      checkpoint directory of ``{'params': ...}``, or a weights file that
+      :func:`fedblood.weights.load_pretrained` reads and that covers every parameter.
+    template: the parameter tree (arrays or shapes) this config builds.
+    model: the Flax module.
+  """
   path = Path(path)
   candidates = [path / 'checkpoints' / 'reference_model', path]
   for directory in candidates:
@@ -151,7 +164,8 @@ def load_reference(path, template) -> tuple[dict, str]:
       return state['params'], str(directory)
   if path.is_file():
     from fedblood import weights  # pylint: disable=g-import-not-at-top
-    params, load = weights.load_pretrained(template, path, model=None)
+    fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+    params, load = weights.load_pretrained(fresh, path, model=model)
     if load.initialised:
       raise ValueError(f'reference.restore={str(path)!r} does not hold a full model of this '
                        f'config: {load.initialised} would stay freshly initialised')
@@ -197,8 +211,9 @@ def eval_model_name(config, available) -> str:
 def fl_template(config, model, reference_params, num_centers: int):
   """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
   trainable, frozen = partition.split(reference_params, fl_rules(config))
-  algorithm, round_fn = _fl_functions(model, json.dumps(config.fl.to_dict(), sort_keys=True),
-                                      augment_fn(config))
+  # Fields the compiled round does not depend on stay out of the cache key.
+  fl = {k: v for k, v in config.fl.to_dict().items() if k not in ('rounds', 'eval_model', 'participation')}
+  algorithm, round_fn = _fl_functions(model, json.dumps(fl, sort_keys=True), augment_fn(config))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
            'rng': jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), STAGE['fl']))}

@@ -1,0 +1,227 @@
+"""The study pipeline on the smoke config: outputs, exact resume, divergence, refusals.
+
+The smoke run happens ONCE per test session (the ``smoke`` fixture; test_launch.py
+imports it); everything else reuses its workdir and its compiled functions.
+"""
+
+import json
+from pathlib import Path
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from fedblood import centralized, checkpoint, data, inference, metrics, partition, sweep, train
+
+
+def smoke_config(cache_dir):
+  config = demo.get_config('smoke')
+  config.data.cache_dir = str(cache_dir)  # hermetic: synthetic centers built under the test's tmp dir
+  return config
+
+
+@pytest.fixture(scope='session')
+def smoke(tmp_path_factory):
+  """``(config, workdir)`` of one finished smoke run (3 centers, 3 rounds, baselines)."""
+  base = tmp_path_factory.getbasetemp()
+  config = smoke_config(base / 'tfds')
+  workdir = base / 'smoke'
+  if not (workdir / 'results.json').exists():
+    train.run(config, workdir)
+  return config, workdir
+
+
+def _fl_state(config, workdir, step=None):
+  loaded = inference.load_model(workdir, 0)
+  _, _, template, _ = train.fl_template(config, loaded.model, loaded.params, 3)
+  mngr = checkpoint.manager(Path(workdir) / 'checkpoints' / 'fl')
+  state, meta = checkpoint.restore(mngr, template, step)
+  mngr.close()
+  return state, meta
+
+
+def _assert_same_tree(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_smoke_outputs(smoke):
+  config, workdir = smoke
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'report.md',
+               'figures/accuracy_per_round.png', 'figures/confusion_after_synth2.png'):
+    assert (workdir / name).is_file(), name
+  assert list((workdir / 'tb').glob('events.out.tfevents.*'))
+  results = json.loads((workdir / 'results.json').read_text())
+  centers = data.load_centers(config.data)
+  assert results['centers'] == ['synth0', 'synth1', 'synth2'] == [c.name for c in centers]
+  for stage in ('before', 'after'):
+    for c in centers:
+      m = results[stage][c.name]
+      assert set(m) >= {'accuracy', 'precision', 'recall', 'specificity', 'f1', 'n'}
+      assert m['n'] == len(c.test.labels)
+  assert set(results['after_models']) == {'server', 'active_mean'}
+  assert results['eval_model'] == 'active_mean'
+  assert results['after'] == results['after_models']['active_mean']
+  assert set(results['baselines']['local_only']) == set(results['centers'])
+  assert set(results['baselines']['pooled']) == set(results['centers'])
+  # Table 1 is exactly the reference model restored from its checkpoint, evaluated afresh.
+  loaded = inference.load_model(workdir, 0)
+  for c in centers:
+    assert train.evaluate_split(config, loaded.model, loaded.params, c.test) == results['details'][
+        'before'][c.name]
+  # metrics.jsonl: a row per epoch of each fit, a row per round per center of FL.
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  fl_rows = [r for r in rows if r['stage'] == 'fl']
+  assert [(r['round'], r['center']) for r in fl_rows] == [
+      (r, c) for r in (1, 2, 3) for c in results['centers']]
+  assert [r['epoch'] for r in rows if r['stage'] == 'reference'] == [1, 2]
+  assert {r['stage'] for r in rows} == {'reference', 'fl', 'local_synth1', 'local_synth2', 'pooled'}
+  # The last round's logged test metrics are Table 2's.
+  for r in fl_rows[-3:]:
+    assert r['accuracy'] == results['after'][r['center']]['accuracy']
+  report = (workdir / 'report.md').read_text()
+  assert '## Table 1' in report and '## Table 2' in report and 'Local-only' in report
+  # Checkpoints: every round was saved; the last one (keep=1) and the best survive.
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'fl').iterdir() if p.name.isdigit())
+  assert steps[-1] == 3 and 1 <= len(steps) <= 2
+
+
+def test_rerun_changes_nothing(smoke):
+  config, workdir = smoke
+  before = {n: (workdir / n).read_bytes() for n in ('results.json', 'metrics.jsonl')}
+  train.run(config, workdir)
+  assert {n: (workdir / n).read_bytes() for n in before} == before
+
+
+# Saves in a smoke run, in order: reference epochs 1-2, reference model, FL rounds 1-3,
+# local_synth1, local_synth2, pooled. Interrupting before save k stops the run at that point.
+@pytest.mark.parametrize('stop_before_save', [2, 5, 8])
+def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, stop_before_save):
+  config, reference_dir = smoke
+  workdir = tmp_path / 'run'
+  real_save, calls = checkpoint.save, []
+
+  def interrupted_save(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == stop_before_save:
+      raise KeyboardInterrupt('simulated interruption')
+    return real_save(*args, **kwargs)
+
+  monkeypatch.setattr(checkpoint, 'save', interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    train.run(config, workdir)
+  monkeypatch.setattr(checkpoint, 'save', real_save)
+  train.run(config, workdir)
+  for name in ('results.json', 'metrics.jsonl', 'config.json'):
+    assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
+  state, meta = _fl_state(config, workdir)
+  expected, expected_meta = _fl_state(config, reference_dir)
+  assert meta == expected_meta and meta['round'] == 3
+  _assert_same_tree(state, expected)
+
+
+def test_different_config_refused(smoke):
+  config, workdir = smoke
+  other = smoke_config(Path(config.data.cache_dir))
+  other.fl.rounds = 4
+  other.model.width = 0.25
+  before = (workdir / 'results.json').read_bytes()
+  with pytest.raises(ValueError, match=r'(?s)holds a run of a different config.*'
+                     r'fl\.rounds: 3 in the workdir, 4 now.*model\.width: 0\.125 in the workdir, 0\.25 now'):
+    train.run(other, workdir)
+  assert (workdir / 'results.json').read_bytes() == before
+
+
+def test_reference_from_other_model_shape_refused(smoke, tmp_path):
+  config, workdir = smoke
+  other = smoke_config(Path(config.data.cache_dir))
+  other.model.width = 0.25
+  other.reference.restore = str(workdir)
+  with pytest.raises(checkpoint.ShapeMismatchError,
+                     match=r'(?s)different model.*params/block1/conv1/kernel: checkpoint '
+                           r'float32\[3, 3, 3, 8\], this config float32\[3, 3, 3, 16\]'):
+    train.run(other, tmp_path / 'wide')
+
+
+def test_reference_restored_from_workdir(smoke, tmp_path):
+  config, workdir = smoke
+  other = smoke_config(Path(config.data.cache_dir))
+  other.reference.restore = str(workdir)
+  other.fl.rounds = 1
+  other.baselines.local_only = other.baselines.pooled = False
+  results = train.run(other, tmp_path / 'restored')
+  expected = json.loads((workdir / 'results.json').read_text())
+  assert results['before'] == expected['before']
+  assert results['reference_training']['restored_from'] == str(workdir / 'checkpoints' / 'reference_model')
+
+
+def test_fl_divergence_names_round_and_center_and_keeps_checkpoint(smoke, tmp_path):
+  config, workdir = smoke
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  bad = smoke_config(Path(config.data.cache_dir))
+  bad.fl.rounds = 4
+  bad.fl.lr = 1e30
+  loaded = inference.load_model(copy, 0)
+  centers = data.load_centers(bad.data)
+  log = lambda row: None
+  with pytest.raises(FloatingPointError,
+                     match=r"fl round 4, center 'synth0': the training loss is (nan|inf).*"
+                           r'last good checkpoint is kept: round 3'):
+    train.fl_stage(bad, loaded.model, loaded.params, centers, jax.random.key(bad.seed), copy, log)
+  mngr = checkpoint.manager(copy / 'checkpoints' / 'fl')
+  assert mngr.latest_step() == 3
+  mngr.close()
+
+
+def test_centralized_divergence_names_stage_and_epoch(smoke, tmp_path):
+  config, workdir = smoke
+  loaded = inference.load_model(workdir, 0)
+  center = data.load_centers(config.data)[1]
+  recipe = config.baselines.copy_and_resolve_references()
+  recipe.lr, recipe.warmup_epochs, recipe.epochs = 1e30, 0, 3
+  with pytest.raises(FloatingPointError, match=r'local_test, epoch 1: the training loss is'):
+    centralized.fit('local_test', loaded.model, loaded.params, train.fl_rules(config), center.train,
+                    center.val, recipe, jax.random.key(0), tmp_path / 'ckpt',
+                    augment_fn=train.augment_fn(config))
+
+
+def test_participation_mask_is_deterministic():
+  config = demo.get_config('smoke')
+  key = jax.random.key(0)
+  with config.unlocked():
+    config.fl.participation = 0.5
+  masks = [train.participation(config, key, r, 4) for r in range(1, 6)]
+  assert all(m.sum() == 2 for m in masks)
+  assert len({tuple(m) for m in masks}) > 1  # rounds draw different centers
+  np.testing.assert_array_equal(masks[2], train.participation(config, key, 3, 4))
+  config.fl.participation = 1.0
+  assert train.participation(config, key, 1, 4).all()
+
+
+def test_sweep_runs_each_point_into_its_own_workdir(smoke, tmp_path):
+  config, workdir = smoke
+  config_file = tmp_path / 'sweep_config.py'
+  config_file.write_text('def get_sweep():\n  return [{"seed": 0}, {"fl.eval_model": "server"}]\n')
+  # The first point IS the smoke run: copied in, it is recognised as finished and not rerun.
+  shutil.copytree(workdir, tmp_path / 'sweep' / 'seed=0')
+  summary = sweep.run(config, str(config_file), tmp_path / 'sweep')
+  server = json.loads((tmp_path / 'sweep' / 'fl.eval_model=server' / 'results.json').read_text())
+  smoke_results = json.loads((workdir / 'results.json').read_text())
+  # Same training, Table 2 on the other FedDyn model.
+  assert server['after'] == smoke_results['after_models']['server']
+  assert '| seed=0 |' in summary and '| fl.eval_model=server |' in summary
+  csv_text = (tmp_path / 'sweep' / 'sweep_summary.csv').read_text().splitlines()
+  assert csv_text[0].startswith('name,fl.eval_model,seed,before_acc_external')
+  with pytest.raises(ValueError, match="sweep override 'fl.alfa': no config field 'alfa'"):
+    sweep.apply(config, {'fl.alfa': 0.1})
+
+
+def test_metrics_summary_matches_classify(smoke):
+  _, workdir = smoke
+  results = json.loads((workdir / 'results.json').read_text())
+  for c, full in results['details']['after'].items():
+    assert results['after'][c] == metrics.summary(full)
+    assert np.sum(full['confusion']) == full['n']
