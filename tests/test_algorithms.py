@@ -55,7 +55,7 @@ def run(alg, data, sizes, num_rounds, local_steps, participation=1.0, dim=DIM):
     update = lambda c, w, batch: alg.client_update(server, c, w, mse, lambda step: batch,
                                                    local_steps, jax.random.key(0))
     local, new, _ = jax.vmap(update)(clients, weights, data)
-    new = jax.tree.map(lambda n, o: jnp.where(base._bcast(active, n), n, o), new, clients)
+    new = base.select_clients(active, new, clients)
     return alg.server_update(server, local, weights, active, new), new
 
   server, clients = alg.init(jnp.zeros(dim), num)
@@ -180,7 +180,7 @@ def test_one_local_step_matches_hand_computed_sgd():
     outs = [alg.client_update(server, jax.tree.map(lambda c: c[k], clients), weights[k], mse,
                               lambda s: batches[k], 1, jax.random.key(0)) for k in range(2)]
     local, new, _ = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    new = jax.tree.map(lambda n, o: jnp.where(base._bcast(active, n), n, o), new, clients)
+    new = base.select_clients(active, new, clients)
     return alg.server_update(server, local, weights, active, new), new
 
   both, only1 = jnp.array([True, True]), jnp.array([False, True])

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -353,8 +354,8 @@ def test_vgg16_smoke_round_every_algorithm(name):
   assert losses[-1] < losses[0] - 0.05, losses
   for model_params in alg.eval_params(server).values():
     merged = partition.merge(model_params, frozen)
-    flat_new = partition._flat(merged)
-    for path, leaf in partition._flat(params).items():
+    flat_new = traverse_util.flatten_dict(merged, sep='/')
+    for path, leaf in traverse_util.flatten_dict(params, sep='/').items():
       if path.startswith(('block1/', 'block2/', 'block3/')):
         np.testing.assert_array_equal(flat_new[path], leaf)
       else:

@@ -131,6 +131,12 @@ def _bcast(mask, x):
   return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
+def select_clients(active, new, old):
+  """Per client (leading axis), ``new`` where ``active`` else ``old``: inactive states stay put."""
+  active = jnp.asarray(active, bool)
+  return jax.tree.map(lambda n, o: jnp.where(_bcast(active, n), n, o), new, old)
+
+
 def masked_mean(stacked, weights, active):
   """``sum_k w_k x_k / sum_k w_k`` over active ``k`` of a pytree stacked on axis 0.
 
