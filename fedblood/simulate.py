@@ -4,7 +4,7 @@ API (stable: the pipeline codes against it)::
 
   centers = Centers(examples={'image': uint8[C, Nmax, H, W, 3], 'label': int32[C, Nmax]},
                     sizes=int32[C])                       # real examples per center; rest padding
-  loss_fn = classifier_loss(model, augment_fn=None)       # (trainable, frozen, batch, rng) -> (loss, aux)
+  loss_fn = classifier_loss(model, augment_fn=None)  # (trainable, frozen, batch, rng) -> (loss, aux)
   alg, round_fn = build(config.fl, loss_fn)               # or algorithms.build + build_round
   server_state, client_states = alg.init(trainable, num_clients=C)
   for r in range(rounds):
@@ -72,7 +72,7 @@ def _ceil_div(a, b):
 
 
 def epoch_orders(rng, size, nmax: int, epochs: int):
-  """``[epochs, nmax]`` visiting orders: a random permutation of ``0..size-1``, then the padding rows."""
+  """``[epochs, nmax]`` visiting orders: a permutation of ``0..size-1``, then the padding rows."""
   # One sort of uniform keys, with the padding rows' keys above every real one.
   keys = jax.random.uniform(rng, (epochs, nmax))
   keys = jnp.where(jnp.arange(nmax) < size, keys, 2.0)
@@ -104,7 +104,7 @@ def _check_centers(centers: Centers):
     raise ValueError('Centers.examples must be a non-empty dict of [C, Nmax, ...] arrays, got '
                      f'{type(centers.examples).__name__}')
   if 'mask' in centers.examples:
-    raise ValueError("Centers.examples may not have a 'mask' entry: the round adds it to each batch")
+    raise ValueError("Centers.examples may not have a 'mask' entry: the round adds it to batches")
   num = np.shape(centers.sizes)
   for name, x in centers.examples.items():
     if np.ndim(x) < 2 or (np.shape(x)[0],) != num:
@@ -189,8 +189,8 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
                                               examples, centers_here, sizes, rngs)
 
     split = P('centers')
-    outputs = jax.shard_map(local, mesh=mesh, in_specs=(P(), split, split, P(), split, split, split),
-                            out_specs=split, check_vma=False)(
+    in_specs = (P(), split, split, P(), split, split, split)
+    outputs = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split, check_vma=False)(
         server_state, jax.tree.map(pad_fn, client_states), weights, frozen,
         jax.tree.map(pad_fn, centers.examples), pad_fn(centers.sizes), rngs)
     outputs = jax.tree.map(lambda x: x[:num], outputs)
@@ -234,7 +234,7 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
 
 
 def build(fl_cfg, loss_fn: Callable, **kwargs) -> tuple[base.FedAlgorithm, Callable]:
-  """``(algorithm, round_fn)`` from ``config.fl`` (algorithm, batch_size, local_epochs, execution)."""
+  """``(algorithm, round_fn)`` from ``config.fl``: algorithm, batch_size, local_epochs, execution."""
   for key in ('batch_size', 'local_epochs'):
     if key not in fl_cfg:
       raise ValueError(f'fl.{key} is missing from the config')

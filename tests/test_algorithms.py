@@ -18,7 +18,7 @@ DIM = 5
 
 
 def least_squares(sizes=SIZES, dim=DIM, seed=0):
-  """Clients with very different optima and sizes, padded to the largest; and the weighted optimum."""
+  """Clients of very different optima and sizes, padded to the largest; and the weighted optimum."""
   rng = np.random.default_rng(seed)
   num, nmax = len(sizes), max(sizes)
   x = np.zeros((num, nmax, dim), np.float32)

@@ -257,7 +257,8 @@ SHARD_SCRIPT = textwrap.dedent('''
 @pytest.mark.slow
 def test_shard_over_2_to_5_fake_devices_matches_vmap():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=5',
-             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get('PYTHONPATH', '')]))
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
+                                         os.environ.get('PYTHONPATH', '')]))
   proc = subprocess.run([sys.executable, '-c', SHARD_SCRIPT], env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -38,7 +38,8 @@ def build(fl_cfg) -> FedAlgorithm:
     if arg.name in fl_cfg:
       kwargs[arg.name] = fl_cfg[arg.name]
     elif arg.default is inspect.Parameter.empty:
-      raise ValueError(f'fl.{arg.name} is required by fl.algorithm={name!r} but missing from the config')
+      raise ValueError(f'fl.{arg.name} is required by fl.algorithm={name!r} but missing from '
+                       'the config')
   return builder(**kwargs)
 
 

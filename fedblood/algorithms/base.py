@@ -69,7 +69,7 @@ class ServerState(NamedTuple):
 
 
 def client_weights(sizes) -> jax.Array:
-  """Training sizes ``[C]`` -> weights ``n_k / sum(n) * C`` (mean 1), as FedDyn's code defines them."""
+  """Training sizes ``[C]`` -> weights ``n_k / sum(n) * C`` (mean 1), as in FedDyn's code."""
   sizes = jnp.asarray(sizes, jnp.float32)
   return sizes / jnp.sum(sizes) * sizes.shape[0]
 

@@ -61,7 +61,7 @@ def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[flo
 def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
              max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
              server_momentum: float = 0.0) -> base.FedAlgorithm:
-  """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in every client's loss (args as :func:`fed_avg`)."""
+  """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in each client's loss (see :func:`fed_avg`)."""
   if mu < 0:
     raise ValueError(f'fl.mu must be >= 0, got {mu}')
   return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu))
