@@ -15,8 +15,6 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fedblood import checkpoint, inference, sweep, train
-
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file[:arg].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run (created; resumed if present).',
@@ -42,23 +40,28 @@ def main(argv):
 
 
 def _run(mode, workdir):
+  # Imports per mode: inspect and bad command lines answer without loading JAX's whole stack.
   if mode == 'inspect':
+    from fedblood import checkpoint  # pylint: disable=g-import-not-at-top
     print(checkpoint.inspect(workdir))
   elif mode == 'evaluate':
+    from fedblood import inference  # pylint: disable=g-import-not-at-top
     if not _EVAL_DIR.value:
       raise app.UsageError('--mode evaluate needs --eval_dir')
-    print(inference.format_metrics(result := inference.evaluate_folder(
-        workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value)))
+    result = inference.evaluate_folder(workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value)
+    print(inference.format_metrics(result))
     print(f'written: {result["output"]}')
   elif mode == 'predict':
+    from fedblood import inference  # pylint: disable=g-import-not-at-top
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError('--mode predict needs --input and --output')
     count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value)
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _SWEEP.value:
-    filename = config_flags.get_config_filename(flags.FLAGS['config'])
-    print(sweep.run(_CONFIG.value, filename, workdir))
+    from fedblood import sweep  # pylint: disable=g-import-not-at-top
+    print(sweep.run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS['config']), workdir))
   else:
+    from fedblood import train  # pylint: disable=g-import-not-at-top
     train.run(_CONFIG.value, workdir)
     print(f'report: {workdir}/report.md')
 

@@ -22,7 +22,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.data.image_size = 32          # the smallest size VGG's five poolings allow; CPU-fast
   config.model.width = 0.125           # 8..64 channels: ~0.23M params, ~700 img/s training on 2 cores
   config.reference.epochs = 30         # early stopping ends it sooner
-  config.fl.rounds = 10                # enough for the external centers to converge
+  config.fl.rounds = 20                # external centers still gain at round 15 (measured), little after 20
   config.fl.local_epochs = 1           # one pass per round keeps client drift small
   if arg == 'smoke':
     config.title = 'fedblood smoke run'

@@ -1,0 +1,162 @@
+"""launch.py: inspect / evaluate / predict on the smoke run, bad command lines, kill -9 then resume."""
+
+import csv
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from fedblood import data, inference, metrics, train
+from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(*args, timeout=300):
+  return subprocess.run([sys.executable, str(REPO / 'launch.py'), *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _write_folder(root: Path, split) -> Path:
+  """A <class>/<images> tree of PNGs (lossless: the pixels come back exactly)."""
+  for i, (image, label) in enumerate(zip(split.images, split.labels)):
+    folder = root / metrics.CLASSES[label]
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / f'cell{i:03d}.png')
+  return root
+
+
+@pytest.fixture(scope='module')
+def external(smoke, tmp_path_factory):
+  """synth2's test split written as a folder, plus its in-memory split."""
+  config, _ = smoke
+  split = data.load_centers(config.data)[2].test
+  return _write_folder(tmp_path_factory.mktemp('synth2_test'), split), split
+
+
+def test_inspect_lists_checkpoints_without_data(smoke, tmp_path):
+  config, workdir = smoke
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  # Point the copy's data at nothing: inspect must not need it.
+  cfg = json.loads((copy / 'config.json').read_text())
+  cfg['data'].update(source='folder', root=str(tmp_path / 'absent'))
+  (copy / 'config.json').write_text(json.dumps(cfg))
+  out = launch('--mode', 'inspect', '--workdir', str(copy))
+  assert out.returncode == 0, out.stderr
+  assert '[fl] steps' in out.stdout and 'round 3:' in out.stdout
+  assert '[reference_model] steps [2]' in out.stdout
+  assert 'trainable 203,461 scalars in 14 leaves, frozen 27,432 in 14 leaves' in out.stdout
+
+
+def test_evaluate_folder_equals_in_run_metrics(smoke, external, tmp_path):
+  _, workdir = smoke
+  folder, _ = external
+  results = json.loads((workdir / 'results.json').read_text())
+  output = tmp_path / 'eval.json'
+  out = launch('--mode', 'evaluate', '--workdir', str(workdir), '--eval_dir', str(folder),
+               '--output', str(output))
+  assert out.returncode == 0, out.stderr
+  assert 'fl round 3 (active_mean)' in out.stdout and 'neutrophil' in out.stdout
+  written = json.loads(output.read_text())
+  assert written['round'] == 3
+  # The unseen-folder path reproduces the run's own Table 2 numbers for that center exactly.
+  assert written['metrics'] == results['details']['after']['synth2']
+  # --round 0 is the reference model: Table 1.
+  before = inference.evaluate_folder(workdir, folder, 0, tmp_path / 'r0.json')
+  assert before['metrics'] == results['details']['before']['synth2']
+
+
+def test_predict_writes_csv_and_skips_non_images(smoke, external, tmp_path):
+  config, workdir = smoke
+  folder, split = external
+  flat = tmp_path / 'cells'
+  flat.mkdir()
+  for i, image in enumerate(split.images[:5]):
+    Image.fromarray(image).save(flat / f'c{i}.png')
+  (flat / 'notes.txt').write_text('not an image')
+  output = tmp_path / 'pred.csv'
+  out = launch('--mode', 'predict', '--workdir', str(workdir), '--input', str(flat),
+               '--output', str(output))
+  assert out.returncode == 0, out.stderr
+  assert '5 images classified' in out.stdout
+  rows = list(csv.DictReader(output.open()))
+  assert [r['file'] for r in rows] == [f'c{i}.png' for i in range(5)]
+  loaded = inference.load_model(workdir)
+  probs = inference._probs(loaded, split.images[:5])  # pylint: disable=protected-access
+  for r, p in zip(rows, probs):
+    assert r['predicted'] == metrics.CLASSES[int(p.argmax())]
+    np.testing.assert_allclose([float(r[f'p_{c}']) for c in metrics.CLASSES], p, atol=1e-6)
+    assert sum(float(r[f'p_{c}']) for c in metrics.CLASSES) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_bad_inputs(smoke, tmp_path):
+  _, workdir = smoke
+  only_text = tmp_path / 'text'
+  only_text.mkdir()
+  (only_text / 'a.txt').write_text('x')
+  with pytest.raises(ValueError, match=r'--input .*text.*No image files'):
+    inference.predict_folder(workdir, only_text, tmp_path / 'p.csv')
+  broken = tmp_path / 'broken'
+  broken.mkdir()
+  (broken / 'cell.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+  with pytest.raises(ValueError, match=r'cell\.png'):
+    inference.predict_folder(workdir, broken, tmp_path / 'p.csv')
+  assert not (tmp_path / 'p.csv').exists()
+
+
+def test_evaluate_bad_folder_and_round(smoke, tmp_path):
+  _, workdir = smoke
+  odd = tmp_path / 'odd'
+  (odd / 'platelets').mkdir(parents=True)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(odd / 'platelets' / 'p.png')
+  with pytest.raises(ValueError, match=r'--eval_dir .*odd.*class folders'):
+    inference.evaluate_folder(workdir, odd)
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint of round 7 .*kept rounds: \[(\d, )?3\]'):
+    inference.load_model(workdir, 7)
+  with pytest.raises(FileNotFoundError, match='no config.json'):
+    inference.load_model(tmp_path)
+
+
+def test_bad_command_lines(smoke, tmp_path):
+  config, workdir = smoke
+  out = launch('--config', 'configs/demo.py:smoke', '--config.fl.roundz=4', '--workdir', str(tmp_path))
+  assert out.returncode != 0
+  assert "no such config field 'roundz'" in out.stderr and 'Did you mean "rounds"' in out.stderr
+  out = launch('--config', 'configs/demo.py:smoke', '--config.fl.rounds=many', '--workdir', str(tmp_path))
+  assert out.returncode != 0 and '--config.fl.rounds=many' in out.stderr
+  out = launch('--config', 'configs/demo.py:smoke', f'--config.data.cache_dir={config.data.cache_dir}',
+               '--config.fl.alpha=0.5', '--workdir', str(workdir))
+  assert out.returncode == 1
+  assert 'holds a run of a different config' in out.stderr and 'fl.alpha: 0.01 in the workdir, 0.5 now' in out.stderr
+  assert not list(tmp_path.iterdir())  # nothing written by the refused runs
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_identical(smoke, tmp_path):
+  config, reference_dir = smoke
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(
+      [sys.executable, str(REPO / 'launch.py'), '--config', 'configs/demo.py:smoke',
+       f'--config.data.cache_dir={config.data.cache_dir}', '--workdir', str(workdir)],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # Kill in the middle of the federated stage, as soon as round 2 is committed.
+  deadline = time.time() + 240
+  while not (workdir / 'checkpoints' / 'fl' / '2').exists():
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    assert time.time() < deadline, 'round 2 never appeared'
+    time.sleep(0.05)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / 'results.json').exists()
+  train.run(config, workdir)  # the same config: resume
+  for name in ('results.json', 'metrics.jsonl'):
+    assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
