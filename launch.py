@@ -2,7 +2,7 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
 
   python launch.py --workdir /tmp/demo                                  # the demo study (train)
   python launch.py --config configs/wbc.py --config.fl.rounds=30 --workdir /tmp/wbc
-  python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep   # every get_sweep() point
+  python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep  # all get_sweep() points
   python launch.py --mode inspect --workdir /tmp/demo
   python launch.py --mode evaluate --workdir /tmp/demo --eval_dir /data/new_center [--round 5]
   python launch.py --mode predict --workdir /tmp/demo --input /data/cells --output preds.csv
@@ -17,12 +17,14 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file[:arg].',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run (created; resumed if present).',
-                               required=True)
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'inspect'], 'What to do.')
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Directory of the run (created; resumed if present).', required=True)
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'inspect'],
+                          'What to do.')
 _SWEEP = flags.DEFINE_bool('sweep', False, "Run every point of the config file's get_sweep().")
 _EVAL_DIR = flags.DEFINE_string('eval_dir', None, 'evaluate: a <class>/<images> folder.')
-_ROUND = flags.DEFINE_integer('round', None, 'evaluate/predict: FL round (default latest; 0 = reference).')
+_ROUND = flags.DEFINE_integer('round', None,
+                              'evaluate/predict: FL round (default latest; 0 = reference).')
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image or a folder of images.')
 _OUTPUT = flags.DEFINE_string('output', None, 'evaluate: JSON path; predict: CSV path.')
 
@@ -59,7 +61,8 @@ def _run(mode, workdir):
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _SWEEP.value:
     from fedblood import sweep  # pylint: disable=g-import-not-at-top
-    print(sweep.run(_CONFIG.value, config_flags.get_config_filename(flags.FLAGS['config']), workdir))
+    config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+    print(sweep.run(_CONFIG.value, config_file, workdir))
   else:
     from fedblood import train  # pylint: disable=g-import-not-at-top
     train.run(_CONFIG.value, workdir)

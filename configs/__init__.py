@@ -1,1 +1,1 @@
-"""ml-collections configs of fedblood runs (see launch.py); `common.get_config()` holds every field."""
+"""ml-collections configs of fedblood runs (see launch.py); common.get_config() has every field."""

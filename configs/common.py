@@ -17,12 +17,15 @@ def recipe(epochs, batch_size, lr, warmup_epochs, patience, weight_decay=1e-4, m
   c.epochs = epochs                    # upper bound; early stopping usually ends sooner
   c.batch_size = batch_size            # images per Adam step
   c.lr = lr                            # peak Adam learning rate (after warmup)
-  c.warmup_epochs = warmup_epochs      # linear warmup: VGG without normalisation layers diverges without it
+  # Linear warmup: VGG without normalisation layers diverges without it.
+  c.warmup_epochs = warmup_epochs
   c.final_lr_fraction = 0.01           # cosine decay ends at lr * this
   c.weight_decay = weight_decay        # decoupled (AdamW) weight decay
   c.max_grad_norm = max_grad_norm      # global-norm clipping: a second guard against early blow-ups
-  c.patience = patience                # epochs without a better validation score before stopping (0 = never)
-  c.monitor = 'accuracy'               # validation metric that picks the best epoch (higher is better)
+  # Epochs without a better validation score before stopping (0 = never).
+  c.patience = patience
+  # Validation metric that picks the best epoch (higher is better).
+  c.monitor = 'accuracy'
   return c
 
 
@@ -30,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   """The full default config (synthetic centers, narrow VGG16, FedDyn with blocks 1-3 frozen)."""
   config = ml_collections.ConfigDict()
   config.title = 'fedblood run'        # heading of report.md
-  config.seed = 0                      # every random stream (init, batches, augmentation, participation)
+  # Every random stream (init, batches, augmentation, participation).
+  config.seed = 0
   config.progress = True               # tqdm bars per stage (round, loss, mean accuracy)
 
   # Centers: source, splits, image size, augmentation (fields documented in fedblood.data).
@@ -39,18 +43,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'VGG16'          # class in fedblood.models (the study's network)
   config.model.num_classes = 5         # basophil, eosinophil, lymphocyte, monocyte, neutrophil
-  config.model.head = 'gap'            # 'gap' (global pool + dense, small) or 'fc' (classic 4096-4096)
+  # 'gap' (global pool + dense, small) or 'fc' (classic 4096-4096).
+  config.model.head = 'gap'
   config.model.width = 0.125           # channel multiplier: 1.0 is VGG16; narrow nets fit a CPU
   config.model.dropout = 0.5           # dropout of the fc head (unused by 'gap')
   config.model.input_norm = 'imagenet' # input normalisation; 'caffe' for Keras weights
   config.model.dtype = 'float32'       # compute dtype; 'bfloat16' on accelerators
   config.model.frozen_blocks = 3       # blocks 1..n frozen during FL and baselines (the study: 3)
-  config.model.pretrained = ''         # ImageNet weights file (.pth/.npz/.h5) to start from; '' = random
+  # ImageNet weights file (.pth/.npz/.h5) to start from; '' = random.
+  config.model.pretrained = ''
 
   # Stage (a): the reference model, trained at data.reference (the first center).
   config.reference = recipe(epochs=30, batch_size=32, lr=1e-3, warmup_epochs=2, patience=6)
   config.reference.frozen_blocks = 0   # blocks frozen while training the reference (0: train all)
-  config.reference.restore = ''        # workdir / checkpoint dir / weights file of a ready reference model
+  # Workdir / checkpoint dir / weights file of a ready reference model.
+  config.reference.restore = ''
 
   # Stage (c): federated fine-tuning (read by fedblood.algorithms.build and fedblood.simulate).
   config.fl = ml_collections.ConfigDict()
@@ -67,15 +74,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.server_momentum = 0.0      # server momentum (FedAvgM when > 0)
   config.fl.participation = 1.0        # fraction of centers active each round (drawn from the seed)
   config.fl.execution = 'loop'         # 'loop' (fastest on CPU), 'vmap', 'unroll' or 'shard'
-  config.fl.eval_model = 'active_mean' # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected)
+  # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).
+  config.fl.eval_model = 'active_mean'
 
   # The references a reader needs to judge FL, trained with the same frozen blocks.
   config.baselines = recipe(epochs=15, batch_size=32, lr=3e-4, warmup_epochs=1, patience=4)
   config.baselines.local_only = True   # each center fine-tunes alone on its own training split
-  config.baselines.pooled = True       # one model on all centers' training data (the FL upper bound)
+  # One model on all centers' training data (the FL upper bound).
+  config.baselines.pooled = True
   config.baselines.init = 'reference'  # start from the 'reference' model (like FL) or 'scratch'
 
   config.checkpoint = ml_collections.ConfigDict()
+  # Save every n rounds (and the last); a resume redoes the rest.
+  config.checkpoint.every = 1
   config.checkpoint.keep = 2           # last rounds kept (plus the best by validation accuracy)
 
   config.eval = ml_collections.ConfigDict()

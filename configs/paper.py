@@ -1,4 +1,4 @@
-r"""The study as published: VGG16 at 224 px from ImageNet weights, PBC reference + four centers, FedDyn.
+r"""The study as published: VGG16, 224 px, ImageNet weights, PBC reference + four centers, FedDyn.
 
   python launch.py --config configs/paper.py --config.model.pretrained=/weights/vgg16.pth \
       --config.data.root=/data/manual --workdir /runs/paper
@@ -19,8 +19,10 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config = common.get_config()
   config.title = 'fedblood: the study (VGG16, 224 px, FedDyn)'
   config.data.source = 'manual'        # the named public sets, read by their TFDS builders
-  config.data.root = ''                # where they were downloaded ('' = <TFDS dir>/downloads/manual)
-  config.data.centers = ('pbc', 'raabin', 'lisc', 'jtsc', 'bccd')  # reference + four external centers
+  # Where they were downloaded ('' = <TFDS dir>/downloads/manual).
+  config.data.root = ''
+  # Reference + four external centers.
+  config.data.centers = ('pbc', 'raabin', 'lisc', 'jtsc', 'bccd')
   config.data.reference = 'pbc'        # PBC (Acevedo et al. 2020), Hospital Clinic Barcelona
   config.data.image_size = 224         # VGG16's native input size, as in the study
   config.model.width = 1.0             # the full VGG16
@@ -38,7 +40,9 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.fl.alpha = 0.01               # FedDyn's CIFAR default; swept in get_sweep()
   config.baselines.local_only = False  # costly at this scale: enable when needed
   config.baselines.pooled = False
-  config.checkpoint.keep = 2           # each step holds 5 centers' FedDyn state: keep few
+  # An FL step holds (2 + 5) copies of the trainable params (server model, its client average,
+  # 5 lambda_k): ~3.7 GB with the fc head and blocks 1-3 frozen. Keep the last one (+ the best).
+  config.checkpoint.keep = 1
   config.lock()
   return config
 

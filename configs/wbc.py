@@ -29,8 +29,10 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.data.root = os.environ.get('FEDBLOOD_WBC_ROOT', str(DEFAULT_ROOT))  # read-only images
   config.data.reference = 'pbc_barcelona'  # the study's reference center (CellaVision, Barcelona)
   config.data.image_size = 64          # CPU scale: cells stay recognisable, ~4x cheaper than 128 px
-  config.data.resize = 'resize'        # whole image: crops of very different sizes keep the whole cell
-  config.data.val_fraction = 0.15      # per-class shares; tiny classes (1-3 basophils) stay in train
+  # Whole image: crops of very different sizes keep the whole cell.
+  config.data.resize = 'resize'
+  # Per-class shares; tiny classes (1-3 basophils) stay in train.
+  config.data.val_fraction = 0.15
   config.data.test_fraction = 0.2      # a larger test share: the external centers are small
   config.model.width = 0.25            # 16..128 channels: VGG16's depth at a CPU-affordable width
   config.reference.epochs = 40         # from scratch needs more epochs than the demo

@@ -68,7 +68,11 @@ def lr_at(recipe, step: int, total_steps: int, steps_per_epoch: int) -> float:
 
 @functools.lru_cache(maxsize=8)
 def train_step_fn(model, max_grad_norm: float, weight_decay: float, augment_fn: Callable | None):
-  """Jitted ``(trainable, opt_state, frozen, batch, rng, lr) -> (trainable, opt_state, loss, acc)``."""
+  """Jitted ``(trainable, opt_state, frozen, batch, rng, lr) -> (trainable, opt_state, loss, acc)``.
+
+  Cached per (model, clipping, weight decay, augmentation): fits that share them share
+  one compilation.
+  """
   loss_fn = simulate.classifier_loss(model, augment_fn)
   tx = adam_tx(max_grad_norm, weight_decay)
 
@@ -87,7 +91,8 @@ def _predict_fn(model, batch_size: int):
   return simulate.make_predict(model, batch_size)
 
 
-def predict_probs(model, trainable, frozen, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
+def predict_probs(model, trainable, frozen, images: np.ndarray,
+                  batch_size: int = 128) -> np.ndarray:
   """Softmax probabilities ``[N, K]`` of uint8 images, in fixed-size chunks (one compile)."""
   predict = _predict_fn(model, batch_size)
   out = []
@@ -115,8 +120,8 @@ def epoch_batches(rng, n: int, batch_size: int):
   steps = max(1, math.ceil(n / batch_size))
   pad = steps * batch_size - n
   idx = np.concatenate([order, np.zeros(pad, order.dtype)]).reshape(steps, batch_size)
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)]).reshape(steps, batch_size)
-  return idx, mask
+  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+  return idx, mask.reshape(steps, batch_size)
 
 
 def check_finite(value: float, what: str, last_good: str) -> None:
@@ -169,11 +174,13 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
   while not track['done']:
     epoch = track['epoch'] + 1
     epoch_key = jax.random.fold_in(key, epoch)
-    idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels), recipe.batch_size)
+    idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels),
+                              recipe.batch_size)
     losses, accs, weights = [], [], []
     t, o = state['trainable'], state['opt_state']
     for s in range(len(idx)):
-      batch = {'image': jnp.asarray(train.images[idx[s]]), 'label': jnp.asarray(train.labels[idx[s]]),
+      batch = {'image': jnp.asarray(train.images[idx[s]]),
+               'label': jnp.asarray(train.labels[idx[s]]),
                'mask': jnp.asarray(mask[s])}
       lr = lr_at(recipe, (epoch - 1) * steps_per_epoch + s, total_steps, steps_per_epoch)
       t, o, loss, acc = step_fn(t, o, frozen, batch, jax.random.fold_in(epoch_key, s + 1),
@@ -193,12 +200,16 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
     score = -train_loss if score is None else score  # no validation split: fall back to train loss
     improved = score > track['best']
     track = {'epoch': epoch, 'best_epoch': epoch if improved else track['best_epoch'],
-             'best': max(score, track['best']), 'bad_epochs': 0 if improved else track['bad_epochs'] + 1,
-             'best_val': metrics.summary(val_metrics) if improved and val_metrics else track['best_val']}
-    track['done'] = epoch >= recipe.epochs or bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
+             'best': max(score, track['best']),
+             'bad_epochs': 0 if improved else track['bad_epochs'] + 1,
+             'best_val': (metrics.summary(val_metrics) if improved and val_metrics
+                          else track['best_val'])}
+    stop_early = bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
+    track['done'] = epoch >= recipe.epochs or stop_early
     row = {'stage': name, 'epoch': epoch, 'loss': train_loss,
            'train_accuracy': float(np.average(accs, weights=weights)), 'lr': lr,
-           **({f'val_{k}': v for k, v in metrics.summary(val_metrics).items()} if val_metrics else {})}
+           **({f'val_{k}': v for k, v in metrics.summary(val_metrics).items()}
+              if val_metrics else {})}
     if log is not None:
       log(row)
     state = {'trainable': t, 'opt_state': o}

@@ -204,7 +204,8 @@ def inspect(workdir) -> str:
   """
   root = Path(workdir) / 'checkpoints'
   if not root.is_dir():
-    raise FileNotFoundError(f'{workdir} holds no checkpoints/ directory (is it a fedblood workdir?)')
+    raise FileNotFoundError(f'{workdir} holds no checkpoints/ directory '
+                            '(is it a fedblood workdir?)')
   lines = [f'checkpoints in {root}']
   for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
     # No preservation policy and no save: opening the manager deletes nothing.
@@ -220,7 +221,8 @@ def inspect(workdir) -> str:
     for step, meta in metas.items():
       shown = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                         for k, v in meta.get('metrics', {}).items())
-      lines.append(f'  {meta.get("kind", "step")} {step}{" (best)" if step == best else ""}: {shown}')
+      mark = ' (best)' if step == best else ''
+      lines.append(f'  {meta.get("kind", "step")} {step}{mark}: {shown}')
     latest = steps[-1]
     meta = read_meta(mngr, latest)
     params = meta.get('params')

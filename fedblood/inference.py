@@ -35,7 +35,8 @@ class Loaded(NamedTuple):
 def load_config(workdir) -> ml_collections.ConfigDict:
   path = Path(workdir) / 'config.json'
   if not path.exists():
-    raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir (train into it first)')
+    raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir '
+                            '(train into it first)')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
@@ -60,7 +61,8 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   if round_index is None:
     round_index = steps[-1]
   if round_index not in steps:
-    raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; kept rounds: {steps} '
+    raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
+                            f'kept rounds: {steps} '
                             '(0 = the reference model)')
   meta = checkpoint.read_meta(mngr, round_index)
   algorithm, _, state_template, frozen = train.fl_template(config, model, reference,
@@ -104,7 +106,8 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
             'metrics': metrics.classify(split.labels, probs.argmax(-1))}
   if output is None:
-    output = Path(workdir) / 'evaluation' / f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
+    name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
+    output = Path(workdir) / 'evaluation' / name
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(result, indent=1))
@@ -127,7 +130,7 @@ def format_metrics(result: dict) -> str:
 
 
 def predict_folder(workdir, input_path, output, round_index: int | None = None) -> int:
-  """Classifies every image under ``input_path``; writes a CSV (file, predicted class, probabilities).
+  """Classifies every image under ``input_path`` into a CSV: file, predicted class, probabilities.
 
   Returns the number of images classified. Files without an image extension are
   skipped with a warning; a file with an image extension that cannot be decoded

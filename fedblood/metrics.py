@@ -70,9 +70,11 @@ def classify(y_true, y_pred, class_names: Sequence[str] = CLASSES) -> dict:
     raise ValueError(f'y_true has {y_true.size} labels but y_pred has {y_pred.size}')
   for name, y in (('y_true', y_true), ('y_pred', y_pred)):
     if y.size and (y.min() < 0 or y.max() >= k):
-      raise ValueError(f'{name} holds labels outside 0..{k - 1}: {sorted(set(y.tolist()) - set(range(k)))}')
+      bad = sorted(set(y.tolist()) - set(range(k)))
+      raise ValueError(f'{name} holds labels outside 0..{k - 1}: {bad}')
   labels = list(range(k))
-  confusion = skm.confusion_matrix(y_true, y_pred, labels=labels) if y_true.size else np.zeros((k, k), int)
+  confusion = (skm.confusion_matrix(y_true, y_pred, labels=labels) if y_true.size
+               else np.zeros((k, k), int))
   support = confusion.sum(axis=1)
   predicted = confusion.sum(axis=0)
   present = [c for c in labels if support[c] > 0]

@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fedblood.metrics import CLASSES  # pylint: disable=wrong-import-position
 
@@ -44,7 +45,7 @@ def _mean(values) -> float | None:
 
 
 def center_table(per_center: dict, centers: Sequence[str], reference: str | None = None) -> str:
-  """Markdown table: one row per center (metrics in %), then the means over external centers and all."""
+  """Markdown table: a row per center (metrics in %), then means over external and all centers."""
   head = '| Center | n | ' + ' | '.join(t for _, t in COLUMNS) + ' |'
   rows = [head, '|' + '---|' * (len(COLUMNS) + 2)]
   for c in centers:
@@ -70,10 +71,12 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
                     if name else 'FL (Table 2)', per_center))
   for name, per_center in (results.get('baselines') or {}).items():
     columns.append((BASELINE_TITLES.get(name, name), per_center))
-  rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |', '|' + '---|' * (len(columns) + 1)]
+  rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
+          '|' + '---|' * (len(columns) + 1)]
   for c in centers:
     name = f'{c} (reference)' if c == reference else c
-    rows.append(f'| {name} | ' + ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns) + ' |')
+    cells = ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns)
+    rows.append(f'| {name} | {cells} |')
   external = [c for c in centers if c != reference]
   if external:
     rows.append('| *mean, external* | ' + ' | '.join(
@@ -106,7 +109,8 @@ def plot_accuracy_per_round(history: Sequence[dict], path, reference: str | None
                label=f'reference level ({reference} before FL, {level:.1f}%)')
   ax.set_xlabel('federated round (0 = reference model)')
   ax.set_ylabel('test accuracy (%)')
-  ax.set_ylim(0, 100)
+  ax.set_ylim(0, 102)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='lower right')
   ax.set_title('Accuracy per round, every center')
@@ -151,7 +155,8 @@ def read_history(workdir) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(workdir, results: dict | None = None, history: Sequence[dict] | None = None) -> Path:
+def write_report(workdir, results: dict | None = None,
+                 history: Sequence[dict] | None = None) -> Path:
   """Writes figures/ and report.md for a workdir; returns the report's path.
 
   Args:
@@ -201,13 +206,15 @@ def write_report(workdir, results: dict | None = None, history: Sequence[dict] |
   ]
   for name, per_center in (results.get('after_models') or {}).items():
     if per_center is not results['after'] and per_center != results['after']:
-      parts += [f'### Table 2 with the `{name}` model', '', center_table(per_center, centers, reference), '']
+      parts += [f'### Table 2 with the `{name}` model', '',
+                center_table(per_center, centers, reference), '']
   parts += ['## Reference model, FL and baselines side by side (accuracy)', '',
             comparison_table(results, 'accuracy'), '',
             '### The same, macro F1', '', comparison_table(results, 'f1'), '',
-            '## Accuracy per round', '', '![accuracy per round](figures/accuracy_per_round.png)', '']
+            '## Accuracy per round', '',
+            '![accuracy per round](figures/accuracy_per_round.png)', '']
   if confusion_md:
-    parts += ['## Confusion matrices (test splits)', '', *('\n\n'.join(confusion_md).split('\n')), '']
+    parts += ['## Confusion matrices (test splits)', '', '\n\n'.join(confusion_md), '']
   path = workdir / 'report.md'
   path.write_text('\n'.join(parts))
   return path
@@ -251,7 +258,8 @@ def write_sweep_summary(points: Sequence[dict], directory) -> tuple[Path, Path]:
         '|' + '---|' * (1 + len(override_keys) + len(metric_keys))]
   for p, h in zip(points, heads):
     over = [p['overrides'].get(k, '') for k in override_keys]
-    writer.writerow([p['name'], *over, *('' if h.get(k) is None else f'{h[k]:.6f}' for k in metric_keys)])
+    writer.writerow([p['name'], *over,
+                     *('' if h.get(k) is None else f'{h[k]:.6f}' for k in metric_keys)])
     status = '' if p.get('results') else ' (not finished)'
     md.append(f'| {p["name"]}{status} | ' + ' | '.join(str(v) for v in over) + ' | ' +
               ' | '.join(_pct(h.get(k)) for k in metric_keys) + ' |')

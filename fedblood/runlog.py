@@ -54,7 +54,8 @@ def check_config(config, workdir) -> None:
     diff = config_diff(old, new)
     if diff:
       raise ValueError(
-          f'{workdir} holds a run of a different config, refusing to resume it. Differing fields:\n  '
+          f'{workdir} holds a run of a different config, refusing to resume it. '
+          'Differing fields:\n  '
           + '\n  '.join(diff) + '\nUse a new --workdir, or the same --config and overrides '
           f'as the run in it (its config is saved in {path}).')
     return

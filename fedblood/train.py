@@ -182,12 +182,13 @@ def stack_centers(centers) -> simulate.Centers:
     return np.concatenate([x, np.zeros((nmax - len(x),) + x.shape[1:], x.dtype)])
   return simulate.Centers(
       examples={'image': jnp.asarray(np.stack([pad(c.train.images) for c in centers])),
-                'label': jnp.asarray(np.stack([pad(c.train.labels.astype(np.int32)) for c in centers]))},
+                'label': jnp.asarray(np.stack([pad(c.train.labels.astype(np.int32))
+                                              for c in centers]))},
       sizes=jnp.asarray([len(c.train.labels) for c in centers], jnp.int32))
 
 
 def participation(config, key, round_index: int, num: int) -> np.ndarray:
-  """Active-center mask of a round: ``ceil(fraction * C)`` centers drawn from ``fold_in(key, r)``."""
+  """Active centers of round ``r``: ``ceil(fraction * C)`` drawn from ``fold_in(key, r)``."""
   fraction = config.fl.get('participation', 1.0)
   if not 0 < fraction <= 1:
     raise ValueError(f'fl.participation must be in (0, 1], got {fraction}')
@@ -212,7 +213,8 @@ def fl_template(config, model, reference_params, num_centers: int):
   """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
   trainable, frozen = partition.split(reference_params, fl_rules(config))
   # Fields the compiled round does not depend on stay out of the cache key.
-  fl = {k: v for k, v in config.fl.to_dict().items() if k not in ('rounds', 'eval_model', 'participation')}
+  fl = {k: v for k, v in config.fl.to_dict().items()
+        if k not in ('rounds', 'eval_model', 'participation')}
   algorithm, round_fn = _fl_functions(model, json.dumps(fl, sort_keys=True), augment_fn(config))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
@@ -227,8 +229,9 @@ def _fl_functions(model, fl_json: str, augment):
   return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
 
 
-def fl_stage(config, model, reference_params, centers, key, workdir: Path, log) -> tuple[dict, dict]:
-  """Runs (or resumes) the federated rounds; returns ``({name: params}, info)`` of the final round."""
+def fl_stage(config, model, reference_params, centers, key, workdir: Path,
+             log) -> tuple[dict, dict]:
+  """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
   names = [c.name for c in centers]
   algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers))
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
@@ -279,11 +282,13 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path, log) 
     mean_val = float(np.mean(val_accs)) if val_accs else None
     round_summary = {'val_accuracy': mean_val, 'test_accuracy': float(np.mean(test_accs)),
                      'loss': float(np.mean(losses[active]))}
-    checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': state['rng']},
-                    {'kind': 'round', 'round': r, 'centers': names, 'eval_model': eval_name,
-                     'algorithm': config.fl.algorithm, 'metrics': round_summary,
-                     'best_metric': 'val_accuracy', 'params': summary},
-                    metrics={'val_accuracy': (mean_val if mean_val is not None else 0.0) - 1e-9 * r})
+    if r % config.checkpoint.get('every', 1) == 0 or r == config.fl.rounds:
+      # Ranking score: ties go to the earliest round.
+      checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': state['rng']},
+                      {'kind': 'round', 'round': r, 'centers': names, 'eval_model': eval_name,
+                       'algorithm': config.fl.algorithm, 'metrics': round_summary,
+                       'best_metric': 'val_accuracy', 'params': summary},
+                      metrics={'val_accuracy': (mean_val or 0.0) - 1e-9 * r})
     if bar is not None:
       bar.update(1)
       bar.set_postfix(round=r, loss=f'{round_summary["loss"]:.3f}',
@@ -291,7 +296,8 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path, log) 
   if bar is not None:
     bar.close()
   mngr.close()
-  models_out = {name: partition.merge(p, frozen) for name, p in algorithm.eval_params(server).items()}
+  models_out = {name: partition.merge(p, frozen)
+                for name, p in algorithm.eval_params(server).items()}
   return models_out, {'eval_model': eval_name, 'rounds': config.fl.rounds}
 
 
@@ -301,7 +307,7 @@ def _concat(splits) -> data.Split:
 
 
 def baselines_stage(config, model, reference_params, centers, key, workdir: Path, log) -> dict:
-  """Local-only training per center and pooled training on all centers: {name: {center: metrics}}."""
+  """Local-only training per center and pooled training: ``{name: {center: metrics}}``."""
   cfg = config.baselines
   out = {}
   if cfg.init == 'reference':
@@ -329,7 +335,8 @@ def baselines_stage(config, model, reference_params, centers, key, workdir: Path
                          jax.random.fold_in(key, STAGE['local'] + k))
       out['local_only'][center.name] = evaluate_split(config, model, params, center.test)
   if cfg.pooled:
-    params = run_fit('pooled', _concat([c.train for c in centers]), _concat([c.val for c in centers]),
+    params = run_fit('pooled', _concat([c.train for c in centers]),
+                     _concat([c.val for c in centers]),
                      jax.random.fold_in(key, STAGE['pooled']))
     out['pooled'] = {c.name: evaluate_split(config, model, params, c.test) for c in centers}
   return out

@@ -87,7 +87,8 @@ def test_inspect_lists_steps_metrics_and_counts(tmp_path):
   assert summary['frozen'] == frozen_count and summary['trainable'] == trainable_count
   assert '[fl] steps [1, 2, 3]' in text
   assert 'round 2 (best): val_accuracy 0.7500' in text
-  assert f'trainable {trainable_count:,} scalars in 14 leaves, frozen {frozen_count:,} in 14 leaves' in text
+  assert (f'trainable {trainable_count:,} scalars in 14 leaves, '
+          f'frozen {frozen_count:,} in 14 leaves') in text
   assert f'clients {3 * trainable_count:,} scalars / 14 leaves' in text
   with pytest.raises(FileNotFoundError, match='no checkpoints/ directory'):
     checkpoint.inspect(tmp_path / 'nope')

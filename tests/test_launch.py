@@ -1,4 +1,4 @@
-"""launch.py: inspect / evaluate / predict on the smoke run, bad command lines, kill -9 then resume."""
+"""launch.py: inspect / evaluate / predict on the smoke run, bad command lines, kill -9 + resume."""
 
 import csv
 import json
@@ -120,7 +120,8 @@ def test_evaluate_bad_folder_and_round(smoke, tmp_path):
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(odd / 'platelets' / 'p.png')
   with pytest.raises(ValueError, match=r'--eval_dir .*odd.*class folders'):
     inference.evaluate_folder(workdir, odd)
-  with pytest.raises(FileNotFoundError, match=r'no checkpoint of round 7 .*kept rounds: \[(\d, )?3\]'):
+  with pytest.raises(FileNotFoundError,
+                     match=r'no checkpoint of round 7 .*kept rounds: \[(\d, )?3\]'):
     inference.load_model(workdir, 7)
   with pytest.raises(FileNotFoundError, match='no config.json'):
     inference.load_model(tmp_path)
@@ -128,15 +129,17 @@ def test_evaluate_bad_folder_and_round(smoke, tmp_path):
 
 def test_bad_command_lines(smoke, tmp_path):
   config, workdir = smoke
-  out = launch('--config', 'configs/demo.py:smoke', '--config.fl.roundz=4', '--workdir', str(tmp_path))
+  smoke_args = ('--config', 'configs/demo.py:smoke', '--workdir')
+  out = launch(*smoke_args, str(tmp_path), '--config.fl.roundz=4')
   assert out.returncode != 0
   assert "no such config field 'roundz'" in out.stderr and 'Did you mean "rounds"' in out.stderr
-  out = launch('--config', 'configs/demo.py:smoke', '--config.fl.rounds=many', '--workdir', str(tmp_path))
+  out = launch(*smoke_args, str(tmp_path), '--config.fl.rounds=many')
   assert out.returncode != 0 and '--config.fl.rounds=many' in out.stderr
-  out = launch('--config', 'configs/demo.py:smoke', f'--config.data.cache_dir={config.data.cache_dir}',
-               '--config.fl.alpha=0.5', '--workdir', str(workdir))
+  out = launch(*smoke_args, str(workdir), f'--config.data.cache_dir={config.data.cache_dir}',
+               '--config.fl.alpha=0.5')
   assert out.returncode == 1
-  assert 'holds a run of a different config' in out.stderr and 'fl.alpha: 0.01 in the workdir, 0.5 now' in out.stderr
+  assert 'holds a run of a different config' in out.stderr
+  assert 'fl.alpha: 0.01 in the workdir, 0.5 now' in out.stderr
   assert not list(tmp_path.iterdir())  # nothing written by the refused runs
 
 

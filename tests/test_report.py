@@ -13,7 +13,7 @@ CENTERS = ('ref', 'ext_a', 'ext_b')
 
 
 def _results():
-  # Hand-made predictions: the reference model is perfect at 'ref' and poor elsewhere; FL fixes ext_a.
+  # Hand-made predictions: the reference model is perfect at 'ref', poor elsewhere; FL fixes ext_a.
   y = [0, 1, 2, 3, 4, 4, 3, 2]
   before = {'ref': metrics.classify(y, y),
             'ext_a': metrics.classify(y, [4] * 8),

@@ -18,7 +18,7 @@ from fedblood import centralized, checkpoint, data, inference, metrics, partitio
 
 def smoke_config(cache_dir):
   config = demo.get_config('smoke')
-  config.data.cache_dir = str(cache_dir)  # hermetic: synthetic centers built under the test's tmp dir
+  config.data.cache_dir = str(cache_dir)  # hermetic: synthetic centers built in the tmp dir
   return config
 
 
@@ -84,7 +84,8 @@ def test_smoke_outputs(smoke):
   report = (workdir / 'report.md').read_text()
   assert '## Table 1' in report and '## Table 2' in report and 'Local-only' in report
   # Checkpoints: every round was saved; the last one (keep=1) and the best survive.
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'fl').iterdir() if p.name.isdigit())
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints' / 'fl').iterdir()
+                 if p.name.isdigit())
   assert steps[-1] == 3 and 1 <= len(steps) <= 2
 
 
@@ -129,7 +130,8 @@ def test_different_config_refused(smoke):
   other.model.width = 0.25
   before = (workdir / 'results.json').read_bytes()
   with pytest.raises(ValueError, match=r'(?s)holds a run of a different config.*'
-                     r'fl\.rounds: 3 in the workdir, 4 now.*model\.width: 0\.125 in the workdir, 0\.25 now'):
+                     r'fl\.rounds: 3 in the workdir, 4 now.*'
+                     r'model\.width: 0\.125 in the workdir, 0\.25 now'):
     train.run(other, workdir)
   assert (workdir / 'results.json').read_bytes() == before
 
@@ -154,7 +156,8 @@ def test_reference_restored_from_workdir(smoke, tmp_path):
   results = train.run(other, tmp_path / 'restored')
   expected = json.loads((workdir / 'results.json').read_text())
   assert results['before'] == expected['before']
-  assert results['reference_training']['restored_from'] == str(workdir / 'checkpoints' / 'reference_model')
+  assert results['reference_training']['restored_from'] == str(
+      workdir / 'checkpoints' / 'reference_model')
 
 
 def test_fl_divergence_names_round_and_center_and_keeps_checkpoint(smoke, tmp_path):
