@@ -191,6 +191,10 @@ def write_report(workdir, results: dict | None = None,
            f'reference center: `{reference}`']
   if results.get('eval_model'):
     facts.append(f'- Table 2 evaluates the `{results["eval_model"]}` model')
+  if 'active_mean' in (results.get('after_models') or {}):
+    facts.append('- FedDyn\'s two models: `active_mean` is the plain average of the active '
+                 'clients\' models (what the FedDyn paper reports), `server` the corrected server '
+                 'model the clients start each round from')
   for key, label in (('wall_time_s', 'wall time'),):
     if results.get(key) is not None:
       facts.append(f'- {label}: {results[key]:.0f} s')

@@ -1,6 +1,7 @@
 """launch.py: inspect / evaluate / predict on the smoke run, bad command lines, kill -9 + resume."""
 
 import csv
+import importlib
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import data, inference, metrics, train
+from fedblood import data, inference, metrics, sweep, train
 from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,3 +164,32 @@ def test_kill_9_then_resume_is_bit_identical(smoke, tmp_path):
   train.run(config, workdir)  # the same config: resume
   for name in ('results.json', 'metrics.jsonl'):
     assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
+
+
+@pytest.mark.parametrize('name, arg', [('demo', ''), ('demo', 'smoke'), ('wbc', ''), ('wbc', 'smoke'),
+                                       ('paper', '')])
+def test_configs_have_the_keys_users_rely_on(name, arg):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(arg)
+  for key in ('seed', 'data.root', 'data.reference', 'data.image_size', 'model.frozen_blocks',
+              'fl.algorithm', 'fl.rounds', 'fl.local_epochs'):
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+  assert config.fl.algorithm in ('fed_dyn', 'fed_avg', 'fed_prox', 'scaffold')
+  assert config.data.image_size % 32 == 0
+  with pytest.raises(AttributeError):  # locked: a typo is an error, not a new field
+    config.fl.alfa = 0.1
+
+
+def test_paper_sweep_points_apply():
+  from configs import paper  # pylint: disable=g-import-not-at-top
+  config = paper.get_config()
+  points = paper.get_sweep()
+  names = {sweep.point_name(p) for p in points}
+  assert len(names) == len(points) == 30
+  for p in points:
+    point = sweep.apply(config, p)
+    for key, value in p.items():
+      section, _, leaf = key.rpartition('.')
+      assert (point[section] if section else point)[leaf] == value
