@@ -10,12 +10,15 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
 Running the same train command again in the same workdir resumes it.
 """
 
+from pathlib import Path
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file[:arg].',
+_CONFIG = config_flags.DEFINE_config_file('config', str(Path(__file__).parent / 'configs/demo.py'),
+                                          'Config file[:arg].',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Directory of the run (created; resumed if present).', required=True)

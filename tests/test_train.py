@@ -7,17 +7,13 @@ imports it); everything else reuses its workdir and its compiled functions.
 import json
 from pathlib import Path
 import shutil
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-# configs/ is a top-level folder beside fedblood/: importable under `python -m pytest` (cwd on
-# sys.path) and, with this line, under a bare `pytest` too.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import demo  # noqa: E402
-from fedblood import centralized, checkpoint, data, inference, metrics, sweep, train  # noqa: E402
+from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
+from fedblood import centralized, checkpoint, data, inference, metrics, sweep, train
 
 
 def smoke_config(cache_dir):
