@@ -114,6 +114,11 @@ def plot_accuracy_per_round(history: Sequence[dict], path, reference: str | None
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='lower right')
   ax.set_title('Accuracy per round, every center')
+  return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+  """Writes ``fig`` as a PNG at ``path`` (parents created) and frees it."""
   fig.tight_layout()
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,12 +144,7 @@ def plot_confusion(confusion, path, title: str, class_names: Sequence[str] = CLA
   ax.set_xlabel('predicted')
   ax.set_ylabel('true')
   ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path)
-  plt.close(fig)
-  return path
+  return _save(fig, path)
 
 
 def read_history(workdir) -> list[dict]:
