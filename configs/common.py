@@ -47,7 +47,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.head = 'gap'
   config.model.width = 0.125           # channel multiplier: 1.0 is VGG16; narrow nets fit a CPU
   config.model.dropout = 0.5           # dropout of the fc head (unused by 'gap')
-  config.model.input_norm = 'imagenet' # input normalisation; 'caffe' for Keras weights
+  # Input normalisation: 'imagenet' (torchvision weights), 'caffe' (Keras weights) or
+  # 'per_image' (each image's channels standardised: strips stain casts; from-scratch runs).
+  config.model.input_norm = 'imagenet'
+  # Conv kernel init: 'lecun' (Flax default) or 'he' (keeps the signal alive through 13 ReLU
+  # convolutions without normalisation layers; what from-scratch runs need).
+  config.model.conv_init = 'lecun'
   config.model.dtype = 'float32'       # compute dtype; 'bfloat16' on accelerators
   config.model.frozen_blocks = 3       # blocks 1..n frozen during FL and baselines (the study: 3)
   # ImageNet weights file (.pth/.npz/.h5) to start from; '' = random.
