@@ -1,0 +1,92 @@
+"""The wbc study's smoke variant end to end on the real centers (skipped when they are absent).
+
+One run of ``configs/wbc.py:smoke`` (32 px, VGG16 at width 1/8, 2 reference epochs, 2 FedDyn
+rounds, 1-epoch baselines) on ../shared/data/wbc, with its TFDS cache in the test's tmp dir;
+the tests read its outputs. About a minute on 2 CPU cores.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from configs import wbc
+from fedblood import data, train
+
+WBC = Path(os.environ.get('FEDBLOOD_WBC_ROOT')
+           or Path(__file__).resolve().parents[1].parent / 'shared/data/wbc')
+CENTERS = ['pbc_barcelona', 'bccd', 'jtsc_jiangxi_tecom', 'lisc_tehran']  # reference first
+METRICS = ('accuracy', 'balanced_accuracy', 'precision', 'recall', 'specificity', 'f1')
+
+pytestmark = [pytest.mark.skipif(not WBC.is_dir(), reason=f'{WBC} not found'), pytest.mark.slow]
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  """``(config, workdir, results, centers)`` of one finished smoke run."""
+  config = wbc.get_config('smoke')
+  config.data.root = str(WBC)
+  config.data.cache_dir = str(tmp_path_factory.mktemp('tfds'))  # never beside the images
+  workdir = tmp_path_factory.mktemp('wbc_smoke')
+  results = train.run(config, workdir)
+  return config, workdir, results, data.load_centers(config.data)
+
+
+def _check_center_metrics(per_center, centers, where):
+  assert sorted(per_center) == sorted(c.name for c in centers), where
+  for c in centers:
+    m = per_center[c.name]
+    assert m['n'] == len(c.test.labels), (where, c.name)
+    for key in METRICS:
+      assert math.isfinite(m[key]) and 0.0 <= m[key] <= 1.0, (where, c.name, key, m[key])
+
+
+def test_results_cover_every_center(study):
+  config, workdir, results, centers = study
+  on_disk = json.loads((workdir / 'results.json').read_text())
+  assert on_disk['centers'] == CENTERS == [c.name for c in centers]
+  assert on_disk['reference'] == config.data.reference == 'pbc_barcelona'
+  assert on_disk['algorithm'] == 'fed_dyn' and on_disk['rounds'] == config.fl.rounds == 2
+  _check_center_metrics(on_disk['before'], centers, 'before')
+  _check_center_metrics(on_disk['after'], centers, 'after')
+  # FedDyn has two models; both are evaluated and the reported one is named.
+  assert sorted(on_disk['after_models']) == ['active_mean', 'server']
+  assert on_disk['after'] == on_disk['after_models'][on_disk['eval_model']]
+  for name in ('local_only', 'pooled'):
+    _check_center_metrics(on_disk['baselines'][name], centers, name)
+  # The reference model IS local-only training at the reference center.
+  assert on_disk['baselines']['local_only']['pbc_barcelona'] == on_disk['before']['pbc_barcelona']
+  assert on_disk['train_sizes'] == {c.name: len(c.train.labels) for c in centers}
+  assert results['after'] == on_disk['after']
+
+
+def test_confusion_matrices_count_each_test_split(study):
+  _, _, results, centers = study
+  for stage in ('before', 'after'):
+    for c in centers:
+      confusion = results['confusion'][stage][c.name]
+      assert len(confusion) == 5 and all(len(row) == 5 for row in confusion)
+      # Rows are true classes: each row sums to that class's test count (0 for absent classes).
+      assert [sum(row) for row in confusion] == [int((c.test.labels == k).sum())
+                                                 for k in range(5)], (stage, c.name)
+
+
+def test_metrics_log_has_every_round_and_center(study):
+  _, workdir, _, _ = study
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  fl = [(r['round'], r['center']) for r in rows if r['stage'] == 'fl']
+  assert sorted(fl) == sorted((r, c) for r in (1, 2) for c in CENTERS)
+  assert all(math.isfinite(r['loss']) for r in rows)
+  assert [r['epoch'] for r in rows if r['stage'] == 'reference'] == [1, 2]
+
+
+def test_report_has_both_tables_and_figures(study):
+  _, workdir, _, _ = study
+  report = (workdir / 'report.md').read_text()
+  assert '## Table 1' in report and '## Table 2' in report
+  for name in CENTERS:
+    assert report.count(name) >= 2, name  # a row in Table 1 and one in Table 2
+  assert (workdir / 'figures' / 'accuracy_per_round.png').stat().st_size > 0
+  assert (workdir / 'figures' / 'confusion_after_lisc_tehran.png').is_file()
