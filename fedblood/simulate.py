@@ -36,12 +36,16 @@ API (stable: the pipeline codes against it)::
   each device; the center axis is padded with empty centers to a multiple of the
   device count, which copies the data each round unless it divides evenly);
   ``'host'`` is 'loop' with each client's local steps run as a host loop of one
-  jitted step (:func:`fedblood.algorithms.base.host_fori_loop`; on XLA:CPU a VGG
-  step inside a compiled while loop ran ~20x slower than dispatched alone).
-  On 2 CPU cores (bench/bench_round.py, narrow VGG16, 5 centers) 'loop' was fastest
-  to compile and as fast as 'unroll' to run; 'vmap' ran at 0.87x with equal centers
-  and 0.52x with unequal ones (it pays for the longest center's steps on every
-  center). :func:`build` defaults to 'loop'.
+  jitted step (:func:`fedblood.algorithms.base.host_fori_loop`), a workaround for
+  XLA:CPU's slow convolution gradients inside while loops that
+  :mod:`fedblood.algorithms.cpu_convs` now fixes inside the compiled loop;
+  ``'auto'`` (the default of :func:`build`) picks one of these at the first call
+  from the backend, the device count and the centers' step counts
+  (:func:`choose_execution`).
+  Measured on 2 CPU cores (bench/bench_round.py, docs/performance.md; the CPU
+  study's VGG16 at 64 px, 5 unequal centers): 'loop' 1.00x, 'unroll' ~1.0x (5x
+  the compile), 'host' ~0.7x, 'vmap' ~0.25x (it pays for the longest center's
+  steps on every center, and vmapped per-center weights make grouped convolutions).
 """
 
 import functools
@@ -56,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 from fedblood import algorithms, partition
 from fedblood.algorithms import base
 
-EXECUTIONS = ('vmap', 'loop', 'unroll', 'shard', 'host')
+EXECUTIONS = ('auto', 'vmap', 'loop', 'unroll', 'shard', 'host')
 
 
 class Centers(NamedTuple):
@@ -115,6 +119,59 @@ def _check_centers(centers: Centers):
                        f'[C={num[0] if num else "?"}, Nmax, ...] to match Centers.sizes {num}')
 
 
+def local_steps(sizes, batch_size: int, local_epochs: int) -> list:
+  """Each center's number of local steps per round: ``local_epochs * ceil(n_k / batch_size)``."""
+  return [local_epochs * _ceil_div(int(n), batch_size) for n in np.asarray(sizes).tolist()]
+
+
+def choose_execution(sizes, *, batch_size: int, local_epochs: int, backend: str,
+                     num_devices: int = 1) -> str:
+  """The execution ``'auto'`` runs for centers of ``sizes`` on ``num_devices`` of ``backend``.
+
+  * CPU: ``'loop'``. Measured on 2 cores (docs/performance.md): as fast as 'unroll',
+    which compiles C client programs instead of one, ~1.4x 'host' and ~4x 'vmap';
+    'shard' over host devices shares the same cores and runs vmap on each.
+  * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k``
+    (each device runs its centers in lock-step to the longest one) is at most 3/4
+    of ``sum_k s_k`` (one device running every center in turn), else ``'loop'``;
+    the margin covers vmap's grouped convolutions when a device holds several centers.
+  * one GPU/TPU: ``'loop'``. One paper-scale center step (batch 64 of 224 px, ~3
+    TFLOP) fills the device by itself, so 'vmap' could only add its padded
+    no-op steps (40% of its work with the study's center sizes). Not yet measured:
+    bench/gpu_round.py times 'loop' against 'vmap' to check it.
+
+  Args:
+    sizes: each center's number of training examples.
+    batch_size, local_epochs: as in :func:`build_round`.
+    backend: the devices' platform (``'cpu'``, ``'gpu'``, ``'cuda'``, ``'tpu'``...).
+    num_devices: devices the round may use.
+  """
+  steps = local_steps(sizes, batch_size, local_epochs)
+  if backend == 'cpu' or num_devices < 2:
+    return 'loop'
+  per_device = _ceil_div(len(steps), num_devices)
+  return 'shard' if 4 * per_device * max(steps) <= 3 * sum(steps) else 'loop'
+
+
+def _auto_round(build_fn: Callable, batch_size: int, local_epochs: int,
+                devices: Optional[Sequence[Any]]) -> Callable:
+  """``round_fn`` that resolves ``'auto'`` at its call from the centers' sizes; see above."""
+  built = {}
+
+  def round_fn(server_state, client_states, frozen, centers, active, key, round_index):
+    _check_centers(centers)
+    devs = list(devices) if devices is not None else jax.devices()
+    name = choose_execution(centers.sizes, batch_size=batch_size, local_epochs=local_epochs,
+                            backend=devs[0].platform, num_devices=len(devs))
+    if name not in built:  # one build (hence one compile) per execution ever chosen
+      built[name] = build_fn(execution=name)
+    round_fn.execution = name
+    return built[name](server_state, client_states, frozen, centers, active, key, round_index)
+
+  round_fn.execution = None  # the execution of the latest call
+  return round_fn
+
+
 def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
                 local_epochs: int, execution: str = 'vmap', donate: bool = True,
                 devices: Optional[Sequence[Any]] = None) -> Callable:
@@ -126,7 +183,7 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
       examples' entries for the step plus ``'mask'``.
     batch_size: local batch size.
     local_epochs: passes over its data each center makes per round.
-    execution: 'vmap', 'loop', 'unroll' or 'shard'.
+    execution: 'auto', 'vmap', 'loop', 'unroll' or 'shard' (see the module docstring).
     donate: let XLA reuse the input states' buffers for the outputs.
     devices: devices of the 'shard' mesh (default: all).
   """
@@ -135,6 +192,10 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
   if batch_size < 1 or local_epochs < 1:
     raise ValueError(f'fl.batch_size and fl.local_epochs must be >= 1, got {batch_size}, '
                      f'{local_epochs}')
+  if execution == 'auto':
+    build_fn = functools.partial(build_round, algorithm, loss_fn, batch_size=batch_size,
+                                 local_epochs=local_epochs, donate=donate, devices=devices)
+    return _auto_round(build_fn, batch_size, local_epochs, devices)
   donated = (0, 1) if donate else ()
 
   def client(server_state, client_state, weight, frozen, examples, center, size, rng):
@@ -243,12 +304,15 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
 
 
 def build(fl_cfg, loss_fn: Callable, **kwargs) -> tuple[base.FedAlgorithm, Callable]:
-  """``(algorithm, round_fn)`` from ``config.fl``: algorithm, batch_size, local_epochs, execution."""
+  """``(algorithm, round_fn)`` from ``config.fl``: algorithm, batch_size, local_epochs, execution.
+
+  ``fl.execution`` defaults to ``'auto'`` (see :func:`choose_execution`).
+  """
   for key in ('batch_size', 'local_epochs'):
     if key not in fl_cfg:
       raise ValueError(f'fl.{key} is missing from the config')
   algorithm = algorithms.build(fl_cfg)
-  execution = fl_cfg['execution'] if 'execution' in fl_cfg else 'loop'
+  execution = fl_cfg['execution'] if 'execution' in fl_cfg else 'auto'
   return algorithm, build_round(algorithm, loss_fn, batch_size=fl_cfg['batch_size'],
                                 local_epochs=fl_cfg['local_epochs'], execution=execution, **kwargs)
 

@@ -125,7 +125,7 @@ def test_each_center_runs_exactly_its_own_steps(execution):
 
 
 @pytest.mark.parametrize('name,execution', [('fed_dyn', 'loop'), ('fed_dyn', 'unroll'),
-                                            ('scaffold', 'loop')])
+                                            ('scaffold', 'loop'), ('scaffold', 'auto')])
 def test_vmap_loop_and_unroll_agree(name, execution):
   actives = [ALL, np.array([True, False, True]), np.array([False, True, True])]
   want = run_rounds(name, 'vmap', actives=actives)[1:]
@@ -177,9 +177,32 @@ def test_changing_one_centers_data_leaves_the_others_bit_identical():
   assert not np.array_equal(clients.lam['head']['bias'][2], base_clients.lam['head']['bias'][2])
 
 
-@pytest.mark.parametrize('execution', ['vmap', 'loop', 'unroll'])
+class CountCompiles:
+  """Counts XLA backend compilations (JAX's monitoring event) inside a ``with`` block."""
+  EVENT = '/jax/core/compile/backend_compile_duration'
+
+  def __enter__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    self.count += event == self.EVENT
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_compile_counter_sees_compiles():
+  with CountCompiles() as compiles:
+    jax.jit(lambda x: x * 3 + 1)(np.arange(7.0)).block_until_ready()
+  assert compiles.count == 1
+
+
+@pytest.mark.parametrize('execution', ['vmap', 'loop', 'unroll', 'auto'])
 def test_later_rounds_do_not_recompile(execution):
-  """After a first round, new round numbers, active masks and frozen values trace nothing."""
+  """After a first round, new round numbers, active masks and frozen values compile nothing."""
   alg, round_fn = cached_round('fed_dyn', execution)
   trainable, frozen = mlp_params()
   centers = mlp_centers()
@@ -187,11 +210,42 @@ def test_later_rounds_do_not_recompile(execution):
   server, clients, _ = round_fn(server, clients, frozen, centers, ALL, jax.random.key(0), 0)
   TRACES.clear()
   other_frozen = jax.tree.map(lambda x: x * 2, frozen)
-  for r, active in enumerate([np.array([True, False, True]), np.array([False, True, False]),
-                              ALL], start=1):
-    server, clients, _ = round_fn(server, clients, other_frozen, centers, active,
-                                  jax.random.key(0), r)
-  assert TRACES == []
+  key = jax.random.key(0)
+  with CountCompiles() as compiles:
+    for r, active in enumerate([np.array([True, False, True]), np.array([False, True, False]),
+                                ALL], start=1):
+      server, clients, _ = round_fn(server, clients, other_frozen, centers, active, key, r)
+    jax.block_until_ready(server)
+  assert TRACES == [] and compiles.count == 0
+
+
+@pytest.mark.parametrize('backend,devices,sizes,batch,want', [
+    ('cpu', 1, (5, 12, 9), 4, 'loop'),
+    ('cpu', 8, (5, 12, 9), 4, 'loop'),              # host devices share the same cores
+    ('gpu', 1, (10298, 14514, 2513, 5000, 11353), 64, 'loop'),
+    ('cuda', 8, (10298, 14514, 2513, 5000, 11353), 64, 'shard'),  # 227 <= 3/4 * 685 steps
+    ('gpu', 4, (10298, 14514, 2513, 5000, 11353), 64, 'shard'),   # 2 * 227 = 454 <= 514
+    ('gpu', 2, (10298, 14514, 2513, 5000, 11353), 64, 'loop'),    # 3 * 227 = 681 > 514
+    ('tpu', 2, (100, 100, 100, 100), 10, 'shard'),
+    ('tpu', 2, (100, 1, 1), 10, 'loop'),            # 2 * 10 steps > 3/4 * 12
+])
+def test_choose_execution(backend, devices, sizes, batch, want):
+  assert simulate.choose_execution(sizes, batch_size=batch, local_epochs=1, backend=backend,
+                                   num_devices=devices) == want
+
+
+def test_local_steps():
+  assert simulate.local_steps(jnp.asarray([5, 12, 9, 0]), 4, 2) == [4, 6, 6, 0]
+
+
+def test_auto_runs_what_it_chooses_with_identical_results():
+  """On this CPU 'auto' is 'loop': bit-identical states and metrics; build's default is 'auto'."""
+  actives = [ALL, np.array([True, False, True]), ALL]
+  got = run_rounds('fed_dyn', 'auto', actives=actives)
+  assert cached_round('fed_dyn', 'auto')[1].execution == 'loop'
+  assert_trees_equal(got[1:], run_rounds('fed_dyn', 'loop', actives=actives)[1:])
+  _, round_fn = simulate.build(dict(CONFIGS['fed_dyn'], batch_size=4, local_epochs=2), mlp_loss)
+  assert round_fn.execution is None  # resolved at the first call
 
 
 def test_frozen_params_are_an_argument_not_a_constant():
