@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fedblood import platform
+
 # Channels of the five VGG stages and of the classic fully connected head.
 STAGE_CHANNELS = (64, 128, 256, 512, 512)
 FC_UNITS = 4096
@@ -162,7 +164,11 @@ VGG19 = functools.partial(VGG, stages=(2, 2, 4, 4, 4))
 
 
 def build(model_cfg) -> VGG:
-  """Builds the model named by ``model_cfg.name`` from a config (``getattr`` on this module)."""
+  """Builds the model named by ``model_cfg.name`` from a config (``getattr`` on this module).
+
+  ``model_cfg.dtype`` (default 'float32') is the compute dtype; ``'auto'`` is bfloat16 on
+  GPU/TPU and float32 on CPU (:func:`fedblood.platform.compute_dtype`).
+  """
   cls = globals().get(model_cfg.name)
   is_model = isinstance(cls, functools.partial) and cls.func is VGG or cls is VGG
   if not is_model:
@@ -172,5 +178,5 @@ def build(model_cfg) -> VGG:
                 dropout=model_cfg.get('dropout', 0.5),
                 input_norm=model_cfg.get('input_norm', 'imagenet'),
                 conv_init=model_cfg.get('conv_init', 'lecun'),
-                dtype=jnp.dtype(model_cfg.get('dtype', 'float32')))
+                dtype=platform.compute_dtype(model_cfg.get('dtype', 'float32')))
   return cls(**kwargs)

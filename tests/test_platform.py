@@ -1,0 +1,54 @@
+"""Tests for fedblood.platform: the compute dtype per backend and XLA flags that never override."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import pytest
+
+from fedblood import models, platform
+
+FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot'
+
+
+@pytest.mark.parametrize('name,backend,want', [
+    ('auto', 'cpu', jnp.float32),
+    ('auto', 'gpu', jnp.bfloat16),
+    ('auto', 'cuda', jnp.bfloat16),
+    ('auto', 'tpu', jnp.bfloat16),
+    ('float32', 'gpu', jnp.float32),
+    ('bfloat16', 'cpu', jnp.bfloat16),
+])
+def test_compute_dtype(name, backend, want):
+  assert platform.compute_dtype(name, backend) == jnp.dtype(want)
+
+
+def test_compute_dtype_rejects_unknown_names():
+  with pytest.raises(ValueError, match="model.dtype.*'float64'"):
+    platform.compute_dtype('float64', 'cpu')
+
+
+def test_models_build_resolves_auto_on_this_backend():
+  cfg = ml_collections.ConfigDict(dict(name='VGG16', num_classes=5, head='gap', width=0.25,
+                                       dtype='auto'))
+  want = jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
+  assert models.build(cfg).dtype == jnp.dtype(want)
+
+
+def test_apply_xla_flags_adds_missing_flags_after_the_users():
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  assert platform.apply_xla_flags([FLAG], env) == [FLAG]
+  assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {FLAG}'
+  empty = {}
+  assert platform.apply_xla_flags([FLAG], empty) == [FLAG] and empty == {'XLA_FLAGS': FLAG}
+
+
+def test_apply_xla_flags_never_overrides_the_users_value():
+  env = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=eltwise'}
+  assert platform.apply_xla_flags([FLAG], env) == []
+  assert env == {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=eltwise'}
+
+
+def test_default_flags_are_the_measured_decision():
+  env = {}
+  assert platform.apply_xla_flags(environ=env) == list(platform.XLA_FLAGS)
+  assert platform.XLA_FLAGS == ()  # docs/performance.md: no flag measured a clear gain
