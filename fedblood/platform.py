@@ -2,9 +2,9 @@
 
 Usage::
 
+  import fedblood                           # applies the XLA flags (before any JAX computation)
   from fedblood import platform
-  platform.apply_xla_flags()          # before the first JAX computation (launch.py, bench/)
-  dtype = platform.compute_dtype('auto')   # bfloat16 on GPU/TPU, float32 on CPU
+  dtype = platform.compute_dtype('auto')    # bfloat16 on GPU/TPU, float32 on CPU
 
 The measurements behind each choice are in docs/performance.md.
 """
@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 
 # XLA flags fedblood adds on every backend, each only when the user's XLA_FLAGS does not set
-# that flag. Empty by measurement: on 2 AMD EPYC cores (jax 0.10.2) the one candidate,
-# --xla_cpu_experimental_ynn_fusion_type=dot, did not speed up VGG16 steps or rounds.
-XLA_FLAGS: tuple = ()
+# that flag (importing fedblood applies them: fedblood/__init__.py). Measured on 2 AMD EPYC
+# cores, jax 0.10.2, in one process (bench/bench_round.py --xla_options, docs/performance.md):
+# YNN's 'dot' fusion instead of XLA:CPU's default YNN convolutions ran the CPU study's FL round
+# 1.1-1.3x faster and VGG16 steps 1.0-1.4x faster (64-224 px, widths 0.25-1), never slower.
+# A CPU-compiler flag: GPU and TPU programs are unaffected.
+XLA_FLAGS: tuple = ('--xla_cpu_experimental_ynn_fusion_type=dot',)
 
 _APPLIED: list = []
 
@@ -61,7 +64,7 @@ def compute_dtype(name: str = 'auto', backend: Optional[str] = None) -> jnp.dtyp
 
   ``'auto'`` is bfloat16 on GPU/TPU (their matrix units' native format; the params stay
   float32 master weights, see :class:`fedblood.models.VGG`) and float32 on CPU, where XLA
-  computes bfloat16 convolutions slower than float32 ones (docs/performance.md).
+  ran bfloat16 VGG16 steps no faster than float32 ones (docs/performance.md).
   """
   if name not in DTYPES:
     raise ValueError(f'model.dtype must be one of {DTYPES}, got {name!r}')

@@ -1,5 +1,9 @@
 """Tests for fedblood.platform: the compute dtype per backend and XLA flags that never override."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -48,7 +52,18 @@ def test_apply_xla_flags_never_overrides_the_users_value():
   assert env == {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=eltwise'}
 
 
-def test_default_flags_are_the_measured_decision():
+def test_default_flags_are_added_to_an_empty_environment():
   env = {}
   assert platform.apply_xla_flags(environ=env) == list(platform.XLA_FLAGS)
-  assert platform.XLA_FLAGS == ()  # docs/performance.md: no flag measured a clear gain
+  assert env == {'XLA_FLAGS': ' '.join(platform.XLA_FLAGS)}
+
+
+@pytest.mark.parametrize('user_flags', [None, '--xla_cpu_experimental_ynn_fusion_type=eltwise'])
+def test_importing_fedblood_applies_the_flags_but_keeps_the_users(user_flags):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  if user_flags is not None:
+    env['XLA_FLAGS'] = user_flags
+  code = 'import os, fedblood; print(os.environ.get("XLA_FLAGS"))'
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True).stdout.strip()
+  assert out == (user_flags if user_flags is not None else ' '.join(platform.XLA_FLAGS) or 'None')
