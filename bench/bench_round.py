@@ -1,50 +1,76 @@
-"""Times one federated round of a narrow VGG16 over centers of unequal sizes, per execution.
+"""Times one federated round of VGG16 over 5 centers of unequal sizes, per execution, side by side.
 
-Every execution ('vmap', 'loop', 'unroll', and 'shard' when there is more than one
-device) runs in this one process on the same data and state, so the ratios are
-measured side by side. Prints a table and one JSON line.
+Every execution ('vmap', 'loop', 'unroll', 'host', 'auto', and 'shard' when there are several devices)
+is built and compiled in this one process on the same data and starting state; then the timed
+rounds are INTERLEAVED (round r of every execution, then round r+1, ...) and the medians
+compared, so the load of a shared machine hits all alike. Prints a table and one JSON line.
 
 Usage::
 
-  python bench/bench_round.py                                    # defaults below
-  python bench/bench_round.py --sizes 40,40,40,40,40 --width 0.25 --image_size 64
+  python bench/bench_round.py --quick      # 32 px, 240 images, batch 16
+  python bench/bench_round.py              # the CPU study's model (configs/wbc.py: VGG16 gap
+                                           # width 0.25, 64 px, frozen 3, batch 32) on 437
+                                           # images (the study's center sizes / 100)
+  python bench/bench_round.py --devices 5  # 5 host devices: adds 'shard'
+  python bench/bench_round.py --plain_convs  # adds 'loop' without fedblood's conv rewrite
+  python bench/bench_round.py --xla_options ynn:default  # adds 'loop' without fedblood's XLA flag
   python bench/bench_round.py --xla_flag=--xla_cpu_experimental_ynn_fusion_type=dot
       # runs the benchmark twice in child processes, without and with the XLA flag
-  XLA_FLAGS=--xla_force_host_platform_device_count=5 python bench/bench_round.py  # + 'shard'
 """
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from fedblood import algorithms, models, partition, simulate
+# The study's center sizes (training images), scaled down by --scale.
+STUDY_SIZES = (10298, 14514, 2513, 5000, 11353)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sizes', default='24,40,64,16,96', help='training images per center')
-  parser.add_argument('--image_size', type=int, default=32)
+  parser.add_argument('--quick', action='store_true',
+                      help='--sizes 24,40,64,16,96 --image_size 32 --batch_size 16')
+  parser.add_argument('--sizes', default=None,
+                      help="training images per center (default: the study's sizes / 100)")
+  parser.add_argument('--image_size', type=int, default=64)
   parser.add_argument('--width', type=float, default=0.25, help='VGG16 width multiplier')
+  parser.add_argument('--head', default='gap', choices=('gap', 'fc'))
   parser.add_argument('--frozen_blocks', type=int, default=3)
-  parser.add_argument('--batch_size', type=int, default=16)
+  parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--local_epochs', type=int, default=1)
-  parser.add_argument('--algorithm', default='fed_dyn', choices=algorithms.NAMES)
-  parser.add_argument('--executions', default='vmap,loop,unroll,shard')
+  parser.add_argument('--algorithm', default='fed_dyn')
+  parser.add_argument('--executions', default='vmap,loop,unroll,host,shard,auto')
   parser.add_argument('--rounds', type=int, default=3, help='timed rounds after the first')
+  parser.add_argument('--devices', type=int, default=0,
+                      help='host (CPU) devices to create, for shard; 0 = leave XLA_FLAGS alone')
   parser.add_argument('--xla_flag', default='', help='compare runs without / with this XLA flag')
-  return parser.parse_args(argv)
+  parser.add_argument('--xla_options', default='',
+                      help="comma-separated option sets of bench_step.VARIANTS (e.g. 'ynn:default', "
+                      "XLA's own default): adds 'loop[<set>]', 'loop' compiled with them")
+  parser.add_argument('--plain_convs', action='store_true',
+                      help="add 'loop[plain convs]': 'loop' without the canonical-convolution "
+                      'rewrite of fedblood.algorithms.cpu_convs (what jax#12868 costs)')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes = args.sizes or '24,40,64,16,96'
+    args.image_size, args.batch_size = 32, 16
+  args.sizes = [int(s) for s in (args.sizes or ','.join(
+      str(round(n / 100)) for n in STUDY_SIZES)).split(',')]
+  return args
 
 
 def he_init(model, image_size, seed=0):
   """He-normal params from numpy (model.init compiles for seconds on CPU; timing is unaffected)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
   rng = np.random.default_rng(seed)
   init = lambda s: (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))
@@ -52,66 +78,91 @@ def he_init(model, image_size, seed=0):
   return jax.tree.map(lambda s: jnp.asarray(init(s), s.dtype), shapes['params'])
 
 
-def make_centers(sizes, image_size, num_classes=5, seed=0):
-  rng = np.random.default_rng(seed)
-  nmax = max(sizes)
-  images = rng.integers(0, 256, (len(sizes), nmax, image_size, image_size, 3), dtype=np.uint8)
-  labels = rng.integers(0, num_classes, (len(sizes), nmax)).astype(np.int32)
-  return simulate.Centers({'image': jnp.asarray(images), 'label': jnp.asarray(labels)},
-                          jnp.asarray(sizes, jnp.int32))
-
-
-def time_execution(args, execution, model, trainable, frozen, centers):
-  cfg = dict(algorithm=args.algorithm, lr=0.01, alpha=0.01, mu=0.01, weight_decay=1e-3)
-  alg = algorithms.build(cfg)
-  round_fn = simulate.build_round(alg, simulate.classifier_loss(model),
-                                  batch_size=args.batch_size, local_epochs=args.local_epochs,
-                                  execution=execution)
-  server, clients = alg.init(trainable, len(centers.sizes))
-  active = np.ones(len(centers.sizes), bool)
-  key = jax.random.key(0)
-  start = time.perf_counter()
-  server, clients, metrics = round_fn(server, clients, frozen, centers, active, key, 0)
-  jax.block_until_ready((server, clients))
-  first = time.perf_counter() - start
-  times = []
-  for r in range(1, args.rounds + 1):
-    start = time.perf_counter()
-    server, clients, metrics = round_fn(server, clients, frozen, centers, active, key, r)
-    jax.block_until_ready((server, clients))
-    times.append(time.perf_counter() - start)
-  steps = int(np.sum(metrics['num_steps']))
-  return dict(first_s=first, round_s=statistics.median(times), steps=steps,
-              loss=float(np.mean(metrics['loss'])))
-
-
 def run(args):
-  sizes = [int(s) for s in args.sizes.split(',')]
-  model = models.VGG16(width=args.width, head='gap', num_classes=5)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fedblood import algorithms, models, partition, simulate  # pylint: disable=g-import-not-at-top
+  from fedblood.algorithms import cpu_convs  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_step  # pylint: disable=g-import-not-at-top
+
+  model = models.VGG16(width=args.width, head=args.head, num_classes=5)
   params = he_init(model, args.image_size)
   trainable, frozen = partition.split(params, partition.frozen_block_rules(args.frozen_blocks))
-  centers = make_centers(sizes, args.image_size)
+  rng = np.random.default_rng(0)
+  nmax, num = max(args.sizes), len(args.sizes)
+  size = args.image_size
+  centers = simulate.Centers(
+      {'image': jax.numpy.asarray(rng.integers(0, 256, (num, nmax, size, size, 3), np.uint8)),
+       'label': jax.numpy.asarray(rng.integers(0, 5, (num, nmax)).astype(np.int32))},
+      jax.numpy.asarray(args.sizes, jax.numpy.int32))
+  cfg = dict(algorithm=args.algorithm, lr=0.01, alpha=0.01, mu=0.01, weight_decay=1e-3)
+  alg = algorithms.build(cfg)
+  loss_fn = simulate.classifier_loss(model)
   executions = [e for e in args.executions.split(',') if e != 'shard' or jax.device_count() > 1]
-  results = {e: time_execution(args, e, model, trainable, frozen, centers) for e in executions}
+  active, key = np.ones(num, bool), jax.random.key(0)
+
+  options = [o for o in args.xla_options.split(',') if o]
+  executions += [f'loop[{o}]' for o in options] + ['loop[plain convs]'] * args.plain_convs
+  runs = {}
+  for e in executions:  # build + first round (compile and run) of each execution
+    option = e[len('loop['):-1] if e[len('loop['):-1] in options else None
+    # The round's jax.jit calls happen in build_round: give them the XLA options there.
+    jit = functools.partial(jax.jit, compiler_options=bench_step.VARIANTS[option]) if option \
+        else jax.jit
+    with mock.patch.object(jax, 'jit', jit):
+      round_fn = simulate.build_round(alg, loss_fn, batch_size=args.batch_size,
+                                      local_epochs=args.local_epochs, execution=e.split('[')[0])
+    state = alg.init(trainable, num)
+    start = time.perf_counter()
+    # The rewrite happens while the first call traces: switch it off for that call only.
+    plain = mock.patch.object(cpu_convs, 'canonical_convs', lambda f: f)
+    with plain if e.endswith('[plain convs]') else contextlib.nullcontext():
+      *state, metrics = round_fn(*state, frozen, centers, active, key, 0)
+    jax.block_until_ready(state)
+    runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start, times=[],
+                   steps=int(np.sum(metrics['num_steps'])))
+    print(f'{e}: first round (compile + run) {runs[e]["first_s"]:.1f} s', flush=True)
+  for r in range(1, args.rounds + 1):  # interleaved timed rounds
+    for e, rec in runs.items():
+      start = time.perf_counter()
+      *rec['state'], metrics = rec['fn'](*rec['state'], frozen, centers, active, key, r)
+      jax.block_until_ready(rec['state'])
+      rec['times'].append(time.perf_counter() - start)
+      rec['loss'] = float(np.mean(metrics['loss']))
+  results = {e: dict(first_s=rec['first_s'], round_s=statistics.median(rec['times']),
+                     steps=rec['steps'], loss=rec['loss'],
+                     images_per_s=sum(args.sizes) * args.local_epochs
+                     / statistics.median(rec['times']))
+             for e, rec in runs.items()}
+  if 'auto' in runs:
+    results['auto']['chose'] = runs['auto']['fn'].execution
   base = results.get('loop') or next(iter(results.values()))
-  print(f'{args.algorithm}, VGG16 width {args.width}, {args.image_size} px, sizes {sizes}, '
-        f'batch {args.batch_size}, {args.local_epochs} local epoch(s), '
-        f'{jax.device_count()} device(s), XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-  print(f'| execution | first round (compile+run) s | round s | speed vs loop | steps |')
-  print('|---|---|---|---|---|')
+  for r in results.values():
+    r['speed_vs_loop'] = base['round_s'] / r['round_s']
+  print(f'{args.algorithm}, VGG16 {args.head} width {args.width}, {size} px, frozen '
+        f'{args.frozen_blocks}, sizes {args.sizes}, batch {args.batch_size}, {args.local_epochs} '
+        f'local epoch(s), {jax.device_count()} {jax.default_backend()} device(s), jax '
+        f'{jax.__version__}, load {os.getloadavg()[0]:.2f}, '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print('| execution | first round (compile+run) s | round s | img/s | speed vs loop | local steps |')
+  print('|---|---|---|---|---|---|')
   for e, r in results.items():
-    print(f'| {e} | {r["first_s"]:.2f} | {r["round_s"]:.3f} | {base["round_s"] / r["round_s"]:.2f}x '
-          f'| {r["steps"]} |')
-  record = dict(bench='round', algorithm=args.algorithm, sizes=sizes, width=args.width,
-                image_size=args.image_size, batch_size=args.batch_size,
-                local_epochs=args.local_epochs, devices=jax.device_count(),
-                xla_flags=os.environ.get('XLA_FLAGS', ''), results=results)
+    name = f'auto ({r["chose"]})' if e == 'auto' else e
+    print(f'| {name} | {r["first_s"]:.1f} | {r["round_s"]:.2f} | {r["images_per_s"]:.1f} | '
+          f'{r["speed_vs_loop"]:.2f}x | {r["steps"]} |')
+  record = dict(bench='round', algorithm=args.algorithm, sizes=args.sizes, width=args.width,
+                head=args.head, image_size=size, frozen_blocks=args.frozen_blocks,
+                batch_size=args.batch_size, local_epochs=args.local_epochs,
+                backend=jax.default_backend(), devices=jax.device_count(), jax=jax.__version__,
+                load_avg=os.getloadavg()[0], xla_flags=os.environ.get('XLA_FLAGS', ''),
+                results=results)
   print(json.dumps(record))
   return record
 
 
 def compare_flag(args, argv):
-  """Runs this script twice, without and with ``args.xla_flag``, and prints the round-time ratios."""
+  """Runs this script twice, without and with ``args.xla_flag``; prints the round-time ratios."""
   child_argv = [a for a in argv if not a.startswith('--xla_flag')]
   records = []
   for flag in ('', args.xla_flag):
@@ -131,8 +182,12 @@ def main(argv=None):
   args = parse_args(argv)
   if args.xla_flag:
     compare_flag(args, argv)
-  else:
-    run(args)
+    return
+  # Before JAX starts (run() imports fedblood, which adds its own flags): host devices.
+  if args.devices:
+    os.environ['XLA_FLAGS'] = ' '.join(
+        [os.environ.get('XLA_FLAGS', ''), f'--xla_force_host_platform_device_count={args.devices}'])
+  run(args)
 
 
 if __name__ == '__main__':

@@ -1,21 +1,34 @@
 """Throughput of one local training step of VGG16: images/s, GFLOP/s, MFU, memory, torch ratio.
 
-Usage (each configuration is compiled once, warmed up, then timed over --steps steps):
+Usage (one command; prints a table, then one JSON line)::
 
-  python bench/bench_step.py                                  # the default grid below
-  python bench/bench_step.py --sizes 128 --heads gap --frozen 3 --batch 16 --torch
-  XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot python bench/bench_step.py ...
+  python bench/bench_step.py --quick     # VGG16 gap head, frozen 3, 64 px, float32: ~1 min (CPU)
+  python bench/bench_step.py             # gap/fc x frozen 0/3 x 64/128/224 px x float32/bfloat16
+  python bench/bench_step.py --sizes 64 --width 0.25 --batch 32 --frozen 3   # the CPU study's step
+  python bench/bench_step.py --variants ynn:default,ynn:none   # other XLA:CPU options to compare
 
-The step is what a center runs inside a federated round: forward, cross-entropy, gradient of the
-trainable subtree only (blocks 1..frozen are an argument, not differentiated), global-norm clipping
-and an SGD update, jitted with the params buffers donated.
+The step is the one a center runs inside a federated round: fedblood's classifier loss on uint8
+images (blocks 1..frozen an argument, not differentiated), then fedblood's local optimizer
+(global-norm clipping, weight decay, SGD), jitted with the trainable params donated.
 
-Peak: the machine's measured float32 (and bfloat16) matmul GFLOP/s (a 2048^3 jnp.dot timed the same
-way); MFU = achieved / peak, achieved = XLA's cost-analysis FLOPs of the compiled step / its time.
-Memory: XLA's memory analysis of the compiled step (arguments + outputs + temporaries - aliased).
-The torch reference (when torch is installed) runs the same step in the same process with
-channels_last and the same thread count; its ratio is JAX images/s / torch images/s.
-Prints a table and one JSON line.
+Every configuration's candidates are compiled, warmed up, then timed INTERLEAVED (candidate A,
+B, C, A, B, C, ...) and the medians compared, so the load of a shared machine hits all alike:
+
+* ``jax``: the step as fedblood compiles it (importing fedblood applies its XLA flags,
+  fedblood.platform.XLA_FLAGS, unless XLA_FLAGS sets them);
+* ``jax[<variant>]``: the same step compiled with other XLA options (``jax.jit``'s
+  ``compiler_options``, which act exactly like the XLA_FLAGS of the same name for that one
+  program); on CPU by default ``ynn:default``, XLA's own default (YNN convolutions and dots),
+  i.e. the step without fedblood's ``--xla_cpu_experimental_ynn_fusion_type=dot``;
+* ``torch``: the same network and step in torch (channels_last, float32, same thread count),
+  when torch is installed: the outside reference; the table's ratio is jax / torch images/s.
+
+Peak: the measured dense matmul GFLOP/s of the backend per dtype (a jitted 2048^3 (CPU) or
+8192^3 (accelerator) ``x @ y``, best of 10, measured once before the grid); ``--peak_tflops``
+adds a nominal dense bfloat16 peak (989 for an H100) for the bfloat16 rows. MFU = XLA
+cost-analysis FLOPs of the compiled step / its median time / peak. Memory: XLA's memory analysis of the compiled step
+(arguments + outputs + temporaries - donated aliases), and the device's peak bytes in use where
+the backend reports it (GPU/TPU).
 """
 
 import argparse
@@ -26,151 +39,233 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from fedblood import models, partition
+from fedblood import models, partition, platform, simulate
+from fedblood.algorithms import base
+
+# Named XLA options a candidate can be compiled with (compiler_options of jax.jit).
+VARIANTS = {
+    'ynn:dot': {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT'},
+    'ynn:none': {'xla_cpu_experimental_ynn_fusion_type': ''},
+    'ynn:default': {'xla_cpu_experimental_ynn_fusion_type':
+                    'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'},
+}
 
 
-def _time(fn, steps: int) -> float:
-  """Median seconds of ``steps`` calls of ``fn`` (which blocks), after one warm-up call."""
-  fn()
-  times = []
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='gap head, frozen 3, 64 px, float32')
+  parser.add_argument('--sizes', type=int, nargs='+', default=[64, 128, 224])
+  parser.add_argument('--heads', nargs='+', default=['gap', 'fc'])
+  parser.add_argument('--frozen', type=int, nargs='+', default=[0, 3])
+  parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
+  parser.add_argument('--batch', type=int, default=None, help='default: 8 on CPU, 64 elsewhere')
+  parser.add_argument('--width', type=float, default=1.0, help='VGG16 width multiplier')
+  parser.add_argument('--steps', type=int, default=3, help='timed steps per candidate')
+  parser.add_argument('--variants', default=None,
+                      help=f'comma-separated XLA option sets of {sorted(VARIANTS)}; default: '
+                      "'ynn:default' on CPU, none elsewhere; '' for none")
+  parser.add_argument('--no_torch', action='store_true', help='skip the torch reference')
+  parser.add_argument('--peak_tflops', type=float, default=None,
+                      help='nominal dense bfloat16 peak (H100: 989): MFU of the bfloat16 rows')
+  args = parser.parse_args(argv)
+  cpu = jax.default_backend() == 'cpu'
+  if args.quick:
+    args.sizes, args.heads, args.frozen, args.dtypes = [64], ['gap'], [3], ['float32']
+  args.batch = args.batch or (8 if cpu else 64)
+  if args.variants is None:
+    args.variants = 'ynn:default' if cpu else ''
+  args.variants = [v for v in args.variants.split(',') if v]
+  unknown = set(args.variants) - set(VARIANTS)
+  if unknown:
+    parser.error(f'unknown --variants {sorted(unknown)}; known: {sorted(VARIANTS)}')
+  return args
+
+
+def interleaved(candidates: dict, steps: int) -> dict:
+  """Median seconds per call of each blocking ``fn`` in ``candidates``, timed round-robin."""
+  for fn in candidates.values():
+    fn()  # warm-up (first run after compile: allocations, caches)
+  times = {name: [] for name in candidates}
   for _ in range(steps):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+    for name, fn in candidates.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def matmul_peak(dtype, n: int = 2048, steps: int = 5) -> float:
-  """Measured dense matmul GFLOP/s for ``dtype`` on the default backend."""
+def matmul_peak(dtype, n: int, steps: int = 10) -> float:
+  """Measured dense matmul GFLOP/s of ``dtype``: the best of ``steps`` timed ``x @ y``."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  sec = _time(lambda: f(a, a).block_until_ready(), steps)
-  return 2 * n ** 3 / sec / 1e9
+  f(a, a).block_until_ready()
+  best = float('inf')
+  for _ in range(steps):
+    start = time.perf_counter()
+    f(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e9
 
 
-def jax_step(head: str, frozen: int, size: int, batch: int, dtype, steps: int, width: float):
-  """Times one jitted training step; returns a dict of measurements."""
-  model = models.VGG16(num_classes=5, head=head, width=width, dtype=dtype)
-  x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, size, size, 3)), jnp.float32)
-  y = jnp.arange(batch) % 5
-  params = model.init(jax.random.key(0), x[:1])['params']
-  trainable, frozen_params = partition.split(params, partition.frozen_block_rules(frozen))
-  tx = optax.chain(optax.clip_by_global_norm(10.0), optax.sgd(0.01))
-  opt_state = tx.init(trainable)
+def he_init(model, size: int, seed: int = 0):
+  """He-normal params from numpy: model.init compiles for tens of seconds on CPU at full width."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))['params']
+  rng = np.random.default_rng(seed)
+  def init(s):
+    if len(s.shape) == 1:
+      return jnp.zeros(s.shape, s.dtype)
+    fan_in = np.prod(s.shape[:-1])
+    return jnp.asarray(rng.normal(size=s.shape, scale=np.sqrt(2 / fan_in)), s.dtype)
+  return jax.tree.map(init, shapes)
 
-  def step(trainable, opt_state, frozen_params, x, y, rng):
-    def loss_fn(p):
-      logits = model.apply({'params': partition.merge(p, frozen_params)}, x, train=True,
-                           rngs={'dropout': rng})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
 
-  jitted = jax.jit(step, donate_argnums=(0, 1))
+def compile_step(model, frozen_blocks: int, batch: dict, options=None):
+  """``(compiled, args, info)`` of one local step; ``compiled(*args)`` -> (params, loss)."""
+  params = he_init(model, batch['image'].shape[1])
+  trainable, frozen = partition.split(params, partition.frozen_block_rules(frozen_blocks))
+  loss_fn = simulate.classifier_loss(model)
+  tx = base.local_tx(lr=0.01, max_grad_norm=10.0, weight_decay=1e-3)
+
+  def step(trainable, frozen, batch, rng):
+    grads, aux = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    updates, _ = tx.update(grads, tx.init(trainable), trainable)  # stateless chain
+    return jax.tree.map(jnp.add, trainable, updates), aux['accuracy']
+
   rng = jax.random.key(1)
-  compiled = jitted.lower(trainable, opt_state, frozen_params, x, y, rng).compile()
+  lowered = jax.jit(step, donate_argnums=0).lower(trainable, frozen, batch, rng)
+  compiled = lowered.compile(options) if options else lowered.compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get('flops', 0.0)) if cost else 0.0
   mem = compiled.memory_analysis()
   mem_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                - mem.alias_size_in_bytes) if mem is not None else float('nan')
-  state = {'p': trainable, 'o': opt_state}
+  info = dict(gflops=float((cost or {}).get('flops', 0.0)) / 1e9, memory_mb=mem_bytes / 2 ** 20,
+              params=partition.count(trainable), frozen_params=partition.count(frozen))
+  return compiled, [trainable, frozen, batch, rng], info
 
+
+def jax_candidate(compiled, args):
   def run():
-    state['p'], state['o'], loss = compiled(state['p'], state['o'], frozen_params, x, y, rng)
-    loss.block_until_ready()
-
-  sec = _time(run, steps)
-  return dict(images_per_s=batch / sec, step_s=sec, gflops=flops / 1e9,
-              gflop_per_s=flops / sec / 1e9, memory_mb=mem_bytes / 2 ** 20)
+    args[0], acc = compiled(*args)
+    acc.block_until_ready()
+  return run
 
 
-def torch_step(head: str, frozen: int, size: int, batch: int, steps: int, width: float):
+def torch_candidate(head: str, frozen: int, size: int, batch: int, width: float):
   """The same step in torch (channels_last, float32) as the outside reference."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
-  layers, cin, blocks = [], 3, []
+  cin, blocks = 3, []
   for num_convs, cout in zip((2, 2, 3, 3, 3), models.STAGE_CHANNELS):
-    block = []
-    cout = models.scaled(cout, width)
+    block, cout = [], models.scaled(cout, width)
     for _ in range(num_convs):
       block += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
       cin = cout
-    block.append(nn.MaxPool2d(2))
-    blocks.append(nn.Sequential(*block))
-  layers = blocks
+    blocks.append(nn.Sequential(*block, nn.MaxPool2d(2)))
   if head == 'gap':
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 5)]
+    layers = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 5)]
   else:
     units = models.scaled(models.FC_UNITS, width)
-    feat = cin * (size // 32) ** 2
-    layers += [nn.Flatten(), nn.Linear(feat, units), nn.ReLU(), nn.Dropout(),
-               nn.Linear(units, units), nn.ReLU(), nn.Dropout(), nn.Linear(units, 5)]
-  net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+    layers = [nn.Flatten(), nn.Linear(cin * (size // 32) ** 2, units), nn.ReLU(), nn.Dropout(),
+              nn.Linear(units, units), nn.ReLU(), nn.Dropout(), nn.Linear(units, 5)]
+  net = nn.Sequential(*blocks, *layers).to(memory_format=torch.channels_last)
   for block in blocks[:frozen]:
-    for p in block.parameters():
-      p.requires_grad_(False)
+    block.requires_grad_(False)
   trainable = [p for p in net.parameters() if p.requires_grad]
-  opt = torch.optim.SGD(trainable, lr=0.01)
-  x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
-  y = torch.arange(batch) % 5
+  opt = torch.optim.SGD(trainable, lr=0.01, weight_decay=1e-3)
+  images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+  images = images.contiguous(memory_format=torch.channels_last)
+  labels = torch.arange(batch) % 5
   loss_fn = nn.CrossEntropyLoss()
 
   def run():
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(net(x), y)
+    loss = loss_fn(net(images.float() / 255.0), labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable, 10.0)
     opt.step()
 
-  sec = _time(run, steps)
-  return dict(images_per_s=batch / sec, step_s=sec)
+  return run
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sizes', type=int, nargs='+', default=[64, 128, 224])
-  parser.add_argument('--heads', nargs='+', default=['gap', 'fc'])
-  parser.add_argument('--frozen', type=int, nargs='+', default=[0, 3])
-  parser.add_argument('--dtypes', nargs='+', default=['float32', 'bfloat16'])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--width', type=float, default=1.0)
-  parser.add_argument('--steps', type=int, default=3)
-  parser.add_argument('--torch', action='store_true', help='also time the torch reference')
-  args = parser.parse_args()
+def device_peak_mb():
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return peak / 2 ** 20 if peak is not None else None
 
+
+def measure(args, head, frozen, size, dtype, torch_ok):
+  """One configuration: every candidate compiled, then timed interleaved."""
+  model = models.VGG16(num_classes=5, head=head, width=args.width, dtype=jnp.dtype(dtype))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.integers(0, 256, (args.batch, size, size, 3), np.uint8)),
+           'label': jnp.arange(args.batch, dtype=jnp.int32) % 5,
+           'mask': jnp.ones(args.batch, jnp.float32)}
+  names = ['jax'] + [f'jax[{v}]' for v in args.variants]
+  options = [None] + [VARIANTS[v] for v in args.variants]
+  candidates, info = {}, None
+  for name, opts in zip(names, options):
+    compiled, call_args, step_info = compile_step(model, frozen, batch, opts)
+    info = info or step_info
+    candidates[name] = jax_candidate(compiled, call_args)
+  if torch_ok and dtype == 'float32':
+    candidates['torch'] = torch_candidate(head, frozen, size, args.batch, args.width)
+  secs = interleaved(candidates, args.steps)
+  row = dict(head=head, frozen=frozen, size=size, dtype=dtype, batch=args.batch, width=args.width,
+             **info, device_peak_mb=device_peak_mb(),
+             images_per_s={n: args.batch / s for n, s in secs.items()})
+  row['gflop_per_s'] = info['gflops'] / secs['jax']
+  for v in args.variants:
+    row[f'speedup[{v}]'] = secs['jax'] / secs[f'jax[{v}]']
+  if 'torch' in secs:
+    row['jax_over_torch'] = secs['torch'] / secs['jax']
+    row['best_jax_over_torch'] = secs['torch'] / min(s for n, s in secs.items() if n != 'torch')
+  return row
+
+
+def main(argv=None):
+  args = parse_args(argv)
   backend = jax.default_backend()
-  peaks = {d: matmul_peak(jnp.dtype(d)) for d in args.dtypes}
-  print(f'backend={backend} devices={jax.device_count()} XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-  print('matmul peak GFLOP/s: ' + ', '.join(f'{d} {p:.1f}' for d, p in peaks.items()))
-  header = (f'{"head":4} {"frz":>3} {"px":>4} {"dtype":8} {"img/s":>8} {"GFLOP/s":>8} {"MFU":>6} '
-            f'{"mem MB":>8} {"torch img/s":>11} {"jax/torch":>9}')
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    torch_ok = not args.no_torch
+  except ImportError:
+    torch_ok = False
+  n = 2048 if backend == 'cpu' else 8192
+  peaks = {d: matmul_peak(jnp.dtype(d), n) for d in args.dtypes}
+  print(f'backend={backend} ({jax.devices()[0].device_kind}) devices={jax.device_count()} '
+        f'jax={jax.__version__} load={os.getloadavg()[0]:.2f} '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
+  print('measured matmul peak GFLOP/s: ' + ', '.join(f'{d} {p:.0f}' for d, p in peaks.items())
+        + (f'; nominal {args.peak_tflops} TFLOP/s' if args.peak_tflops else ''))
+  variant_cols = ''.join(f' jax[{v}] speed-up |' for v in args.variants)
+  header = (f'| head | frz | px | dtype | GFLOP/img | jax img/s | GFLOP/s | MFU | XLA MB |'
+            f'{variant_cols} torch img/s | jax/torch |')
   print(header)
-  print('-' * len(header))
+  print('|' + '---|' * (header.count('|') - 1))
   rows = []
   for head in args.heads:
     for frozen in args.frozen:
       for size in args.sizes:
         for dtype in args.dtypes:
-          r = jax_step(head, frozen, size, args.batch, jnp.dtype(dtype), args.steps, args.width)
-          r.update(head=head, frozen=frozen, size=size, dtype=dtype, batch=args.batch,
-                   width=args.width, mfu=r['gflop_per_s'] / peaks[dtype])
-          if args.torch and dtype == 'float32':
-            t = torch_step(head, frozen, size, args.batch, args.steps, args.width)
-            r['torch_images_per_s'] = t['images_per_s']
-            r['jax_over_torch'] = r['images_per_s'] / t['images_per_s']
+          r = measure(args, head, frozen, size, dtype, torch_ok)
+          r['mfu_measured_peak'] = r['gflop_per_s'] / peaks[dtype]
+          if args.peak_tflops and dtype == 'bfloat16':
+            r['mfu_nominal_peak'] = r['gflop_per_s'] / (args.peak_tflops * 1e3)
           rows.append(r)
-          print(f'{head:4} {frozen:>3} {size:>4} {dtype:8} {r["images_per_s"]:8.1f} '
-                f'{r["gflop_per_s"]:8.1f} {r["mfu"]:6.1%} {r["memory_mb"]:8.0f} '
-                f'{r.get("torch_images_per_s", float("nan")):11.1f} '
-                f'{r.get("jax_over_torch", float("nan")):9.2f}', flush=True)
-  print(json.dumps(dict(bench='step', backend=backend, xla_flags=os.environ.get('XLA_FLAGS', ''),
+          ips = r['images_per_s']
+          variants = ''.join(f' {r[f"speedup[{v}]"]:.2f}x |' for v in args.variants)
+          print(f'| {head} | {frozen} | {size} | {dtype} | {r["gflops"] / args.batch:.2f} | '
+                f'{ips["jax"]:.1f} | {r["gflop_per_s"]:.0f} | {r["mfu_measured_peak"]:.0%} | '
+                f'{r["memory_mb"]:.0f} |{variants} {ips.get("torch", float("nan")):.1f} | '
+                f'{r.get("jax_over_torch", float("nan")):.2f} |', flush=True)
+  print(json.dumps(dict(bench='step', backend=backend, device=jax.devices()[0].device_kind,
+                        jax=jax.__version__, load_avg=os.getloadavg()[0],
+                        xla_flags=os.environ.get('XLA_FLAGS', ''),
+                        fedblood_xla_flags=platform.applied_flags(),
                         matmul_peak_gflops=peaks, rows=rows)))
 
 
