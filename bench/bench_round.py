@@ -12,7 +12,7 @@ Usage::
                                            # width 0.25, 64 px, frozen 3, batch 32) on 437
                                            # images (the study's center sizes / 100)
   python bench/bench_round.py --devices 5  # 5 host devices: adds 'shard'
-  python bench/bench_round.py --plain_convs  # adds 'loop' without fedblood's conv rewrite
+  python bench/bench_round.py --plain_gradients  # adds 'loop' without the CPU gradient rewrites
   python bench/bench_round.py --xla_options ynn:default  # adds 'loop' without fedblood's XLA flag
   python bench/bench_round.py --xla_flag=--xla_cpu_experimental_ynn_fusion_type=dot
       # runs the benchmark twice in child processes, without and with the XLA flag
@@ -54,9 +54,9 @@ def parse_args(argv=None):
   parser.add_argument('--xla_options', default='',
                       help="comma-separated option sets of bench_step.VARIANTS (e.g. 'ynn:default', "
                       "XLA's own default): adds 'loop[<set>]', 'loop' compiled with them")
-  parser.add_argument('--plain_convs', action='store_true',
-                      help="add 'loop[plain convs]': 'loop' without the canonical-convolution "
-                      'rewrite of fedblood.algorithms.cpu_convs (what jax#12868 costs)')
+  parser.add_argument('--plain_gradients', action='store_true',
+                      help="add 'loop[plain gradients]': 'loop' without the CPU gradient "
+                      'rewrites of fedblood.algorithms.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes = args.sizes or '24,40,64,16,96'
@@ -82,7 +82,7 @@ def run(args):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from fedblood import algorithms, models, partition, simulate  # pylint: disable=g-import-not-at-top
-  from fedblood.algorithms import cpu_convs  # pylint: disable=g-import-not-at-top
+  from fedblood.algorithms import xla_cpu  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_step  # pylint: disable=g-import-not-at-top
 
@@ -103,7 +103,7 @@ def run(args):
   active, key = np.ones(num, bool), jax.random.key(0)
 
   options = [o for o in args.xla_options.split(',') if o]
-  executions += [f'loop[{o}]' for o in options] + ['loop[plain convs]'] * args.plain_convs
+  executions += [f'loop[{o}]' for o in options] + ['loop[plain gradients]'] * args.plain_gradients
   runs = {}
   for e in executions:  # build + first round (compile and run) of each execution
     option = e[len('loop['):-1] if e[len('loop['):-1] in options else None
@@ -116,8 +116,8 @@ def run(args):
     state = alg.init(trainable, num)
     start = time.perf_counter()
     # The rewrite happens while the first call traces: switch it off for that call only.
-    plain = mock.patch.object(cpu_convs, 'canonical_convs', lambda f: f)
-    with plain if e.endswith('[plain convs]') else contextlib.nullcontext():
+    plain = mock.patch.object(xla_cpu, 'fast_gradients', lambda f: f)
+    with plain if e.endswith('[plain gradients]') else contextlib.nullcontext():
       *state, metrics = round_fn(*state, frozen, centers, active, key, 0)
     jax.block_until_ready(state)
     runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start, times=[],

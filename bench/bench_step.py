@@ -8,8 +8,10 @@ Usage (one command; prints a table, then one JSON line)::
   python bench/bench_step.py --variants ynn:default,ynn:none   # other XLA:CPU options to compare
 
 The step is the one a center runs inside a federated round: fedblood's classifier loss on uint8
-images (blocks 1..frozen an argument, not differentiated), then fedblood's local optimizer
-(global-norm clipping, weight decay, SGD), jitted with the trainable params donated.
+images (blocks 1..frozen an argument, not differentiated), its gradient as local SGD takes it
+(``fedblood.algorithms.base.gradient``: on CPU re-emitted by ``xla_cpu.fast_gradients``), then
+fedblood's local optimizer (global-norm clipping, weight decay, SGD), jitted with the trainable
+params donated.
 
 Every configuration's candidates are compiled, warmed up, then timed INTERLEAVED (candidate A,
 B, C, A, B, C, ...) and the medians compared, so the load of a shared machine hits all alike:
@@ -127,8 +129,10 @@ def compile_step(model, frozen_blocks: int, batch: dict, options=None):
   loss_fn = simulate.classifier_loss(model)
   tx = base.local_tx(lr=0.01, max_grad_norm=10.0, weight_decay=1e-3)
 
+  grad_fn = base.gradient(loss_fn)  # what local_sgd differentiates with (CPU rewrites included)
+
   def step(trainable, frozen, batch, rng):
-    grads, aux = jax.grad(loss_fn, has_aux=True)(trainable, frozen, batch, rng)
+    grads, aux = grad_fn(trainable, frozen, batch, rng)
     updates, _ = tx.update(grads, tx.init(trainable), trainable)  # stateless chain
     return jax.tree.map(jnp.add, trainable, updates), aux['accuracy']
 

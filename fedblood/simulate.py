@@ -38,7 +38,7 @@ API (stable: the pipeline codes against it)::
   ``'host'`` is 'loop' with each client's local steps run as a host loop of one
   jitted step (:func:`fedblood.algorithms.base.host_fori_loop`), a workaround for
   XLA:CPU's slow convolution gradients inside while loops that
-  :mod:`fedblood.algorithms.cpu_convs` now fixes inside the compiled loop;
+  :mod:`fedblood.algorithms.xla_cpu` now fixes inside the compiled loop;
   ``'auto'`` (the default of :func:`build`) picks one of these at the first call
   from the backend, the device count and the centers' step counts
   (:func:`choose_execution`).

@@ -38,8 +38,8 @@ Local training is clipped SGD through optax, in FedDyn's order (see FEDDYN.md)::
   g = clip_by_global_norm(grad(loss + penalty), max_grad_norm)
   params <- params - lr * (g + weight_decay * params)
 
-On CPU the gradient is re-emitted with its convolutions in XLA's canonical layout
-(:mod:`fedblood.algorithms.cpu_convs`): inside the ``fori_loop`` XLA:CPU would otherwise run
+On CPU the gradient is re-emitted in the forms XLA:CPU runs fast (:func:`gradient`,
+:mod:`fedblood.algorithms.xla_cpu`): inside the ``fori_loop`` XLA:CPU would otherwise run
 the backward convolutions ~25x slower than in a single step.
 
 Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedblood.algorithms import cpu_convs
+from fedblood.algorithms import xla_cpu
 
 
 class FedAlgorithm(NamedTuple):
@@ -91,6 +91,16 @@ def local_tx(lr, max_grad_norm: Optional[float], weight_decay) -> optax.Gradient
   return optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(lr))
 
 
+def gradient(objective: Callable) -> Callable:
+  """``jax.grad(objective, has_aux=True)``, on CPU re-emitted by ``xla_cpu.fast_gradients``.
+
+  The local steps run inside a ``fori_loop``, where XLA:CPU would run the convolutions'
+  gradients as naive loops (~25x slower) and max-pool gradients serially (docs/performance.md).
+  """
+  grad_fn = jax.grad(objective, has_aux=True)
+  return xla_cpu.fast_gradients(grad_fn) if jax.default_backend() == 'cpu' else grad_fn
+
+
 def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, weight_decay,
               penalty_fn: Optional[Callable] = None):
   """Runs ``num_steps`` steps of clipped SGD on ``loss_fn + penalty_fn`` from ``params``.
@@ -115,9 +125,7 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     total = loss if penalty_fn is None else loss + penalty_fn(p)
     return total, dict(loss=loss, **aux)
 
-  grad_fn = jax.grad(objective, has_aux=True)
-  if jax.default_backend() == 'cpu':  # the steps run in a while loop: see cpu_convs
-    grad_fn = cpu_convs.canonical_convs(grad_fn)
+  grad_fn = gradient(objective)
   probe = jax.eval_shape(lambda: objective(params, batch_fn(jnp.int32(0)), rng)[1])
   sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), probe)
 

@@ -1,4 +1,4 @@
-"""Tests for fedblood.algorithms.cpu_convs: same values, canonical convolutions inside loops."""
+"""Tests for fedblood.algorithms.xla_cpu: same values, fast forms of gradients inside loops."""
 
 import re
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fedblood.algorithms import cpu_convs
+from fedblood.algorithms import xla_cpu
 
 CANONICAL = 'b01f_01io->b01f'
 
@@ -40,7 +40,7 @@ def test_canonical_conv_equals_lax_conv(lhs_shape, rhs_shape, dims, kwargs):
   kwargs = dict(dict(window_strides=(1,) * (len(lhs_shape) - 2), padding='SAME'), **kwargs)
   conv = lambda f: lambda x, w: f(x, w, dimension_numbers=dims, **kwargs)
   want = conv(lax.conv_general_dilated)(lhs, rhs)
-  rewritten = cpu_convs.canonical_convs(conv(lax.conv_general_dilated))
+  rewritten = xla_cpu.fast_gradients(conv(lax.conv_general_dilated))
   np.testing.assert_allclose(rewritten(lhs, rhs), want, rtol=1e-5, atol=1e-5)
   assert all_canonical(conv_labels(rewritten, lhs, rhs))
 
@@ -48,7 +48,7 @@ def test_canonical_conv_equals_lax_conv(lhs_shape, rhs_shape, dims, kwargs):
 def two_convs(params, x):
   conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  h = jax.nn.relu(conv(x, params['w1']))
+  h = max_pool(jax.nn.relu(conv(x, params['w1'])))
   h = jax.jit(lambda h, w: jnp.tanh(conv(h, w)))(h, params['w2'])  # a nested jit is inlined
   return jnp.mean(h ** 2), {'mean': jnp.mean(h)}
 
@@ -60,7 +60,7 @@ X = rand((2, 8, 8, 3), 4)
 def test_gradient_values_and_pytrees_are_unchanged():
   grad_fn = jax.grad(two_convs, has_aux=True)
   want = grad_fn(PARAMS, X)
-  got = jax.jit(cpu_convs.canonical_convs(grad_fn))(PARAMS, X)
+  got = jax.jit(xla_cpu.fast_gradients(grad_fn))(PARAMS, X)
   assert jax.tree.structure(got) == jax.tree.structure(want)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
@@ -69,7 +69,7 @@ def test_under_vmap_too():
   grad_fn = jax.grad(two_convs, has_aux=True)
   stacked = jax.tree.map(lambda w: jnp.stack([w, -w]), PARAMS)
   want = jax.vmap(grad_fn, in_axes=(0, None))(stacked, X)
-  got = jax.jit(jax.vmap(cpu_convs.canonical_convs(grad_fn), in_axes=(0, None)))(stacked, X)
+  got = jax.jit(jax.vmap(xla_cpu.fast_gradients(grad_fn), in_axes=(0, None)))(stacked, X)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
 
 
@@ -82,8 +82,36 @@ def test_a_loop_of_gradient_steps_has_only_canonical_convolutions():
     return run
 
   plain = jax.grad(two_convs, has_aux=True)
-  assert conv_labels(train(cpu_convs.canonical_convs(plain)), PARAMS, X) == {CANONICAL}
+  assert conv_labels(train(xla_cpu.fast_gradients(plain)), PARAMS, X) == {CANONICAL}
   # jax 0.10.2: the plain loop keeps 'b01f_01oi->b01f' and 'f01b_i01o->01bf' (naive kernels)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               jax.jit(train(cpu_convs.canonical_convs(plain)))(PARAMS, X),
+               jax.jit(train(xla_cpu.fast_gradients(plain)))(PARAMS, X),
                jax.jit(train(plain))(PARAMS, X))
+
+
+def max_pool(x, window=(1, 2, 2, 1), strides=(1, 2, 2, 1), padding='VALID'):
+  return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+
+
+@pytest.mark.parametrize('shape,window,strides,padding', [
+    ((2, 8, 8, 3), (1, 2, 2, 1), (1, 2, 2, 1), 'VALID'),    # VGG's pools: dense form
+    ((2, 9, 6, 3), (1, 3, 2, 1), (1, 3, 2, 1), 'VALID'),    # other non-overlapping windows
+    ((2, 8, 8, 3), (1, 3, 3, 1), (1, 2, 2, 1), 'VALID'),    # overlapping: XLA's own
+    ((2, 7, 7, 3), (1, 2, 2, 1), (1, 2, 2, 1), 'SAME'),     # padded: XLA's own
+])
+def test_pool_gradient_equals_xla_even_with_ties(shape, window, strides, padding):
+  # Few distinct values: most windows hold tied maxima, and the first one gets the gradient.
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 3, shape), jnp.float32)
+  weights = rand(max_pool(x, window, strides, padding).shape, 1)
+  grad = jax.grad(lambda x: jnp.sum(max_pool(x, window, strides, padding) * weights))
+  np.testing.assert_array_equal(jax.jit(xla_cpu.fast_gradients(grad))(x), jax.jit(grad)(x))
+
+
+def test_dense_pool_gradient_has_no_scatter():
+  """XLA:CPU lowers select-and-scatter to a serial scatter; the dense form has none."""
+  x = rand((2, 8, 8, 3), 0)
+  grad = jax.grad(lambda x: jnp.sum(max_pool(x) ** 2))
+  scatters = lambda f: re.findall(r'= \S+ (?:select-and-)?scatter\(',
+                                  jax.jit(f).lower(x).compile().as_text())
+  assert scatters(grad)
+  assert not scatters(xla_cpu.fast_gradients(grad))
