@@ -43,9 +43,9 @@ API (stable: the pipeline codes against it)::
   from the backend, the device count and the centers' step counts
   (:func:`choose_execution`).
   Measured on 2 CPU cores (bench/bench_round.py, docs/performance.md; the CPU
-  study's VGG16 at 64 px, 5 unequal centers): 'loop' 1.00x, 'unroll' ~1.0x (5x
-  the compile), 'host' ~0.7x, 'vmap' ~0.25x (it pays for the longest center's
-  steps on every center, and vmapped per-center weights make grouped convolutions).
+  study's VGG16 at 64 px, 5 unequal centers): 'loop' 1.00x, 'unroll' 1.00x (with
+  5x the client compiles), 'vmap' 0.60x (it pays for the longest center's steps on
+  every center, and per-center weights make grouped convolutions), 'host' 0.59x.
 """
 
 import functools
@@ -129,8 +129,8 @@ def choose_execution(sizes, *, batch_size: int, local_epochs: int, backend: str,
   """The execution ``'auto'`` runs for centers of ``sizes`` on ``num_devices`` of ``backend``.
 
   * CPU: ``'loop'``. Measured on 2 cores (docs/performance.md): as fast as 'unroll',
-    which compiles C client programs instead of one, ~1.4x 'host' and ~4x 'vmap';
-    'shard' over host devices shares the same cores and runs vmap on each.
+    which compiles C client programs instead of one, 1.3-1.7x 'vmap', 1.7-4x 'host';
+    'shard' needs forced host devices, and that process's 'loop' was slower still.
   * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k``
     (each device runs its centers in lock-step to the longest one) is at most 3/4
     of ``sum_k s_k`` (one device running every center in turn), else ``'loop'``;

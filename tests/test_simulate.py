@@ -255,8 +255,9 @@ def test_frozen_params_are_an_argument_not_a_constant():
   assert not np.allclose(a.params['head']['kernel'], b.params['head']['kernel'])
 
 
-def test_donation_consumes_states_but_never_the_callers_params():
-  alg, round_fn = cached_round('fed_dyn', 'vmap')
+@pytest.mark.parametrize('execution', ['vmap', 'loop'])
+def test_donation_consumes_states_but_never_the_callers_params(execution):
+  alg, round_fn = cached_round('fed_dyn', execution)
   trainable, frozen = mlp_params()
   server, clients = alg.init(trainable, 3)
   new_server, _, _ = round_fn(server, clients, frozen, mlp_centers(), ALL, jax.random.key(0), 0)
