@@ -1,6 +1,6 @@
 """Times one federated round of VGG16 over 5 centers of unequal sizes, per execution, side by side.
 
-Every execution ('vmap', 'loop', 'unroll', 'host', 'auto', and 'shard' when there are several devices)
+Every execution ('vmap', 'loop', 'unroll', 'auto', and 'shard' when there are several devices)
 is built and compiled in this one process on the same data and starting state; then the timed
 rounds are INTERLEAVED (round r of every execution, then round r+1, ...) and the medians
 compared, so the load of a shared machine hits all alike. Prints a table and one JSON line.
@@ -46,7 +46,7 @@ def parse_args(argv=None):
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--local_epochs', type=int, default=1)
   parser.add_argument('--algorithm', default='fed_dyn')
-  parser.add_argument('--executions', default='vmap,loop,unroll,host,shard,auto')
+  parser.add_argument('--executions', default='vmap,loop,unroll,shard,auto')
   parser.add_argument('--rounds', type=int, default=3, help='timed rounds after the first')
   parser.add_argument('--devices', type=int, default=0,
                       help='host (CPU) devices to create, for shard; 0 = leave XLA_FLAGS alone')

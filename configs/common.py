@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.server_lr = 1.0            # FedAvg/FedProx/SCAFFOLD server step (1.0 = plain averaging)
   config.fl.server_momentum = 0.0      # server momentum (FedAvgM when > 0)
   config.fl.participation = 1.0        # fraction of centers active each round (drawn from the seed)
-  config.fl.execution = 'loop'         # 'loop' (fastest on CPU), 'vmap', 'unroll' or 'shard'
+  config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).
   config.fl.eval_model = 'active_mean'
 

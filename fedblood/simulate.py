@@ -35,17 +35,13 @@ API (stable: the pipeline codes against it)::
   jit; ``'shard'`` splits the center axis over devices (``shard_map``, vmap on
   each device; the center axis is padded with empty centers to a multiple of the
   device count, which copies the data each round unless it divides evenly);
-  ``'host'`` is 'loop' with each client's local steps run as a host loop of one
-  jitted step (:func:`fedblood.algorithms.base.host_fori_loop`), a workaround for
-  XLA:CPU's slow convolution gradients inside while loops that
-  :mod:`fedblood.algorithms.xla_cpu` now fixes inside the compiled loop;
   ``'auto'`` (the default of :func:`build`) picks one of these at the first call
   from the backend, the device count and the centers' step counts
   (:func:`choose_execution`).
   Measured on 2 CPU cores (bench/bench_round.py, docs/performance.md; the CPU
   study's VGG16 at 64 px, 5 unequal centers): 'loop' 1.00x, 'unroll' 1.00x (with
   5x the client compiles), 'vmap' 0.60x (it pays for the longest center's steps on
-  every center, and per-center weights make grouped convolutions), 'host' 0.59x.
+  every center, and per-center weights make grouped convolutions).
 """
 
 import functools
@@ -60,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from fedblood import algorithms, partition
 from fedblood.algorithms import base
 
-EXECUTIONS = ('auto', 'vmap', 'loop', 'unroll', 'shard', 'host')
+EXECUTIONS = ('auto', 'vmap', 'loop', 'unroll', 'shard')
 
 
 class Centers(NamedTuple):
@@ -129,7 +125,7 @@ def choose_execution(sizes, *, batch_size: int, local_epochs: int, backend: str,
   """The execution ``'auto'`` runs for centers of ``sizes`` on ``num_devices`` of ``backend``.
 
   * CPU: ``'loop'``. Measured on 2 cores (docs/performance.md): as fast as 'unroll',
-    which compiles C client programs instead of one, 1.3-1.7x 'vmap', 1.7-4x 'host';
+    which compiles C client programs instead of one, and 1.3-1.7x 'vmap';
     'shard' needs forced host devices, and that process's 'loop' was slower still.
   * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k``
     (each device runs its centers in lock-step to the longest one) is at most 3/4
@@ -260,7 +256,7 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
     outputs = jax.tree.map(lambda x: x[:num], outputs)
     return finish(server_state, client_states, outputs, centers.sizes, active)
 
-  if execution not in ('loop', 'host'):
+  if execution != 'loop':
     body = dict(vmap=vmap_round, unroll=unroll_round, shard=shard_round)[execution]
     jitted = jax.jit(body, donate_argnums=donated)
 
@@ -271,18 +267,12 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
     round_fn.jitted = jitted
     return round_fn
 
+  @jax.jit
   def client_step(server_state, client_states, frozen, centers, key, round_index, k):
-    # An array, not a Python int: un-jitted ('host'), every center then shares one step program.
-    k = jnp.asarray(k, jnp.int32)
     rng = jax.random.fold_in(jax.random.fold_in(key, round_index), k)
     return client(server_state, jax.tree.map(lambda x: x[k], client_states),
                   base.client_weights(centers.sizes)[k], frozen, centers.examples, k,
                   centers.sizes[k], rng)
-
-  # 'host': the client runs un-jitted, so its local steps are a host loop of one jitted step
-  # (base.host_fori_loop): ~20x faster than a compiled while loop on XLA:CPU.
-  if execution == 'loop':
-    client_step = jax.jit(client_step)
 
   @functools.partial(jax.jit, donate_argnums=donated)
   def server_step(server_state, client_states, outs, sizes, active):

@@ -137,47 +137,11 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     return optax.apply_updates(p, updates), opt_state, sums
 
   carry = (params, tx.init(params), sums)
-  if _is_concrete(num_steps, carry):  # called outside jit ('host' execution)
-    num_steps = int(num_steps)
-    params, _, sums = host_fori_loop(num_steps, body, carry)
-  else:
-    params, _, sums = jax.lax.fori_loop(0, jnp.asarray(num_steps, jnp.int32), body, carry)
+  params, _, sums = jax.lax.fori_loop(0, jnp.asarray(num_steps, jnp.int32), body, carry)
   num_steps = jnp.asarray(num_steps, jnp.int32)
   metrics = jax.tree.map(lambda s: s / jnp.maximum(num_steps, 1), sums)
   metrics['num_steps'] = num_steps
   return params, metrics
-
-
-def _is_concrete(*trees) -> bool:
-  return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(trees))
-
-
-# Printed step jaxpr -> its jitted evaluator taking the closed-over arrays as arguments.
-_HOST_STEPS: dict = {}
-
-
-def host_fori_loop(num_steps: int, body: Callable, carry):
-  """``lax.fori_loop(0, num_steps, body, carry)`` as a host loop of one jitted step.
-
-  On XLA:CPU a VGG training step inside a compiled while loop ran ~20x slower than the
-  same step dispatched on its own (jax 0.10.2, 2 cores: 20 steps of a width-1/8 VGG16 at
-  64 px, 18 s against 1 s). ``body`` closes over concrete arrays (the centers' images, the
-  server model, FedDyn's lambda_k...): they are lifted out of its jaxpr and passed as
-  arguments, so every call with the same shapes reuses one compiled step whatever the
-  values, and nothing large is baked into the program as a constant.
-  """
-  leaves, treedef = jax.tree.flatten(carry)
-  flat_body = lambda step, *xs: jax.tree.leaves(body(step, jax.tree.unflatten(treedef, xs)))
-  closed = jax.make_jaxpr(flat_body)(jnp.int32(0), *leaves)
-  key = str(closed.jaxpr)  # structure, shapes and dtypes (of the consts too), not values
-  step_fn = _HOST_STEPS.get(key)
-  if step_fn is None:
-    jaxpr = closed.jaxpr
-    step_fn = _HOST_STEPS[key] = jax.jit(
-        lambda consts, step, *xs: jax.core.eval_jaxpr(jaxpr, consts, step, *xs))
-  for step in range(num_steps):
-    leaves = step_fn(closed.consts, jnp.int32(step), *leaves)
-  return jax.tree.unflatten(treedef, leaves)
 
 
 def _bcast(mask, x):
