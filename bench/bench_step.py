@@ -84,16 +84,30 @@ def parse_args(argv=None):
   return args
 
 
-def interleaved(candidates: dict, steps: int) -> dict:
-  """Median seconds per call of each blocking ``fn`` in ``candidates``, timed round-robin."""
+def interleaved(candidates: dict, steps: int, *, block: int = 1, untimed_s: float = 0.0) -> dict:
+  """Median seconds per call of each blocking ``fn`` in ``candidates``, timed round-robin.
+
+  Each turn first calls one candidate untimed for ``untimed_s`` seconds (at least once when
+  > 0), then times ``block`` calls back to back, then moves to the next candidate. The untimed
+  calls matter when frameworks mix: torch's OpenMP threads keep spinning after a call and, on
+  a 2-core machine, took the cores from the next candidate (XLA's layers timed right after
+  torch's ran up to 1.9x slower than alone; bench_layers.py). Sleeping instead made every
+  first call cold on this VM.
+  """
   for fn in candidates.values():
     fn()  # warm-up (first run after compile: allocations, caches)
   times = {name: [] for name in candidates}
   for _ in range(steps):
     for name, fn in candidates.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+      if untimed_s:
+        until = time.perf_counter() + untimed_s
+        fn()
+        while time.perf_counter() < until:
+          fn()
+      for _ in range(block):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -217,7 +231,8 @@ def measure(args, head, frozen, size, dtype, torch_ok):
     candidates[name] = jax_candidate(compiled, call_args)
   if torch_ok and dtype == 'float32':
     candidates['torch'] = torch_candidate(head, frozen, size, args.batch, args.width)
-  secs = interleaved(candidates, args.steps)
+  # Mixed frameworks: untimed calls each turn absorb the other's spinning threads.
+  secs = interleaved(candidates, args.steps, block=2, untimed_s=0.2 if 'torch' in candidates else 0)
   row = dict(head=head, frozen=frozen, size=size, dtype=dtype, batch=args.batch, width=args.width,
              **info, device_peak_mb=device_peak_mb(),
              images_per_s={n: args.batch / s for n, s in secs.items()})
