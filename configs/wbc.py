@@ -51,7 +51,9 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.reference.lr = 1e-3           # robust with He init + warmup + clipping
   config.reference.warmup_epochs = 2
   config.reference.patience = 8
-  config.fl.rounds = 20
+  # Mean validation accuracy over the 4 centers (seed 0) still rose after round 20 (66.0%) and
+  # levelled off from round ~50 (77.5% at 50, 79.6% at 100); a round takes ~2.5 s here.
+  config.fl.rounds = 100
   # Picked on the validation splits (mean over centers after 15 rounds, seed 0): 0.01 -> 62.7%,
   # 0.03 -> 64.9%; 0.1 cost the reference center 96.7 -> 77% in round 1.
   config.fl.lr = 0.03
