@@ -33,10 +33,12 @@ import bench_step
 from fedblood import models  # importing fedblood applies its XLA flags
 from fedblood.algorithms import base
 
+
 def layer_shapes(width: float, size: int):
   """``[(block, hw, c_in, c_out)]`` of VGG16's 13 convolutions at ``width`` and input ``size``."""
   shapes, c_in, hw = [], 3, size
-  for block, (convs, channels) in enumerate(zip((2, 2, 3, 3, 3), models.STAGE_CHANNELS), start=1):
+  stages = zip(models.VGG16.keywords['stages'], models.STAGE_CHANNELS)
+  for block, (convs, channels) in enumerate(stages, start=1):
     c_out = models.scaled(channels, width)
     for _ in range(convs):
       shapes.append((block, hw, c_in, c_out))
@@ -46,7 +48,7 @@ def layer_shapes(width: float, size: int):
 
 
 def jax_programs(hw, c_in, c_out, batch, first: bool, options=None):
-  """Compiled ``(forward, fwd+grad)`` of one layer and their arguments."""
+  """Blocking calls ``(forward, fwd+grad)`` of one layer, compiled with XLA ``options``."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, hw, hw, c_in)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, c_in, c_out)) * np.sqrt(2 / (9 * c_in)), jnp.float32)

@@ -136,9 +136,8 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     sums = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), sums, stats)
     return optax.apply_updates(p, updates), opt_state, sums
 
-  carry = (params, tx.init(params), sums)
-  params, _, sums = jax.lax.fori_loop(0, jnp.asarray(num_steps, jnp.int32), body, carry)
   num_steps = jnp.asarray(num_steps, jnp.int32)
+  params, _, sums = jax.lax.fori_loop(0, num_steps, body, (params, tx.init(params), sums))
   metrics = jax.tree.map(lambda s: s / jnp.maximum(num_steps, 1), sums)
   metrics['num_steps'] = num_steps
   return params, metrics
