@@ -2,7 +2,7 @@
 
 Usage (one command; prints a table, then one JSON line)::
 
-  python bench/bench_layers.py                        # the CPU study's VGG16: width 0.25, 64 px, batch 32
+  python bench/bench_layers.py        # the CPU study's VGG16: width 0.25, 64 px, batch 32
   python bench/bench_layers.py --width 1 --size 128 --batch 8
   python bench/bench_layers.py --variants ynn:default,ynn:none   # XLA:CPU options per layer
 
@@ -97,7 +97,8 @@ def main(argv=None):
   parser.add_argument('--size', type=int, default=64)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--steps', type=int, default=20, help='timed calls per candidate')
-  parser.add_argument('--variants', default='', help=f'comma-separated, of {sorted(bench_step.VARIANTS)}')
+  parser.add_argument('--variants', default='',
+                      help=f'comma-separated, of {sorted(bench_step.VARIANTS)}')
   parser.add_argument('--no_torch', action='store_true')
   args = parser.parse_args(argv)
   variants = [v for v in args.variants.split(',') if v]
