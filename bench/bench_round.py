@@ -23,7 +23,6 @@ import contextlib
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -66,18 +65,6 @@ def parse_args(argv=None):
   return args
 
 
-def he_init(model, image_size, seed=0):
-  """He-normal params from numpy (model.init compiles for seconds on CPU; timing is unaffected)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-  rng = np.random.default_rng(seed)
-  init = lambda s: (rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))
-                    if len(s.shape) > 1 else np.zeros(s.shape))
-  return jax.tree.map(lambda s: jnp.asarray(init(s), s.dtype), shapes['params'])
-
-
 def run(args):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -87,7 +74,7 @@ def run(args):
   import bench_step  # pylint: disable=g-import-not-at-top
 
   model = models.VGG16(width=args.width, head=args.head, num_classes=5)
-  params = he_init(model, args.image_size)
+  params = bench_step.he_init(model, args.image_size)
   trainable, frozen = partition.split(params, partition.frozen_block_rules(args.frozen_blocks))
   rng = np.random.default_rng(0)
   nmax, num = max(args.sizes), len(args.sizes)
@@ -120,20 +107,13 @@ def run(args):
     with plain if e.endswith('[plain gradients]') else contextlib.nullcontext():
       *state, metrics = round_fn(*state, frozen, centers, active, key, 0)
     jax.block_until_ready(state)
-    runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start, times=[],
+    runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start,
                    steps=int(np.sum(metrics['num_steps'])))
     print(f'{e}: first round (compile + run) {runs[e]["first_s"]:.1f} s', flush=True)
-  for r in range(1, args.rounds + 1):  # interleaved timed rounds
-    for e, rec in runs.items():
-      start = time.perf_counter()
-      *rec['state'], metrics = rec['fn'](*rec['state'], frozen, centers, active, key, r)
-      jax.block_until_ready(rec['state'])
-      rec['times'].append(time.perf_counter() - start)
-      rec['loss'] = float(np.mean(metrics['loss']))
-  results = {e: dict(first_s=rec['first_s'], round_s=statistics.median(rec['times']),
-                     steps=rec['steps'], loss=rec['loss'],
-                     images_per_s=sum(args.sizes) * args.local_epochs
-                     / statistics.median(rec['times']))
+  round_s = bench_step.interleaved_rounds(runs, frozen, centers, active, key, args.rounds)
+  results = {e: dict(first_s=rec['first_s'], round_s=round_s[e], steps=rec['steps'],
+                     loss=float(np.mean(rec['metrics']['loss'])),
+                     images_per_s=sum(args.sizes) * args.local_epochs / round_s[e])
              for e, rec in runs.items()}
   if 'auto' in runs:
     results['auto']['chose'] = runs['auto']['fn'].execution

@@ -111,6 +111,22 @@ def interleaved(candidates: dict, steps: int, *, block: int = 1, untimed_s: floa
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def interleaved_rounds(runs: dict, frozen, centers, active, key, rounds: int) -> dict:
+  """Median seconds of ``rounds`` FL rounds of each run, timed interleaved after its first.
+
+  ``runs``: ``{name: {'fn': round_fn, 'state': (server, clients)}}`` whose first (compiling)
+  round already ran as round 0. Round r of every run, then round r + 1, ...; each run's
+  ``'state'`` advances, and its ``'times'`` and last ``'metrics'`` are added.
+  """
+  for r in range(1, rounds + 1):
+    for rec in runs.values():
+      start = time.perf_counter()
+      *rec['state'], rec['metrics'] = rec['fn'](*rec['state'], frozen, centers, active, key, r)
+      jax.block_until_ready(rec['state'])
+      rec.setdefault('times', []).append(time.perf_counter() - start)
+  return {name: float(np.median(rec['times'])) for name, rec in runs.items()}
+
+
 def matmul_peak(dtype, n: int, steps: int = 10) -> float:
   """Measured dense matmul GFLOP/s of ``dtype``: the best of ``steps`` timed ``x @ y``."""
   a = jnp.ones((n, n), dtype)
@@ -210,6 +226,7 @@ def torch_candidate(head: str, frozen: int, size: int, batch: int, width: float)
 
 
 def device_peak_mb():
+  """The device's peak bytes in use (MiB) where the backend reports it (GPU/TPU), else None."""
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get('peak_bytes_in_use')
   return peak / 2 ** 20 if peak is not None else None

@@ -23,7 +23,6 @@ x 1 local epoch at the study's sizes is 100 x 43,678 images / the round's images
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -32,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_round  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood import algorithms, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-STUDY_SIZES = (10298, 14514, 2513, 5000, 11353)
+STUDY_SIZES = bench_round.STUDY_SIZES  # the study's center sizes
 
 
 def parse_args(argv=None):
@@ -76,11 +76,6 @@ def make_centers(sizes, image_size: int, seed: int = 0) -> simulate.Centers:
     images = fill(images, jax.random.fold_in(key, k), k)
   labels = jax.random.randint(jax.random.fold_in(key, num), (num, nmax), 0, 5, jnp.int32)
   return simulate.Centers({'image': images, 'label': labels}, jnp.asarray(sizes, jnp.int32))
-
-
-def device_peak_gb():
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats['peak_bytes_in_use'] / 2 ** 30 if 'peak_bytes_in_use' in stats else None
 
 
 def main(argv=None):
@@ -140,25 +135,21 @@ def main(argv=None):
     start = time.perf_counter()
     *state, _ = round_fn(*state, frozen, centers, active, key, 0)
     jax.block_until_ready(state)
-    runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start, times=[])
+    runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start)
     print(f'{e}: first round (compile + run) {runs[e]["first_s"]:.1f} s, device peak '
-          f'{device_peak_gb() or float("nan"):.1f} GB', flush=True)
-  for r in range(1, args.rounds + 1):
-    for e, rec in runs.items():
-      start = time.perf_counter()
-      *rec['state'], _ = rec['fn'](*rec['state'], frozen, centers, active, key, r)
-      jax.block_until_ready(rec['state'])
-      rec['times'].append(time.perf_counter() - start)
+          f'{(bench_step.device_peak_mb() or float("nan")) / 2 ** 10:.1f} GB', flush=True)
+  medians = bench_step.interleaved_rounds(runs, frozen, centers, active, key, args.rounds)
   images = sum(args.sizes)
   record['rounds'] = {}
   for e, rec in runs.items():
-    round_s = statistics.median(rec['times'])
+    round_s = medians[e]
     ips = images / round_s
     record['rounds'][e] = dict(
         first_s=rec['first_s'], round_s=round_s, images_per_s=ips,
         mfu=step_tflop * sum(steps) / round_s / args.peak_tflops,
         projected_100_rounds_min=100 * sum(STUDY_SIZES) / ips / 60)
-  record['device_peak_gb'] = device_peak_gb()
+  peak_mb = bench_step.device_peak_mb()
+  record['device_peak_gb'] = peak_mb / 2 ** 10 if peak_mb is not None else None
   base = record['rounds'].get('loop', next(iter(record['rounds'].values())))
   print('| execution | first round s | round s | img/s | MFU (useful) | vs loop | '
         '100 study rounds, min |')

@@ -56,3 +56,21 @@ def test_bench_layers_runs_end_to_end_on_a_tiny_net(capsys):
   assert [r['c_out'] for r in result['rows']] == [4, 4, 8, 8, 16, 16, 16, 32, 32, 32, 32, 32, 32]
   assert all(ms > 0 for r in result['rows'] for ms in r['ms']['jax'])
   assert sum(1 for line in lines if line.startswith('| ')) == 1 + 13 + 1  # header, layers, total
+
+
+def test_interleaved_rounds_advances_each_state_round_by_round():
+  calls = []
+
+  def make(name):
+    def round_fn(server, clients, frozen, centers, active, key, r):
+      calls.append((name, r))
+      return server + 1, clients, {'round': r}
+    return round_fn
+
+  runs = {n: dict(fn=make(n), state=(jnp.zeros(()), jnp.ones(2))) for n in 'ab'}
+  medians = bench_step.interleaved_rounds(runs, None, None, None, None, 3)
+  assert calls == [('a', 1), ('b', 1), ('a', 2), ('b', 2), ('a', 3), ('b', 3)]
+  assert set(medians) == {'a', 'b'}
+  for rec in runs.values():
+    assert float(rec['state'][0]) == 3 and rec['metrics'] == {'round': 3}
+    assert len(rec['times']) == 3
