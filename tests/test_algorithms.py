@@ -66,7 +66,7 @@ def rel_error(params, optimum):
   return float(np.linalg.norm(np.asarray(params, np.float64) - optimum) / np.linalg.norm(optimum))
 
 
-# FEDDYN.md's setting: alpha 0.1, lr 0.05, 50 full-batch local steps, wd 0, clipping at 10.
+# docs/feddyn.md's convex-consensus setting: alpha 0.1, lr 0.05, 50 full-batch local steps, wd 0, clipping at 10.
 # Measured: FedDyn 3.3e-7 (300 rounds), 8.1e-7 (50 % participation, 600 rounds), SCAFFOLD 2.4e-7,
 # FedAvg 7.6e-2; float32 rounding floors the errors near 1e-7. Tolerances: 1e-4 and > 1e-2.
 CONSENSUS_TOL = 1e-4
@@ -193,7 +193,7 @@ def test_one_local_step_matches_hand_computed_sgd():
              for x, y in zip(xs, ys)]
   np.testing.assert_allclose(server.params, 0.25 * locals_[0] + 0.75 * locals_[1], rtol=1e-5)
 
-  # FedDyn, FEDDYN.md's update with alpha_k = alpha / w_k, w = (0.5, 1.5).
+  # FedDyn, docs/feddyn.md's update with alpha_k = alpha / w_k, w = (0.5, 1.5).
   fed_dyn = algorithms.fed_dyn(lr, alpha, weight_decay=wd, max_grad_norm=bound)
   server, clients = fed_dyn.init(jnp.asarray(theta0, jnp.float32), 2)
   lam = [np.zeros(3), np.zeros(3)]

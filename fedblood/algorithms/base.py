@@ -33,7 +33,7 @@ leading client axis ``[C, ...]``; an algorithm without client state uses ``()``.
 * ``eval_params(server_state) -> {name: params}``: the models worth evaluating.
   Every algorithm has ``'server'``, the model clients start the next round from.
 
-Local training is clipped SGD through optax, in FedDyn's order (see FEDDYN.md)::
+Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md)::
 
   g = clip_by_global_norm(grad(loss + penalty), max_grad_norm)
   params <- params - lr * (g + weight_decay * params)

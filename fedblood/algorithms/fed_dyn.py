@@ -1,4 +1,4 @@
-"""FedDyn (Acar et al., ICLR 2021) exactly as the authors' code runs it (see FEDDYN.md).
+"""FedDyn (Acar et al., ICLR 2021) exactly as the authors' code runs it (docs/feddyn.md).
 
 Client k keeps ``lambda_k`` (zero at start; ``lambda_k = -g_k / alpha`` in the
 paper's notation). In a round it starts from the corrected server model
