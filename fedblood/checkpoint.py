@@ -31,8 +31,11 @@ width-1/8 one.
 
 import json
 from pathlib import Path
+import re
+import shutil
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,9 +69,13 @@ def manager(directory, keep: int = 3, best_metric: str | None = None,
     policies.append(checkpoint_managers.BestN(
         get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min', n=1,
         keep_checkpoints_without_metrics=False))
+  # best_fn makes Orbax write each step's metrics into the step (a ``metrics`` item), so the
+  # ranking survives a restart; without it they live in memory only and a resumed run would
+  # prune the best step as one "without metrics".
+  best = {} if best_metric is None else dict(best_fn=lambda m: m[best_metric], best_mode=best_mode)
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True,
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
   return ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                item_handlers=_handlers())
 
@@ -161,6 +168,60 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
   return state, out[META]
 
 
+def restore_latest(mngr: ocp.CheckpointManager, template) -> tuple[Any, dict] | None:
+  """:func:`restore` of the newest step that can be restored; None if no step is left.
+
+  A step that fails to restore for any reason but a shape mismatch (a truncated array file,
+  corrupt metadata) is logged in one line naming the step and file, moved aside to
+  ``<directory>.corrupt/`` (never deleted) and the next older step is tried.
+  """
+  while (step := mngr.latest_step()) is not None:
+    try:
+      return restore(mngr, template, step)
+    except (ShapeMismatchError, MemoryError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
+      set_aside(mngr, step, e)
+  return None
+
+
+_JSON_FILES = ('_CHECKPOINT_METADATA', f'{META}/metadata', f'{STATE}/_METADATA',
+               'metrics/metrics')
+
+
+def damaged_file(step_dir: Path, error: Exception) -> str:
+  """The file of a step that ``error`` points at: an unparsable JSON file, or a path it names."""
+  for name in _JSON_FILES:
+    path = step_dir / name
+    if path.exists():
+      try:
+        json.loads(path.read_text())
+      except (ValueError, UnicodeDecodeError):
+        return str(path)
+  found = re.search(re.escape(str(step_dir)) + r'[^\s\'"]*', str(error))
+  return found.group(0).rstrip('/:.,') if found else f'{step_dir} (an array file)'
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> Path:
+  """Moves an unrestorable step to ``<directory>.corrupt/<step>``, logs one line, reloads."""
+  directory = Path(mngr.directory)
+  step_dir = directory / str(step)
+  culprit = damaged_file(step_dir, error)
+  dest = directory.with_name(f'{directory.name}.corrupt') / str(step)
+  n = 1
+  while dest.exists():
+    dest, n = dest.with_name(f'{step}.{n}'), n + 1
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(step_dir), str(dest))
+  mngr.reload()
+  first = (str(error).strip().splitlines() or [''])[0][:160]
+  older = mngr.latest_step()
+  logging.warning('checkpoint step %d of %s cannot be restored (%s: %s: %s); moved aside to %s; '
+                  'resuming from %s', step, directory, culprit, type(error).__name__, first, dest,
+                  f'step {older}' if older is not None else 'the start of this stage')
+  return dest
+
+
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The JSON ``meta`` item of a step (no arrays read)."""
   return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
@@ -208,6 +269,10 @@ def inspect(workdir) -> str:
                             '(is it a fedblood workdir?)')
   lines = [f'checkpoints in {root}']
   for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    if stage_dir.name.endswith('.corrupt'):
+      lines.append(f'\n[{stage_dir.name}] set aside (unrestorable): '
+                   f'{sorted(p.name for p in stage_dir.iterdir())}')
+      continue
     # No preservation policy and no save: opening the manager deletes nothing.
     mngr = ocp.CheckpointManager(stage_dir.absolute(), item_handlers=_handlers(),
                                  options=ocp.CheckpointManagerOptions(create=False))

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from fedblood import centralized, checkpoint, data, metrics, models, partition, train
+from fedblood import centralized, checkpoint, data, metrics, models, partition, runlog, train
 
 
 class Loaded(NamedTuple):
@@ -33,11 +33,11 @@ class Loaded(NamedTuple):
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  path = Path(workdir) / 'config.json'
-  if not path.exists():
+  config = runlog.read_config(workdir)  # an unreadable config.json: named, with the remedy
+  if config is None:
     raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir '
                             '(train into it first)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(config)
 
 
 def load_model(workdir, round_index: int | None = None) -> Loaded:
@@ -136,6 +136,10 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None) 
   skipped with a warning; a file with an image extension that cannot be decoded
   is an error naming it (nothing is written then).
   """
+  output = Path(output)
+  if output.is_dir():
+    raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '
+                     f'e.g. {output / "predictions.csv"}')
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
@@ -143,13 +147,15 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None) 
   except ValueError as e:
     raise ValueError(f'--input {input_path}: {e}') from e
   probs = _probs(loaded, images)
-  output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.with_name(output.name + '.tmp')
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
-    for name, p in zip(files, probs):
-      writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
-  tmp.replace(output)
+  try:
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
+      for name, p in zip(files, probs):
+        writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
+    tmp.replace(output)
+  finally:
+    tmp.unlink(missing_ok=True)
   return len(files)
