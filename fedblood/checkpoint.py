@@ -202,22 +202,27 @@ def damaged_file(step_dir: Path, error: Exception) -> str:
   return found.group(0).rstrip('/:.,') if found else f'{step_dir} (an array file)'
 
 
+def damage(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
+  """One line on an unrestorable step: ``checkpoint step N of DIR cannot be restored (FILE: ...)``."""
+  directory = Path(mngr.directory)
+  first = (str(error).strip().splitlines() or [''])[0][:160]
+  return (f'checkpoint step {step} of {directory} cannot be restored '
+          f'({damaged_file(directory / str(step), error)}: {type(error).__name__}: {first})')
+
+
 def set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> Path:
   """Moves an unrestorable step to ``<directory>.corrupt/<step>``, logs one line, reloads."""
   directory = Path(mngr.directory)
-  step_dir = directory / str(step)
-  culprit = damaged_file(step_dir, error)
+  what = damage(mngr, step, error)
   dest = directory.with_name(f'{directory.name}.corrupt') / str(step)
   n = 1
   while dest.exists():
     dest, n = dest.with_name(f'{step}.{n}'), n + 1
   dest.parent.mkdir(parents=True, exist_ok=True)
-  shutil.move(str(step_dir), str(dest))
+  shutil.move(str(directory / str(step)), str(dest))
   mngr.reload()
-  first = (str(error).strip().splitlines() or [''])[0][:160]
   older = mngr.latest_step()
-  logging.warning('checkpoint step %d of %s cannot be restored (%s: %s: %s); moved aside to %s; '
-                  'resuming from %s', step, directory, culprit, type(error).__name__, first, dest,
+  logging.warning('%s; moved aside to %s; resuming from %s', what, dest,
                   f'step {older}' if older is not None else 'the start of this stage')
   return dest
 
@@ -281,22 +286,35 @@ def inspect(workdir) -> str:
       lines.append(f'\n[{stage_dir.name}] no committed step')
       continue
     lines.append(f'\n[{stage_dir.name}] steps {steps}')
-    metas = {step: read_meta(mngr, step) for step in steps}
+    metas, damaged = {}, {}
+    for step in steps:
+      try:
+        metas[step] = read_meta(mngr, step)
+      except Exception as e:  # pylint: disable=broad-except  (a damaged step is listed as such)
+        damaged[step] = damage(mngr, step, e)
     best = _best_step(metas)
-    for step, meta in metas.items():
+    for step in steps:
+      if step in damaged:
+        lines.append(f'  step {step}: DAMAGED, {damaged[step]}')
+        continue
+      meta = metas[step]
       shown = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                         for k, v in meta.get('metrics', {}).items())
       mark = ' (best)' if step == best else ''
       lines.append(f'  {meta.get("kind", "step")} {step}{mark}: {shown}')
-    latest = steps[-1]
-    meta = read_meta(mngr, latest)
-    params = meta.get('params')
+    latest = max(metas, default=None)
+    params = metas[latest].get('params') if metas else None
     if params:
       lines.append(f'  model: {params.get("model", "?")}; trainable {params["trainable"]:,} '
                    f'scalars in {params["trainable_leaves"]} leaves, frozen {params["frozen"]:,} '
                    f'in {params["frozen_leaves"]} leaves')
-    sizes = summarize_tree(stored_shapes(mngr, latest))
-    lines.append('  stored state: ' + ', '.join(
-        f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
+    try:
+      sizes = summarize_tree(stored_shapes(mngr, latest)) if metas else {}
+    except Exception as e:  # pylint: disable=broad-except
+      lines.append(f'  stored state: DAMAGED, {damage(mngr, latest, e)}')
+    else:
+      if sizes:
+        lines.append('  stored state: ' + ', '.join(
+            f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
     mngr.close()
   return '\n'.join(lines)

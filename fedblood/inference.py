@@ -6,6 +6,7 @@ holds the frozen blocks) and the trainable part from an FL round checkpoint.
 ``round=None`` takes the latest round, ``round=0`` the reference model itself.
 """
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -50,7 +51,8 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   if not ref_dir.exists():
     raise FileNotFoundError(f'{workdir} holds no reference model yet (checkpoints/reference_model)')
   mngr = checkpoint.manager(ref_dir)
-  state, _ = checkpoint.restore(mngr, {'params': template})
+  with _named_damage(mngr, mngr.latest_step()):
+    state, _ = checkpoint.restore(mngr, {'params': template})
   mngr.close()
   reference = state['params']
   fl_dir = workdir / 'checkpoints' / 'fl'
@@ -64,14 +66,29 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
     raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
                             f'kept rounds: {steps} '
                             '(0 = the reference model)')
-  meta = checkpoint.read_meta(mngr, round_index)
+  with _named_damage(mngr, round_index):
+    meta = checkpoint.read_meta(mngr, round_index)
   algorithm, _, state_template, frozen = train.fl_template(config, model, reference,
                                                            len(meta['centers']))
-  state, meta = checkpoint.restore(mngr, state_template, step=round_index)
+  with _named_damage(mngr, round_index):
+    state, meta = checkpoint.restore(mngr, state_template, step=round_index)
   mngr.close()
   name = meta['eval_model']
   params = partition.merge(algorithm.eval_params(state['server'])[name], frozen)
   return Loaded(config, model, params, round_index, f'fl round {round_index} ({name})')
+
+
+@contextlib.contextmanager
+def _named_damage(mngr, step):
+  """A damaged checkpoint step becomes one line naming its file (nothing is moved or deleted)."""
+  try:
+    yield
+  except (checkpoint.ShapeMismatchError, FileNotFoundError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
+    raise ValueError(f'{checkpoint.damage(mngr, step, e)}. Pass --round with an intact round '
+                     '(see --mode inspect), or rerun training in this workdir: it sets the '
+                     'step aside and redoes it.') from None
 
 
 def _probs(loaded: Loaded, images) -> np.ndarray:

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import checkpoint, data, inference, lock, names, report, runlog, train, validate
+from fedblood import checkpoint, data, inference, lock, names, report, runlog, sweep, train
+from fedblood import validate
 from fedblood.data import checks
 from test_report import _history, _results
 from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
@@ -76,6 +77,14 @@ def test_corrected_setting_runs_in_the_same_workdir(tmp_path):
   validate.check(config)
   runlog.check_config(config, tmp_path / 'run')  # not "a run of a different config"
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['fl']['algorithm'] == 'fed_avg'
+
+
+def test_sweep_checks_every_point_before_training_any(tmp_path):
+  config_file = tmp_path / 'sweep_config.py'
+  config_file.write_text('def get_sweep():\n  return [{"seed": 0}, {"fl.lr": -0.1}]\n')
+  with pytest.raises(ValueError, match=r'config fl\.lr=-0\.1 must be a finite number > 0'):
+    sweep.run(smoke_config(tmp_path / 'tfds'), str(config_file), tmp_path / 'sweep')
+  assert not (tmp_path / 'sweep').exists()
 
 
 def test_unknown_sub_configs_are_accepted():
@@ -213,6 +222,23 @@ def test_corrupt_latest_step_is_set_aside_and_resume_is_identical(smoke, stopped
   listing = checkpoint.inspect(workdir).split('\n', 1)[1]
   assert aside in listing
   assert listing.replace(aside, '') == checkpoint.inspect(reference_dir).split('\n', 1)[1]
+
+
+def test_evaluate_on_a_damaged_step_names_it_in_one_line(smoke, tmp_path):
+  _, reference_dir = smoke
+  workdir = tmp_path / 'copy'
+  shutil.copytree(reference_dir, workdir)
+  bad = workdir / 'checkpoints' / 'fl' / '3' / 'meta' / 'metadata'
+  _truncate(bad)
+  with pytest.raises(ValueError, match=rf'^checkpoint step 3 of .*fl cannot be restored '
+                                       rf'\({re.escape(str(bad))}: JSONDecodeError: [^\n]*'
+                                       r'Pass --round with an intact round'):
+    inference.load_model(workdir)
+  assert inference.load_model(workdir, 1).round == 1  # the intact round still loads
+  listing = checkpoint.inspect(workdir)
+  assert f'  step 3: DAMAGED, checkpoint step 3 of {bad.parents[2]} cannot be restored' in listing
+  assert '  round 1 (best): ' in listing
+  assert bad.exists()  # evaluate/predict move nothing
 
 
 # --------------------------------------------------------------------------- 4. small centers
