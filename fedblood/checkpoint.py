@@ -76,8 +76,7 @@ def manager(directory, keep: int = 3, best_metric: str | None = None,
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
-  return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                               item_handlers=_handlers())
+  return _open(Path(directory).absolute(), options, _handlers())
 
 
 def _handlers() -> dict:
@@ -202,29 +201,50 @@ def damaged_file(step_dir: Path, error: Exception) -> str:
   return found.group(0).rstrip('/:.,') if found else f'{step_dir} (an array file)'
 
 
-def damage(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
-  """One line on an unrestorable step: ``checkpoint step N of DIR cannot be restored (FILE: ...)``."""
-  directory = Path(mngr.directory)
-  first = (str(error).strip().splitlines() or [''])[0][:160]
+def _describe(directory: Path, step: int, error: Exception) -> str:
+  first = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore')[0][:160]
   return (f'checkpoint step {step} of {directory} cannot be restored '
           f'({damaged_file(directory / str(step), error)}: {type(error).__name__}: {first})')
 
 
-def set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> Path:
-  """Moves an unrestorable step to ``<directory>.corrupt/<step>``, logs one line, reloads."""
-  directory = Path(mngr.directory)
-  what = damage(mngr, step, error)
+def damage(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
+  """One line on an unrestorable step: ``checkpoint step N of DIR cannot be restored (FILE...)``."""
+  return _describe(Path(mngr.directory), step, error)
+
+
+def _move_aside(directory: Path, step: int, error: Exception) -> str:
+  """Moves step ``step`` to ``<directory>.corrupt/<step>``; returns the line to log."""
+  what = _describe(directory, step, error)
   dest = directory.with_name(f'{directory.name}.corrupt') / str(step)
   n = 1
   while dest.exists():
     dest, n = dest.with_name(f'{step}.{n}'), n + 1
   dest.parent.mkdir(parents=True, exist_ok=True)
   shutil.move(str(directory / str(step)), str(dest))
+  return f'{what}; moved aside to {dest}'
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Moves an unrestorable step to ``<directory>.corrupt/<step>``, logs one line, reloads."""
+  line = _move_aside(Path(mngr.directory), step, error)
   mngr.reload()
   older = mngr.latest_step()
-  logging.warning('%s; moved aside to %s; resuming from %s', what, dest,
+  logging.warning('%s; resuming from %s', line,
                   f'step {older}' if older is not None else 'the start of this stage')
-  return dest
+
+
+def _open(directory: Path, options, item_handlers) -> ocp.CheckpointManager:
+  """A manager; steps whose JSON files do not parse (Orbax reads metrics on opening) set aside."""
+  try:
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+  except Exception as e:  # pylint: disable=broad-except
+    steps = [int(p.name) for p in directory.glob('*') if p.name.isdigit()]
+    bad = [step for step in steps if damaged_file(directory / str(step), e).endswith(_JSON_FILES)]
+    if not bad:
+      raise
+    for step in bad:
+      logging.warning('%s', _move_aside(directory, step, e))
+  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

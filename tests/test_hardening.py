@@ -224,6 +224,22 @@ def test_corrupt_latest_step_is_set_aside_and_resume_is_identical(smoke, stopped
   assert listing.replace(aside, '') == checkpoint.inspect(reference_dir).split('\n', 1)[1]
 
 
+def test_unparsable_metrics_file_sets_its_step_aside_when_the_manager_opens(smoke, tmp_path,
+                                                                          caplog):
+  _, reference_dir = smoke
+  fl_dir = tmp_path / 'fl'
+  shutil.copytree(reference_dir / 'checkpoints' / 'fl', fl_dir)
+  bad = fl_dir / '3' / 'metrics' / 'metrics'
+  _truncate(bad)
+  with caplog.at_level(logging.WARNING):
+    mngr = checkpoint.manager(fl_dir, keep=1, best_metric='val_accuracy')
+  assert list(mngr.all_steps()) == [1] and mngr.best_step() == 1
+  mngr.close()
+  line, = [r.getMessage() for r in caplog.records if 'cannot be restored' in r.getMessage()]
+  assert line.startswith(f'checkpoint step 3 of {fl_dir} cannot be restored ({bad}: JSONDecode')
+  assert (tmp_path / 'fl.corrupt' / '3' / 'metrics' / 'metrics').is_file()
+
+
 def test_evaluate_on_a_damaged_step_names_it_in_one_line(smoke, tmp_path):
   _, reference_dir = smoke
   workdir = tmp_path / 'copy'
