@@ -12,7 +12,11 @@ same command in the same workdir picks up where a previous run stopped::
 
 Workdir::
 
-  config.json  metrics.jsonl  results.json  report.md  figures/  tb/  checkpoints/
+  config.json  metrics.jsonl  results.json  report.md  figures/  tb/  checkpoints/  run.lock
+
+Before anything is written the whole config is checked (:mod:`fedblood.validate`), then the
+workdir is locked for the run (:mod:`fedblood.lock`), the centers are loaded and checked
+(every center needs a training and a test image), and only then is config.json written.
 
 Determinism: every random stream derives from ``config.seed`` by ``fold_in``
 (stage, then epoch or round), and rows of ``metrics.jsonl`` are written before
