@@ -17,6 +17,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedblood import lock  # light: no JAX
+
 _CONFIG = config_flags.DEFINE_config_file('config', str(Path(__file__).parent / 'configs/demo.py'),
                                           'Config file[:arg].',
                                           lock_config=True)
@@ -39,7 +41,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 brings it back
   try:
     _run(_MODE.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, lock.WorkdirBusy) as e:
     # Bad input and divergence are the user's to fix: the message, not a traceback.
     raise SystemExit(f'fedblood: {type(e).__name__}: {e}') from e
 

@@ -134,7 +134,7 @@ def check_finite(value: float, what: str, last_good: str) -> None:
 
 def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
         augment_fn: Callable | None = None, log=None, keep: int = 1, eval_batch: int = 128,
-        progress=None) -> FitResult:
+        progress=None, on_resume: Callable[[int], None] | None = None) -> FitResult:
   """Trains ``params`` on ``train``, early-stopped on ``val``; resumes from ``ckpt_dir``.
 
   Args:
@@ -154,6 +154,8 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
     keep: epochs kept besides the best.
     eval_batch: validation batch size.
     progress: optional tqdm-like factory ``(total, desc, initial) -> bar``.
+    on_resume: optional ``callable(epoch)`` told the last committed epoch the fit continues
+      from (0 when it starts afresh) before it trains; e.g. to drop log rows past it.
   """
   if len(train.labels) == 0:
     raise ValueError(f'{name}: the training split is empty')
@@ -167,9 +169,11 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
   state = {'trainable': trainable, 'opt_state': tx.init(trainable)}
   track = {'epoch': 0, 'best_epoch': 0, 'best': -math.inf, 'bad_epochs': 0, 'done': False,
            'best_val': None}
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    track = meta['track']
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    state, track = restored[0], restored[1]['track']
+  if on_resume is not None:
+    on_resume(track['epoch'])
   bar = progress(recipe.epochs, name, track['epoch']) if progress else None
   while not track['done']:
     epoch = track['epoch'] + 1

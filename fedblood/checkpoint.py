@@ -31,8 +31,11 @@ width-1/8 one.
 
 import json
 from pathlib import Path
+import re
+import shutil
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,11 +69,14 @@ def manager(directory, keep: int = 3, best_metric: str | None = None,
     policies.append(checkpoint_managers.BestN(
         get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min', n=1,
         keep_checkpoints_without_metrics=False))
+  # best_fn makes Orbax write each step's metrics into the step (a ``metrics`` item), so the
+  # ranking survives a restart; without it they live in memory only and a resumed run would
+  # prune the best step as one "without metrics".
+  best = {} if best_metric is None else dict(best_fn=lambda m: m[best_metric], best_mode=best_mode)
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True,
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies))
-  return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                               item_handlers=_handlers())
+      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
+  return _open(Path(directory).absolute(), options, _handlers())
 
 
 def _handlers() -> dict:
@@ -161,6 +167,86 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
   return state, out[META]
 
 
+def restore_latest(mngr: ocp.CheckpointManager, template) -> tuple[Any, dict] | None:
+  """:func:`restore` of the newest step that can be restored; None if no step is left.
+
+  A step that fails to restore for any reason but a shape mismatch (a truncated array file,
+  corrupt metadata) is logged in one line naming the step and file, moved aside to
+  ``<directory>.corrupt/`` (never deleted) and the next older step is tried.
+  """
+  while (step := mngr.latest_step()) is not None:
+    try:
+      return restore(mngr, template, step)
+    except (ShapeMismatchError, MemoryError):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
+      set_aside(mngr, step, e)
+  return None
+
+
+_JSON_FILES = ('_CHECKPOINT_METADATA', f'{META}/metadata', f'{STATE}/_METADATA',
+               'metrics/metrics')
+
+
+def damaged_file(step_dir: Path, error: Exception) -> str:
+  """The file of a step that ``error`` points at: an unparsable JSON file, or a path it names."""
+  for name in _JSON_FILES:
+    path = step_dir / name
+    if path.exists():
+      try:
+        json.loads(path.read_text())
+      except (ValueError, UnicodeDecodeError):
+        return str(path)
+  found = re.search(re.escape(str(step_dir)) + r'[^\s\'"]*', str(error))
+  return found.group(0).rstrip('/:.,') if found else f'{step_dir} (an array file)'
+
+
+def _describe(directory: Path, step: int, error: Exception) -> str:
+  first = (str(error).strip().splitlines() or [''])[0].split(' See full TensorStore')[0][:160]
+  return (f'checkpoint step {step} of {directory} cannot be restored '
+          f'({damaged_file(directory / str(step), error)}: {type(error).__name__}: {first})')
+
+
+def damage(mngr: ocp.CheckpointManager, step: int, error: Exception) -> str:
+  """One line on an unrestorable step: ``checkpoint step N of DIR cannot be restored (FILE...)``."""
+  return _describe(Path(mngr.directory), step, error)
+
+
+def _move_aside(directory: Path, step: int, error: Exception) -> str:
+  """Moves step ``step`` to ``<directory>.corrupt/<step>``; returns the line to log."""
+  what = _describe(directory, step, error)
+  dest = directory.with_name(f'{directory.name}.corrupt') / str(step)
+  n = 1
+  while dest.exists():
+    dest, n = dest.with_name(f'{step}.{n}'), n + 1
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  shutil.move(str(directory / str(step)), str(dest))
+  return f'{what}; moved aside to {dest}'
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+  """Moves an unrestorable step to ``<directory>.corrupt/<step>``, logs one line, reloads."""
+  line = _move_aside(Path(mngr.directory), step, error)
+  mngr.reload()
+  older = mngr.latest_step()
+  logging.warning('%s; resuming from %s', line,
+                  f'step {older}' if older is not None else 'the start of this stage')
+
+
+def _open(directory: Path, options, item_handlers) -> ocp.CheckpointManager:
+  """A manager; steps whose JSON files do not parse (Orbax reads metrics on opening) set aside."""
+  try:
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+  except Exception as e:  # pylint: disable=broad-except
+    steps = [int(p.name) for p in directory.glob('*') if p.name.isdigit()]
+    bad = [step for step in steps if damaged_file(directory / str(step), e).endswith(_JSON_FILES)]
+    if not bad:
+      raise
+    for step in bad:
+      logging.warning('%s', _move_aside(directory, step, e))
+  return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+
+
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The JSON ``meta`` item of a step (no arrays read)."""
   return mngr.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
@@ -208,6 +294,10 @@ def inspect(workdir) -> str:
                             '(is it a fedblood workdir?)')
   lines = [f'checkpoints in {root}']
   for stage_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    if stage_dir.name.endswith('.corrupt'):
+      lines.append(f'\n[{stage_dir.name}] set aside (unrestorable): '
+                   f'{sorted(p.name for p in stage_dir.iterdir())}')
+      continue
     # No preservation policy and no save: opening the manager deletes nothing.
     mngr = ocp.CheckpointManager(stage_dir.absolute(), item_handlers=_handlers(),
                                  options=ocp.CheckpointManagerOptions(create=False))
@@ -216,22 +306,35 @@ def inspect(workdir) -> str:
       lines.append(f'\n[{stage_dir.name}] no committed step')
       continue
     lines.append(f'\n[{stage_dir.name}] steps {steps}')
-    metas = {step: read_meta(mngr, step) for step in steps}
+    metas, damaged = {}, {}
+    for step in steps:
+      try:
+        metas[step] = read_meta(mngr, step)
+      except Exception as e:  # pylint: disable=broad-except  (a damaged step is listed as such)
+        damaged[step] = damage(mngr, step, e)
     best = _best_step(metas)
-    for step, meta in metas.items():
+    for step in steps:
+      if step in damaged:
+        lines.append(f'  step {step}: DAMAGED, {damaged[step]}')
+        continue
+      meta = metas[step]
       shown = ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}'
                         for k, v in meta.get('metrics', {}).items())
       mark = ' (best)' if step == best else ''
       lines.append(f'  {meta.get("kind", "step")} {step}{mark}: {shown}')
-    latest = steps[-1]
-    meta = read_meta(mngr, latest)
-    params = meta.get('params')
+    latest = max(metas, default=None)
+    params = metas[latest].get('params') if metas else None
     if params:
       lines.append(f'  model: {params.get("model", "?")}; trainable {params["trainable"]:,} '
                    f'scalars in {params["trainable_leaves"]} leaves, frozen {params["frozen"]:,} '
                    f'in {params["frozen_leaves"]} leaves')
-    sizes = summarize_tree(stored_shapes(mngr, latest))
-    lines.append('  stored state: ' + ', '.join(
-        f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
+    try:
+      sizes = summarize_tree(stored_shapes(mngr, latest)) if metas else {}
+    except Exception as e:  # pylint: disable=broad-except
+      lines.append(f'  stored state: DAMAGED, {damage(mngr, latest, e)}')
+    else:
+      if sizes:
+        lines.append('  stored state: ' + ', '.join(
+            f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
     mngr.close()
   return '\n'.join(lines)

@@ -6,6 +6,7 @@ holds the frozen blocks) and the trainable part from an FL round checkpoint.
 ``round=None`` takes the latest round, ``round=0`` the reference model itself.
 """
 
+import contextlib
 import csv
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from fedblood import centralized, checkpoint, data, metrics, models, partition, train
+from fedblood import centralized, checkpoint, data, metrics, models, partition, runlog, train
 
 
 class Loaded(NamedTuple):
@@ -33,11 +34,11 @@ class Loaded(NamedTuple):
 
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  path = Path(workdir) / 'config.json'
-  if not path.exists():
+  config = runlog.read_config(workdir)  # an unreadable config.json: named, with the remedy
+  if config is None:
     raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir '
                             '(train into it first)')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(config)
 
 
 def load_model(workdir, round_index: int | None = None) -> Loaded:
@@ -50,7 +51,8 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   if not ref_dir.exists():
     raise FileNotFoundError(f'{workdir} holds no reference model yet (checkpoints/reference_model)')
   mngr = checkpoint.manager(ref_dir)
-  state, _ = checkpoint.restore(mngr, {'params': template})
+  with _named_damage(mngr, mngr.latest_step()):
+    state, _ = checkpoint.restore(mngr, {'params': template})
   mngr.close()
   reference = state['params']
   fl_dir = workdir / 'checkpoints' / 'fl'
@@ -64,14 +66,29 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
     raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
                             f'kept rounds: {steps} '
                             '(0 = the reference model)')
-  meta = checkpoint.read_meta(mngr, round_index)
+  with _named_damage(mngr, round_index):
+    meta = checkpoint.read_meta(mngr, round_index)
   algorithm, _, state_template, frozen = train.fl_template(config, model, reference,
                                                            len(meta['centers']))
-  state, meta = checkpoint.restore(mngr, state_template, step=round_index)
+  with _named_damage(mngr, round_index):
+    state, meta = checkpoint.restore(mngr, state_template, step=round_index)
   mngr.close()
   name = meta['eval_model']
   params = partition.merge(algorithm.eval_params(state['server'])[name], frozen)
   return Loaded(config, model, params, round_index, f'fl round {round_index} ({name})')
+
+
+@contextlib.contextmanager
+def _named_damage(mngr, step):
+  """A damaged checkpoint step becomes one line naming its file (nothing is moved or deleted)."""
+  try:
+    yield
+  except (checkpoint.ShapeMismatchError, FileNotFoundError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
+    raise ValueError(f'{checkpoint.damage(mngr, step, e)}. Pass --round with an intact round '
+                     '(see --mode inspect), or rerun training in this workdir: it sets the '
+                     'step aside and redoes it.') from None
 
 
 def _probs(loaded: Loaded, images) -> np.ndarray:
@@ -136,6 +153,10 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None) 
   skipped with a warning; a file with an image extension that cannot be decoded
   is an error naming it (nothing is written then).
   """
+  output = Path(output)
+  if output.is_dir():
+    raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '
+                     f'e.g. {output / "predictions.csv"}')
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
@@ -143,13 +164,15 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None) 
   except ValueError as e:
     raise ValueError(f'--input {input_path}: {e}') from e
   probs = _probs(loaded, images)
-  output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.with_name(output.name + '.tmp')
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
-    for name, p in zip(files, probs):
-      writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
-  tmp.replace(output)
+  try:
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
+      for name, p in zip(files, probs):
+        writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
+    tmp.replace(output)
+  finally:
+    tmp.unlink(missing_ok=True)
   return len(files)

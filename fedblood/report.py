@@ -27,6 +27,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from fedblood import names as center_names  # pylint: disable=wrong-import-position
 from fedblood.metrics import CLASSES  # pylint: disable=wrong-import-position
 
 # Column titles of the per-center tables, in the study's order.
@@ -50,7 +51,7 @@ def center_table(per_center: dict, centers: Sequence[str], reference: str | None
   rows = [head, '|' + '---|' * (len(COLUMNS) + 2)]
   for c in centers:
     m = per_center[c]
-    name = f'{c} (reference)' if c == reference else c
+    name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
     rows.append(f'| {name} | {m["n"]} | ' + ' | '.join(_pct(m.get(k)) for k, _ in COLUMNS) + ' |')
   external = [c for c in centers if c != reference]
   groups = [('mean, external centers', external)] if reference in centers and external else []
@@ -74,7 +75,7 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
   rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
           '|' + '---|' * (len(columns) + 1)]
   for c in centers:
-    name = f'{c} (reference)' if c == reference else c
+    name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
     cells = ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns)
     rows.append(f'| {name} | {cells} |')
   external = [c for c in centers if c != reference]
@@ -102,11 +103,11 @@ def plot_accuracy_per_round(history: Sequence[dict], path, reference: str | None
       points = [(0, before[center]['accuracy'])] + points
     points.sort()
     ax.plot([r for r, _ in points], [100 * a for _, a in points], marker='o', markersize=3,
-            linewidth=2.2 if center == reference else 1.4, label=center)
+            linewidth=2.2 if center == reference else 1.4, label=center_names.plot(center))
   if reference and before and reference in before:
     level = 100 * before[reference]['accuracy']
-    ax.axhline(level, color='0.3', linestyle='--', linewidth=1,
-               label=f'reference level ({reference} before FL, {level:.1f}%)')
+    label = f'reference level ({center_names.plot(reference)} before FL, {level:.1f}%)'
+    ax.axhline(level, color='0.3', linestyle='--', linewidth=1, label=label)
   ax.set_xlabel('federated round (0 = reference model)')
   ax.set_ylabel('test accuracy (%)')
   ax.set_ylim(0, 102)
@@ -181,14 +182,14 @@ def write_report(workdir, results: dict | None = None,
       matrix = (results.get('confusion') or {}).get(stage, {}).get(c)
       if matrix is None:
         continue
-      name = f'confusion_{stage}_{c}.png'
-      plot_confusion(matrix, figures / name, f'{c}: {label}', class_names)
-      cells.append(f'![{c} {label}](figures/{name})')
+      name = f'confusion_{stage}_{center_names.slug(c)}.png'
+      plot_confusion(matrix, figures / name, f'{center_names.plot(c)}: {label}', class_names)
+      cells.append(f'![{center_names.md(c)} {label}](figures/{name})')
     if cells:
       confusion_md.append(f'**{heading}**\n\n' + ' '.join(cells))
 
   facts = [f'- algorithm: `{results.get("algorithm", "?")}`, rounds: {results.get("rounds", "?")}, '
-           f'reference center: `{reference}`']
+           f'reference center: {center_names.code(reference)}']
   if results.get('eval_model'):
     facts.append(f'- Table 2 evaluates the `{results["eval_model"]}` model')
   if 'active_mean' in (results.get('after_models') or {}):

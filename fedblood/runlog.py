@@ -9,6 +9,7 @@ file of a resumed run equals that of an uninterrupted one.
 """
 
 import json
+import os
 from pathlib import Path
 
 from absl import logging
@@ -39,27 +40,68 @@ def config_diff(old: dict, new: dict) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
 
 
-def check_config(config, workdir) -> None:
-  """Writes ``config.json`` in a new workdir; refuses a workdir holding another config.
+def read_config(workdir) -> dict | None:
+  """The workdir's ``config.json`` as a dict; None if there is none.
 
   Raises:
-    ValueError: naming every field that differs from the workdir's config.json.
+    ValueError: naming the file and how to recover, if it is empty or not JSON (a disk that
+      filled up while an older version wrote it, a hand edit).
+  """
+  path = Path(workdir) / 'config.json'
+  if not path.exists():
+    return None
+  try:
+    text = path.read_text()
+    if not text.strip():
+      raise ValueError('the file is empty')
+    return json.loads(text)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(
+        f'{path} is unreadable ({e}), so this workdir cannot be checked against the config. '
+        f'It is written once, before any training, from the run\'s config: move it aside '
+        f'(mv {path} {path}.bad) and rerun the SAME command as the run in the workdir; the '
+        'checkpoints are kept and resumed (or use a new --workdir).') from None
+
+
+def write_config(config, workdir) -> None:
+  """Writes ``config.json`` atomically (a temporary file, fsynced, then renamed)."""
+  path = Path(workdir) / 'config.json'
+  tmp = path.with_name(f'.config.json.tmp{os.getpid()}')
+  try:
+    with open(tmp, 'w') as f:
+      f.write(json.dumps(config_dict(config), indent=1, sort_keys=True) + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def check_config(config, workdir, write: bool = True) -> None:
+  """Refuses a workdir holding another config; writes ``config.json`` in a new one.
+
+  Args:
+    config: the run's (validated) config.
+    workdir: the run's directory (created).
+    write: False only compares (nothing is written when the workdir has no config.json yet).
+
+  Raises:
+    ValueError: naming every field that differs from the workdir's config.json, or naming an
+      unreadable config.json.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / 'config.json'
-  new = config_dict(config)
-  if path.exists():
-    old = json.loads(path.read_text())
-    diff = config_diff(old, new)
+  old = read_config(workdir)
+  if old is not None:
+    diff = config_diff(old, config_dict(config))
     if diff:
       raise ValueError(
           f'{workdir} holds a run of a different config, refusing to resume it. '
           'Differing fields:\n  '
           + '\n  '.join(diff) + '\nUse a new --workdir, or the same --config and overrides '
-          f'as the run in it (its config is saved in {path}).')
-    return
-  path.write_text(json.dumps(new, indent=1, sort_keys=True) + '\n')
+          f'as the run in it (its config is saved in {workdir / "config.json"}).')
+  elif write:
+    write_config(config, workdir)
 
 
 def read_rows(workdir) -> list[dict]:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 import re
 
-from fedblood import report, train
+from fedblood import report, train, validate
 
 
 def load_sweep(config_file: str) -> list[dict]:
@@ -59,6 +59,7 @@ def run(config, config_file: str, workdir) -> str:
   points = []
   for overrides in load_sweep(config_file):
     point = apply(config, overrides)  # check every point before training any
+    validate.check(point)
     points.append({'name': point_name(overrides), 'overrides': overrides, 'config': point})
   for p in points:
     results_path = workdir / p['name'] / 'results.json'

@@ -12,7 +12,11 @@ same command in the same workdir picks up where a previous run stopped::
 
 Workdir::
 
-  config.json  metrics.jsonl  results.json  report.md  figures/  tb/  checkpoints/
+  config.json  metrics.jsonl  results.json  report.md  figures/  tb/  checkpoints/  run.lock
+
+Before anything is written the whole config is checked (:mod:`fedblood.validate`), then the
+workdir is locked for the run (:mod:`fedblood.lock`), the centers are loaded and checked
+(every center needs a training and a test image), and only then is config.json written.
 
 Determinism: every random stream derives from ``config.seed`` by ``fold_in``
 (stage, then epoch or round), and rows of ``metrics.jsonl`` are written before
@@ -34,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from fedblood import centralized, checkpoint, data, metrics, models, partition, report, simulate
-from fedblood import runlog
+from fedblood import lock, names, runlog, validate
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
@@ -107,21 +111,22 @@ def evaluate_split(config, model, params, split) -> dict:
 def reference_stage(config, model, center, key, workdir: Path, log) -> tuple[dict, dict]:
   """Trains (or restores) the reference model; saves it once to ``checkpoints/reference_model``."""
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'reference_model', keep=1)
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, {'params': param_shapes(config, model)})
-    return state['params'], meta['info']
+  restored = checkpoint.restore_latest(mngr, {'params': param_shapes(config, model)})
+  if restored is not None:
+    mngr.close()
+    return restored[0]['params'], restored[1]['info']
   if config.reference.get('restore'):
     params, source = load_reference(config.reference.restore, param_shapes(config, model), model)
     info = {'center': center.name, 'restored_from': source}
   else:
     template = init_params(config, model)
-    runlog.truncate(workdir, 'reference', _committed(workdir / 'checkpoints' / 'reference'))
     result = centralized.fit(
         'reference', model, template, partition.frozen_block_rules(config.reference.frozen_blocks),
         center.train, center.val, config.reference, jax.random.fold_in(key, STAGE['reference']),
         workdir / 'checkpoints' / 'reference', augment_fn=augment_fn(config),
         log=lambda row: log({**row, 'center': center.name}), eval_batch=config.eval.batch_size,
-        progress=_progress(config))
+        progress=_progress(config),
+        on_resume=lambda epoch: runlog.truncate(workdir, 'reference', epoch))
     params = result.params
     info = {'center': center.name, 'best_epoch': result.epoch, 'epochs_run': result.epochs_run,
             'val': result.val}
@@ -132,16 +137,6 @@ def reference_stage(config, model, center, key, workdir: Path, log) -> tuple[dic
       'params': checkpoint.param_summary(trainable, frozen, config.model.name)})
   mngr.close()
   return params, info
-
-
-def _committed(ckpt_dir: Path) -> int:
-  """The latest committed step of a checkpoint directory (0 if none)."""
-  if not ckpt_dir.exists():
-    return 0
-  mngr = checkpoint.manager(ckpt_dir)
-  step = mngr.latest_step() or 0
-  mngr.close()
-  return step
 
 
 def load_reference(path, template, model) -> tuple[dict, str]:
@@ -237,9 +232,9 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
                             best_metric='val_accuracy')
   start = 0
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    start = meta['round']
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    state, start = restored[0], restored[1]['round']
   runlog.truncate(workdir, 'fl', start)
   sim = stack_centers(centers)
   fl_key = jax.random.fold_in(key, STAGE['fl'])
@@ -319,11 +314,11 @@ def baselines_stage(config, model, reference_params, centers, key, workdir: Path
     raise ValueError(f"baselines.init must be 'reference' or 'scratch', got {cfg.init!r}")
 
   def run_fit(stage, train, val, stage_key):
-    runlog.truncate(workdir, stage, _committed(workdir / 'checkpoints' / stage))
     return centralized.fit(stage, model, start, rules, train, val, cfg, stage_key,
-                           workdir / 'checkpoints' / stage, augment_fn=augment_fn(config),
-                           log=log, eval_batch=config.eval.batch_size,
-                           progress=_progress(config)).params
+                           workdir / 'checkpoints' / names.slug(stage),
+                           augment_fn=augment_fn(config), log=log,
+                           eval_batch=config.eval.batch_size, progress=_progress(config),
+                           on_resume=lambda epoch: runlog.truncate(workdir, stage, epoch)).params
 
   if cfg.local_only:
     out['local_only'] = {}
@@ -346,11 +341,19 @@ def baselines_stage(config, model, reference_params, centers, key, workdir: Path
 def run(config, workdir) -> dict:
   """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
   workdir = Path(workdir)
-  runlog.check_config(config, workdir)
+  validate.check(config)  # before anything is written: a rejected setting can be corrected
+  with lock.hold(workdir):
+    runlog.check_config(config, workdir, write=False)
+    return _run(config, workdir)
+
+
+def _run(config, workdir: Path) -> dict:
   started = time.time()
   times = {}
   key = jax.random.key(config.seed)
   centers = data.load_centers(config.data)
+  data.require_splits(centers)
+  runlog.check_config(config, workdir)
   times['data_s'] = time.time() - started
   names = [c.name for c in centers]
   model = models.build(config.model)

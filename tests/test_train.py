@@ -121,6 +121,10 @@ def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, sto
   expected, expected_meta = _fl_state(config, reference_dir)
   assert meta == expected_meta and meta['round'] == 3
   _assert_same_tree(state, expected)
+  # The best-by-validation step survives the restart: the same steps, and best, are kept.
+  listing = checkpoint.inspect(workdir).splitlines()
+  assert listing[1:] == checkpoint.inspect(reference_dir).splitlines()[1:]
+  assert '[fl] steps [1, 3]' in listing and '  round 1 (best): ' in ''.join(listing)
 
 
 def test_different_config_refused(smoke):

@@ -14,6 +14,7 @@ sets PBC / Raabin-WBC / LISC / JTSC / BCCD) and :mod:`fedblood.data.builder` for
 """
 
 from fedblood.data.augment import augment
+from fedblood.data.checks import require_splits
 from fedblood.data.layouts import CLASSES
 from fedblood.data.layouts import NAMED_SETS
 from fedblood.data.loader import Center

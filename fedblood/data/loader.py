@@ -22,8 +22,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from fedblood.data import builder as builder_lib
+from fedblood.data import checks
 from fedblood.data import images as images_lib
 from fedblood.data import layouts
+from fedblood.data import quiet
 from fedblood.data import splits as splits_lib
 from fedblood.data.layouts import CLASSES
 
@@ -122,6 +124,16 @@ def _check(data_cfg):
                        'caches never go beside the images')
 
 
+def check_config(data_cfg) -> None:
+  """Checks ``data_cfg`` (source, sizes, splits, root, centers, reference) without reading images.
+
+  Raises:
+    ValueError / FileNotFoundError: naming the config key or folder at fault.
+  """
+  _check(data_cfg)
+  _center_specs(data_cfg)
+
+
 def _center_specs(data_cfg) -> list[tuple[str, dict]]:
   """[(center name, CenterConfig fields)] in config order."""
   source, root = data_cfg.source, data_cfg.root
@@ -176,18 +188,23 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
   config_name = f'{safe}-{_digest(fields, data_cfg)}'
   path = os.path.join(cache_dir(data_cfg), 'fedblood', f'{config_name}_{size}px_{policy}.npz')
   if os.path.exists(path):
-    with np.load(path) as z:
-      splits = [Split(z[f'{s}_images'], z[f'{s}_labels'], z[f'{s}_files']) for s in
-                splits_lib.SPLIT_NAMES]
-    logging.info('Center %s: loaded %s', name, path)
-    return Center(name, *splits)
+    try:
+      with np.load(path, allow_pickle=False) as z:
+        splits = [Split(z[f'{s}_images'], z[f'{s}_labels'], z[f'{s}_files']) for s in
+                  splits_lib.SPLIT_NAMES]
+      logging.info('Center %s: loaded %s', name, path)
+      return Center(name, *splits)
+    except Exception as e:  # pylint: disable=broad-except  (any damage: zip, header, keys)
+      logging.warning('Center %s: the cache %s cannot be read (%s: %s); rebuilding it from the '
+                      'images', name, path, type(e).__name__, e)
   start = time.time()
   config = builder_lib.CenterConfig(
       name=config_name, val_fraction=data_cfg.val_fraction,
       test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed, **fields)
-  builder = builder_lib.Leukocytes(config=config, data_dir=cache_dir(data_cfg),
-                                   file_format='array_record')
-  builder.download_and_prepare()
+  with quiet.tfds_quiet():
+    builder = builder_lib.Leukocytes(config=config, data_dir=cache_dir(data_cfg),
+                                     file_format='array_record')
+    builder.download_and_prepare()
   splits = [Split(*builder_lib.read_split(builder, s, size, policy))
             for s in splits_lib.SPLIT_NAMES]
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -195,7 +212,9 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
   np.savez(tmp, **{f'{s}_{k}': getattr(split, k) for s, split in zip(splits_lib.SPLIT_NAMES, splits)
                    for k in Split._fields})
   os.replace(tmp, path)
-  logging.info('Center %s: prepared in %.1fs, cached in %s', name, time.time() - start, path)
+  quiet.announce(f'center {name}: {sum(len(x.labels) for x in splits)} images '
+                 f'({"/".join(str(len(x.labels)) for x in splits)} train/val/test) prepared in '
+                 f'{time.time() - start:.1f}s, cached in {path}')
   return Center(name, *splits)
 
 
@@ -208,7 +227,9 @@ def load_centers(data_cfg) -> list[Center]:
       set that was not downloaded (with what to download and where to put it).
   """
   _check(data_cfg)
-  return [_load_center(name, fields, data_cfg) for name, fields in _center_specs(data_cfg)]
+  centers = [_load_center(name, fields, data_cfg) for name, fields in _center_specs(data_cfg)]
+  checks.warn_duplicates(centers)
+  return centers
 
 
 def load_folder(path: str, image_size: int, resize: str = 'resize') -> Split:
