@@ -10,6 +10,7 @@ is on and only the nodes registered with :meth:`Federation.register` may join.
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -79,12 +80,16 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
 class Federation:
   """SuperLink + SuperNodes + ``flwr`` CLI in ``root`` (logs in ``root/logs``)."""
 
-  def __init__(self, root, *, tls: bool = False, auth: bool = False, env: dict | None = None):
+  def __init__(self, root, *, tls: bool = False, auth: bool = False, env: dict | None = None,
+               persistent: bool = False):
+    """Args: root (logs, keys, certificates, FLWR_HOME), tls, auth, env (of every process),
+    persistent (the SuperLink keeps its state in ``root/superlink.db`` across restarts)."""
     self.root = Path(root)
+    self.persistent = persistent
     self.logs = self.root / 'logs'
     self.logs.mkdir(parents=True, exist_ok=True)
     self.port = free_port()
-    self.procs = {}
+    self.procs, self.runs = {}, []
     self.auth = auth
     self.env = dict(os.environ, **(env or {}))
     self.env['FLWR_HOME'] = str(self.root / 'flwr_home')
@@ -104,10 +109,12 @@ class Federation:
     ca, cert, key = self.certs
     return ['--ssl-ca-certfile', str(ca), '--ssl-certfile', str(cert), '--ssl-keyfile', str(key)]
 
-  def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
+  def _start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
     log = open(self.logs / f'{name}.log', 'ab')
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                            cwd=self.root, start_new_session=True)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            env={**self.env, **(env or {})}, cwd=self.root,
+                            start_new_session=True)
+    log.close()
     self.procs[name] = proc
     return proc
 
@@ -116,18 +123,21 @@ class Federation:
             '--port', str(self.port), '--disable-runtime-dependency-installation']
     if self.auth:
       argv.append('--enable-supernode-auth')
+    if self.persistent:
+      argv += ['--database', str(self.root / 'superlink.db')]
     self._start('superlink', argv)
     self._wait_port(self.port, 'superlink')
 
-  def start_supernode(self, name: str, node_config: dict, key: Path | None = None) -> None:
-    """A SuperNode ``name`` with ``--node-config`` built from ``node_config``."""
+  def start_supernode(self, name: str, node_config: dict, key: Path | None = None,
+                      env: dict | None = None) -> None:
+    """A SuperNode ``name`` with ``--node-config`` from ``node_config`` (and extra ``env``)."""
     security = (['--root-certificates', str(self.certs[0])] if self.certs else ['--insecure'])
     config = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
     argv = [_bin('flower-supernode'), *security, '--superlink', f'127.0.0.1:{self.port}',
             '--port', str(free_port()), '--node-config', config]
     if key is not None:
       argv += ['--auth-supernode-private-key', str(key)]
-    self._start(name, argv)
+    self._start(name, argv, env)
 
   def flwr(self, *args, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([_bin('flwr'), *args], env=self.env, cwd=self.root, timeout=timeout,
@@ -138,27 +148,54 @@ class Federation:
     if out.returncode:
       raise RuntimeError(f'flwr supernode register failed: {out.stdout}{out.stderr}')
 
-  def run(self, run_config: dict, timeout: float) -> dict:
-    """``flwr run`` of fedblood's app; waits (at most ``timeout`` s) for the run to end.
+  def start_run(self, run_config: dict, timeout: float = 120.0) -> int:
+    """``flwr run --stream`` of fedblood's app with ``--run-config`` from ``run_config``.
 
-    Returns ``flwr ls``'s JSON entry of the run (``status`` is ``finished:completed`` on
-    success) with the streamed log under ``'log'``.
+    The streaming CLI (one process, logs in ``logs/run_<id>.log``) is what
+    :meth:`wait_run` waits on; returns the run id.
     """
     config = ' '.join(f'{k}={json.dumps(v)}' for k, v in run_config.items())
-    started = self.flwr('run', str(APP), 'fedblood', '--format', 'json', '--run-config', config)
-    if started.returncode:
-      raise RuntimeError(f'flwr run failed: {started.stdout}{started.stderr}')
-    run_id = json.loads(started.stdout)['run-id']
-    deadline = time.time() + timeout
+    name = f'flwr_run_{len(self.runs)}'
+    self.runs.append(name)
+    self._start(name, [_bin('flwr'), 'run', str(APP), 'fedblood', '--stream',
+                       '--run-config', config])
+    log, deadline = self.logs / f'{name}.log', time.time() + timeout
     while time.time() < deadline:
+      match = re.search(r'Successfully started run (\d+)', log.read_text(errors='replace'))
+      if match:
+        self.procs[f'run_{match.group(1)}'] = self.procs.pop(name)
+        self.runs[-1] = log
+        return int(match.group(1))
+      if self.procs[name].poll() is not None:
+        raise RuntimeError(f'flwr run failed: {log.read_text(errors="replace")[-3000:]}')
+      time.sleep(0.3)
+    raise TimeoutError(f'flwr run did not start a run within {timeout:.0f} s: see {log}')
+
+  def wait_run(self, run_id: int, timeout: float) -> dict:
+    """Waits (at most ``timeout`` s, then stops it) for a run to end.
+
+    Returns ``flwr ls``'s JSON entry of the run (``status`` is ``finished:completed`` on
+    success) with its streamed log under ``'log'``.
+    """
+    proc = self.procs.pop(f'run_{run_id}')
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.flwr('stop', str(run_id), 'fedblood')
+      os.killpg(proc.pid, signal.SIGKILL)
+      raise TimeoutError(f'flwr run {run_id} did not finish within {timeout:.0f} s') from None
+    for _ in range(30):  # the stream ends with the run; its status follows within moments
       listing = self.flwr('ls', 'fedblood', '--run-id', str(run_id), '--format', 'json')
       runs = json.loads(listing.stdout).get('runs', []) if listing.returncode == 0 else []
       if runs and str(runs[0].get('status', '')).startswith('finished'):
-        logs = self.flwr('log', str(run_id), 'fedblood', '--show', timeout=30)
-        return {**runs[0], 'log': logs.stdout + logs.stderr}
+        break
       time.sleep(1.0)
-    self.flwr('stop', str(run_id), 'fedblood')
-    raise TimeoutError(f'flwr run {run_id} did not finish within {timeout:.0f} s')
+    log = next(p for p in self.runs if isinstance(p, Path) and f'run {run_id}' in p.read_text())
+    return {**(runs[0] if runs else {'status': 'unknown'}), 'log': log.read_text(errors='replace')}
+
+  def run(self, run_config: dict, timeout: float) -> dict:
+    """:meth:`start_run` then :meth:`wait_run`."""
+    return self.wait_run(self.start_run(run_config), timeout)
 
   def kill(self, name: str) -> None:
     """SIGKILL to process ``name`` and its children (its session)."""
