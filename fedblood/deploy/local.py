@@ -230,3 +230,20 @@ class Federation:
 
 def _bin(name: str) -> str:
   return str(Path(sys.executable).parent / name)
+
+
+def main(argv) -> None:
+  """``certs DIR``: a CA + server certificate for 127.0.0.1/localhost (trying it on one
+  machine; a consortium uses its own PKI). ``keys DIR NAME...``: a node key pair per name."""
+  if len(argv) >= 2 and argv[0] == 'certs':
+    print('\n'.join(map(str, make_certificates(Path(argv[1])))))
+  elif len(argv) >= 3 and argv[0] == 'keys':
+    Path(argv[1]).mkdir(parents=True, exist_ok=True)
+    for name in argv[2:]:
+      print('\n'.join(map(str, make_node_key(Path(argv[1]), name))))
+  else:
+    raise SystemExit('usage: python -m fedblood.deploy.local certs DIR | keys DIR NAME...')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

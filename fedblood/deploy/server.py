@@ -43,7 +43,9 @@ class FederationError(RuntimeError):
 
 def note(workdir: Path, text: str) -> None:
   """A line in ``deploy.log`` and on stdout (Flower streams it to ``flwr run --stream``)."""
-  line = f'{time.strftime("%Y-%m-%dT%H:%M:%S")} {text}'
+  now = time.time()
+  stamp = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now)) + f'.{int(now % 1 * 1000):03d}Z'
+  line = f'{stamp} {text}'
   print(f'fedblood: {text}', flush=True)
   with open(workdir / 'deploy.log', 'a') as f:
     f.write(line + '\n')
@@ -195,6 +197,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
                                      config.model.name)
   final = None
   for r in range(start + 1, config.fl.rounds + 1):
+    round_started = time.time()
     sites.refresh()
     chosen = train.participation(config, part_key, r, num)
     requests = {sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
@@ -246,6 +249,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
                      'metrics': {'val_accuracy': float(np.mean(val)) if val else None,
                                  'test_accuracy': float(np.mean([w['accuracy'] for w in rows])),
                                  'loss': float(np.mean(losses[active]))}})
+    note(workdir, f'round {r}: checkpointed, {time.time() - round_started:.3f} s')
     if r == config.fl.rounds:
       final = evals
   mngr.close()
