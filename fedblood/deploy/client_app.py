@@ -4,7 +4,7 @@ A site runs one SuperNode with its node config::
 
   flower-supernode --superlink <server>:<port> --root-certificates ca.crt \\
       --auth-supernode-private-key site.key --port 9094 \\
-      --node-config "center='synth1' state-dir='/srv/fedblood' data-source='folder' data-root='/data'"
+      --node-config "center='synth1' state-dir='/srv/fb' data-source='folder' data-root='/data'"
 
 Message contents (all typed records, nothing pickled):
 

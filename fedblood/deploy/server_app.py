@@ -10,6 +10,8 @@ Run config (``flower_app/pyproject.toml``, or ``flwr run ... --run-config``):
   for a round's replies (a run never hangs on vanished sites).
 """
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -24,6 +26,11 @@ def main(grid: Grid, context: Context) -> None:
   if not str(rc.get('workdir', '')) or not str(rc.get('config', '')):
     raise ValueError("run config needs config='<config.py[:arg]>' and workdir='<dir>'")
   config = wire.load_config(str(rc['config']), str(rc.get('overrides', '')))
-  server.run(grid, config, str(rc['workdir']),
-             connect_timeout=float(rc.get('connect-timeout', 600.0)),
-             round_timeout=float(rc.get('round-timeout', 600.0)))
+  workdir = Path(str(rc['workdir']))
+  try:
+    server.run(grid, config, workdir, connect_timeout=float(rc.get('connect-timeout', 600.0)),
+               round_timeout=float(rc.get('round-timeout', 600.0)))
+  except Exception as e:  # the run fails (Flower logs the traceback); deploy.log says why
+    if workdir.is_dir():
+      server.note(workdir, f'stopped: {type(e).__name__}: {e}')
+    raise

@@ -48,7 +48,8 @@ def center_names(data_cfg) -> tuple:
   so ``data.centers`` must name the sites' centers.
   """
   if data_cfg.source == 'synthetic':
-    return tuple(name for name, _ in loader._center_specs(data_cfg))  # pylint: disable=protected-access
+    specs = loader._center_specs(data_cfg)  # pylint: disable=protected-access
+    return tuple(name for name, _ in specs)
   names = tuple(data_cfg.centers)
   if not names:
     raise ValueError('data.centers must list the sites\' center names for a deployed run '
