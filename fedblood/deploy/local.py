@@ -198,12 +198,19 @@ class Federation:
     return self.wait_run(self.start_run(run_config), timeout)
 
   def kill(self, name: str) -> None:
-    """SIGKILL to process ``name`` and its children (its session)."""
+    """SIGKILL to process ``name``, its session and every descendant (Flower starts its
+    SuperExec in a session of its own)."""
     proc = self.procs.pop(name)
+    pids = _descendants(proc.pid)
     try:
       os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
       pass
+    for pid in pids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
     proc.wait(timeout=30)
 
   def close(self) -> None:
@@ -226,6 +233,23 @@ class Federation:
           return
       time.sleep(0.2)
     raise TimeoutError(f'{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s')
+
+
+def _descendants(pid: int) -> list[int]:
+  """Every live descendant of ``pid`` (read from /proc; empty where there is none)."""
+  children = {}
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      ppid = int(stat.read_text().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    children.setdefault(ppid, []).append(int(stat.parent.name))
+  out, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      out.append(child)
+      todo.append(child)
+  return out
 
 
 def _bin(name: str) -> str:

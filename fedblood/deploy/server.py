@@ -67,10 +67,13 @@ class Sites:
     msgs = [Message(RecordDict({'request': ConfigRecord({**self.base, **fields}), **content}),
                     dst_node_id=node, message_type=kind, ttl=self.timeout)
             for node, fields in payloads.items()]
-    replies = self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []
+    replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+    # An error the SuperLink writes (e.g. the node stopped its heartbeat) comes from the
+    # SuperLink, not the node: name the node the request went to.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
     out = {}
     for reply in replies:
-      node = reply.metadata.src_node_id
+      node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
       who = f'node {node} (center {self.center_of(node)!r})'
       if reply.has_error():
         note(self.workdir, f'{kind}: {who} failed: {reply.error.reason}')
