@@ -1,6 +1,6 @@
 r"""Wall time per FL round deployed on Flower (localhost) against the simulation's, in one run.
 
-  python bench/bench_deploy.py                 # demo smoke study (3 centers, 32 px), 3 rounds, 2 reps
+  python bench/bench_deploy.py               # demo smoke study (3 centers, 32 px), 3 rounds x 2
   python bench/bench_deploy.py --rounds 4 --reps 1 --width 0.125
 
 Same config, model and data on both sides: the simulated round is ``train.fl_stage``'s (the

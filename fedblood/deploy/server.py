@@ -102,8 +102,10 @@ class Sites:
         note(self.workdir, f'query: refused node {node} for center {center!r}: it reports '
                            f'{size} training images, the study has {self.sizes[center]}')
         continue
-      if center in self.node_of:
-        note(self.workdir, f'center {center!r} moves from node {self.node_of[center]} to {node}')
+      if center in self.node_of and self.node_of[center] in ids:
+        note(self.workdir, f'query: refused node {node} for center {center!r}: node '
+                           f'{self.node_of[center]} answers for it and is still connected')
+        continue
       self.node_of[center], self.sizes[center] = node, int(size)
       note(self.workdir, f'node {node} is center {center!r} ({size} training images)')
       if 'eval' in reply.content:
