@@ -168,6 +168,28 @@ def _auto_round(build_fn: Callable, batch_size: int, local_epochs: int,
   return round_fn
 
 
+def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
+              local_epochs: int) -> Callable:
+  """One center's local update exactly as every execution of the round runs it.
+
+  ``client(server_state, client_state, weight, frozen, examples, center, size, rng)
+  -> (local_params, new_client_state, metrics)``: center ``center`` of ``examples``
+  (leaves ``[C, Nmax, ...]``), its ``size`` real examples, its key for the round
+  (``fold_in(fold_in(key, round), k)``). A deployed site (:mod:`fedblood.deploy`)
+  calls it on its own data padded to the federation's ``Nmax``, so the batches, and
+  hence the update, are the simulation's.
+  """
+  def client(server_state, client_state, weight, frozen, examples, center, size, rng):
+    perm_rng, step_rng = jax.random.split(rng)
+    batch_fn = make_batch_fn(examples, center, size, perm_rng, batch_size, local_epochs)
+    local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
+    num_steps = local_epochs * _ceil_div(size, batch_size)
+    return algorithm.client_update(server_state, client_state, weight, local_loss, batch_fn,
+                                   num_steps, step_rng)
+
+  return client
+
+
 def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
                 local_epochs: int, execution: str = 'vmap', donate: bool = True,
                 devices: Optional[Sequence[Any]] = None) -> Callable:
@@ -193,14 +215,7 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
                                  local_epochs=local_epochs, donate=donate, devices=devices)
     return _auto_round(build_fn, batch_size, local_epochs, devices)
   donated = (0, 1) if donate else ()
-
-  def client(server_state, client_state, weight, frozen, examples, center, size, rng):
-    perm_rng, step_rng = jax.random.split(rng)
-    batch_fn = make_batch_fn(examples, center, size, perm_rng, batch_size, local_epochs)
-    local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
-    num_steps = local_epochs * _ceil_div(size, batch_size)
-    return algorithm.client_update(server_state, client_state, weight, local_loss, batch_fn,
-                                   num_steps, step_rng)
+  client = client_fn(algorithm, loss_fn, batch_size=batch_size, local_epochs=local_epochs)
 
   def round_keys(key, round_index, num):
     round_key = jax.random.fold_in(key, round_index)

@@ -224,6 +224,13 @@ def _fl_functions(model, fl_json: str, augment):
   return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
 
 
+def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, val) -> dict:
+  """One ``metrics.jsonl`` row of the FL stage: center ``center`` after round ``round_index``."""
+  return {'stage': 'fl', 'round': round_index, 'center': center, 'model': eval_name,
+          'active': bool(active), 'loss': float(loss), 'train_accuracy': float(train_accuracy),
+          **test, **{f'val_{m}': v for m, v in val.items()}}
+
+
 def fl_stage(config, model, reference_params, centers, key, workdir: Path,
              log) -> tuple[dict, dict]:
   """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
@@ -265,10 +272,8 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
       test = metrics.summary(evaluate_split(config, model, full, center.test))
       val = (metrics.summary(evaluate_split(config, model, full, center.val))
              if len(center.val.labels) else {})
-      rows.append({'stage': 'fl', 'round': r, 'center': center.name, 'model': eval_name,
-                   'active': bool(active[k]), 'loss': float(losses[k]),
-                   'train_accuracy': float(np.asarray(round_metrics['accuracy'])[k]), **test,
-                   **{f'val_{m}': v for m, v in val.items()}})
+      rows.append(fl_row(r, center.name, eval_name, active[k], losses[k],
+                         np.asarray(round_metrics['accuracy'])[k], test, val))
       test_accs.append(test['accuracy'])
       if val:
         val_accs.append(val['accuracy'])
@@ -337,6 +342,30 @@ def baselines_stage(config, model, reference_params, centers, key, workdir: Path
   return out
 
 
+def study_results(config, names, before, after_models, eval_name, baselines, reference_info,
+                  train_sizes) -> dict:
+  """The results dict of a study (results.json) from full per-center metrics.
+
+  ``before``: ``{center: metrics}`` of the reference model; ``after_models``:
+  ``{model: {center: metrics}}`` after FL; ``baselines``: ``{name: {center: metrics}}``.
+  """
+  after = after_models[eval_name]
+  summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
+  return {
+      'title': config.get('title', 'fedblood run'), 'centers': names, 'reference': names[0],
+      'classes': list(metrics.CLASSES), 'algorithm': config.fl.algorithm,
+      'rounds': config.fl.rounds, 'eval_model': eval_name,
+      'before': summarize(before), 'after': summarize(after),
+      'after_models': {name: summarize(per) for name, per in after_models.items()},
+      'baselines': {name: summarize(per) for name, per in baselines.items()},
+      'confusion': {'before': {c: m['confusion'] for c, m in before.items()},
+                    'after': {c: m['confusion'] for c, m in after.items()}},
+      'details': {'before': before, 'after': after, **baselines},
+      'reference_training': reference_info,
+      'train_sizes': train_sizes,
+  }
+
+
 # ------------------------------------------------------------------------------------------ run
 def run(config, workdir) -> dict:
   """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
@@ -369,26 +398,13 @@ def _run(config, workdir: Path) -> dict:
   times['fl_s'] = time.time() - t
   after_models = {name: {c.name: evaluate_split(config, model, p, c.test) for c in centers}
                   for name, p in fl_models.items()}
-  after = after_models[fl_info['eval_model']]
 
   t = time.time()
   baselines = baselines_stage(config, model, reference_params, centers, key, workdir, log)
   times['baselines_s'] = time.time() - t
 
-  summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
-  results = {
-      'title': config.get('title', 'fedblood run'), 'centers': names, 'reference': names[0],
-      'classes': list(metrics.CLASSES), 'algorithm': config.fl.algorithm,
-      'rounds': config.fl.rounds, 'eval_model': fl_info['eval_model'],
-      'before': summarize(before), 'after': summarize(after),
-      'after_models': {name: summarize(per) for name, per in after_models.items()},
-      'baselines': {name: summarize(per) for name, per in baselines.items()},
-      'confusion': {'before': {c: m['confusion'] for c, m in before.items()},
-                    'after': {c: m['confusion'] for c, m in after.items()}},
-      'details': {'before': before, 'after': after, **baselines},
-      'reference_training': reference_info,
-      'train_sizes': {c.name: int(len(c.train.labels)) for c in centers},
-  }
+  results = study_results(config, names, before, after_models, fl_info['eval_model'], baselines,
+                          reference_info, {c.name: int(len(c.train.labels)) for c in centers})
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))

@@ -1,0 +1,105 @@
+r"""Wall time per FL round deployed on Flower (localhost) against the simulation's, in one run.
+
+  python bench/bench_deploy.py               # demo smoke study (3 centers, 32 px), 3 rounds x 2
+  python bench/bench_deploy.py --rounds 4 --reps 1 --width 0.125
+
+Same config, model and data on both sides: the simulated round is ``train.fl_stage``'s (the
+jitted round, every center evaluated, a checkpoint); the deployed round is the ServerApp's
+(train requests, the server step, every site evaluating, a checkpoint) with one SuperLink and
+one SuperNode per center on 127.0.0.1, insecure (TLS costs are not the point here). The two
+alternate, ``--reps`` times, in this process; round 1 (compiles) is reported apart from the
+steady rounds 2.. . Prints a markdown table and one JSON line.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fedblood import checkpoint, data, models, runlog, train  # pylint: disable=g-import-not-at-top
+from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
+
+CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
+
+
+def simulated_rounds(config, centers, workdir: Path) -> list[float]:
+  """Per-round wall times of ``train.fl_stage`` (each round ends with its last center's row)."""
+  model = models.build(config.model)
+  ref, _ = train.load_reference(config.reference.restore, train.param_shapes(config, model), model)
+  workdir.mkdir(parents=True)
+  log, marks = runlog.logger(workdir, tensorboard=False), [time.time()]
+
+  def timed(row):
+    log(row)
+    if row['center'] == centers[-1].name:
+      marks.append(time.time())
+
+  train.fl_stage(config, model, ref, centers, __import__('jax').random.key(config.seed), workdir,
+                 timed)
+  return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def deployed_rounds(fed, overrides: str, workdir: Path) -> list[float]:
+  out = fed.run({'config': CONFIG, 'overrides': overrides, 'workdir': str(workdir),
+                 'connect-timeout': 600.0, 'round-timeout': 600.0}, timeout=3600)
+  if out['status'] != 'finished:completed':
+    raise RuntimeError(out['log'][-3000:])
+  text = (workdir / 'deploy.log').read_text()
+  return [float(s) for s in re.findall(r'round \d+: checkpointed, ([0-9.]+) s', text)]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--reps', type=int, default=2)
+  parser.add_argument('--width', type=float, default=0.0625)
+  args = parser.parse_args()
+  root = Path(tempfile.mkdtemp(prefix='bench_deploy_'))
+  os.environ.setdefault('TFDS_DATA_DIR', str(root / 'tfds'))
+  overrides = (f'fl.rounds={args.rounds} model.width={args.width} baselines.local_only=False '
+               f"baselines.pooled=False reference.restore='{root / 'ref'}'")
+  config = wire.load_config(CONFIG, overrides)
+  mngr = checkpoint.manager(root / 'ref')
+  checkpoint.save(mngr, 0, {'params': train.init_params(config, models.build(config.model))},
+                  {'kind': 'reference model'})
+  mngr.close()
+  centers = data.load_centers(config.data)
+  sim, dep = [], []
+  try:
+    with local.Federation(root / 'fed') as fed:
+      fed.start_superlink()
+      for k, c in enumerate(centers):
+        fed.start_supernode(f'site{k}', {'center': c.name, 'state-dir': str(root / f'site{k}')})
+      for rep in range(args.reps):
+        sim.append(simulated_rounds(config, centers, root / f'sim{rep}'))
+        dep.append(deployed_rounds(fed, overrides, root / f'dep{rep}'))
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  steady = lambda runs: sorted(t for run in runs for t in run[1:])
+  median = lambda xs: xs[len(xs) // 2] if xs else float('nan')
+  s1, d1 = median(sorted(r[0] for r in sim)), median(sorted(r[0] for r in dep))
+  s, d = median(steady(sim)), median(steady(dep))
+  cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True)
+  load = subprocess.run('uptime', capture_output=True, text=True).stdout.strip()
+  print(f'machine: {cpu.stdout.strip()}; load: {load}')
+  print(f'{len(centers)} centers {[len(c.train.labels) for c in centers]} train images, '
+        f'VGG16 width {args.width}, {config.data.image_size} px, {args.rounds} rounds x '
+        f'{args.reps} reps, interleaved\n')
+  print('| round | simulated s | deployed s | deployed / simulated |\n|---|---|---|---|')
+  print(f'| 1 (compiles) | {s1:.2f} | {d1:.2f} | {d1 / s1:.1f}x |')
+  print(f'| 2.. (median) | {s:.2f} | {d:.2f} | {d / s:.1f}x |')
+  print(json.dumps({'bench': 'deploy', 'simulated_round_s': s, 'deployed_round_s': d,
+                    'ratio': d / s, 'first_round_ratio': d1 / s1, 'simulated': sim,
+                    'deployed': dep, 'load': load}))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,56 @@
+"""fedblood's Flower ``ClientApp``: a site answering the server (see :mod:`fedblood.deploy.site`).
+
+A site runs one SuperNode with its node config::
+
+  flower-supernode --superlink <server>:<port> --root-certificates ca.crt \\
+      --auth-supernode-private-key site.key --port 9094 \\
+      --node-config "center='synth1' state-dir='/srv/fb' data-source='folder' data-root='/data'"
+
+Message contents (all typed records, nothing pickled):
+
+* request: ``ConfigRecord 'request'`` (config JSON, study id, center, index, round,
+  committed, weight, nmax, models to evaluate), ``ArrayRecord 'server'`` (the server
+  state), ``ArrayRecord 'frozen'`` (the frozen params); a bare query has the first only.
+* reply: ``ConfigRecord 'site'`` (center and split sizes), ``ConfigRecord 'eval'`` (JSON
+  metrics), and for ``train`` ``ArrayRecord 'params'`` / ``'state'`` and ``MetricRecord
+  'train'`` (loss, accuracy, num_steps, num-examples).
+"""
+
+import json
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedblood.deploy import site, wire
+
+app = ClientApp()
+
+
+def _answer(kind: str, msg: Message, context: Context) -> Message:
+  content = msg.content
+  request = dict(content['request'])
+  out = site.handle(kind, request, content.get('server'), content.get('frozen'),
+                    context.node_config)
+  reply = RecordDict({'site': ConfigRecord(out['site'])})
+  if 'eval' in out:
+    reply['eval'] = ConfigRecord({'json': json.dumps(out['eval'])})
+  if 'params' in out:
+    reply['params'] = wire.to_record(out['params'])
+    reply['state'] = wire.to_record(out['state'])
+    reply['train'] = MetricRecord({**out['train'], 'num-examples': out['site']['train_size']})
+  return Message(reply, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+  return _answer('query', msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+  return _answer('train', msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+  return _answer('evaluate', msg, context)

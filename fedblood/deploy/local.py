@@ -1,0 +1,273 @@
+"""A real Flower federation on this machine (loopback only), for tests and benchmarks.
+
+One SuperLink, one SuperNode per center, ``flwr run`` of ``flower_app/``; free ports are
+picked at start, every process is killed on :meth:`Federation.close` (use it as a
+context manager). With ``tls=True`` the SuperLink serves HTTPS with a CA and server
+certificate made for ``127.0.0.1``; with ``auth=True`` Flower's SuperNode authentication
+is on and only the nodes registered with :meth:`Federation.register` may join.
+"""
+
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+APP = REPO / 'flower_app'
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+  """A CA and a server certificate for 127.0.0.1/localhost: ``(ca.crt, server.pem, server.key)``."""
+  from cryptography import x509  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives import hashes, serialization
+  from cryptography.hazmat.primitives.asymmetric import ec
+  from cryptography.x509.oid import NameOID
+  import ipaddress  # pylint: disable=g-import-not-at-top
+  directory.mkdir(parents=True, exist_ok=True)
+  now = datetime.datetime.now(datetime.timezone.utc)
+
+  def cert(subject, issuer, key, signer, ca: bool, san=None):
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if san:
+      builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+  name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+  ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+  ca = cert(name('fedblood test CA'), name('fedblood test CA'), ca_key, ca_key, True)
+  san = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
+  server = cert(name('127.0.0.1'), ca.subject, key, ca_key, False, san)
+  paths = directory / 'ca.crt', directory / 'server.pem', directory / 'server.key'
+  paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+  paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+  paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()))
+  return paths
+
+
+def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
+  """An ECDSA key pair in OpenSSH format (what Flower's node authentication reads)."""
+  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
+  from cryptography.hazmat.primitives.asymmetric import ec
+  key = ec.generate_private_key(ec.SECP384R1())
+  private, public = directory / name, directory / f'{name}.pub'
+  private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                        serialization.PrivateFormat.OpenSSH,
+                                        serialization.NoEncryption()))
+  private.chmod(0o600)
+  public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH))
+  return private, public
+
+
+class Federation:
+  """SuperLink + SuperNodes + ``flwr`` CLI in ``root`` (logs in ``root/logs``)."""
+
+  def __init__(self, root, *, tls: bool = False, auth: bool = False, env: dict | None = None,
+               persistent: bool = False):
+    """Args: root (logs, keys, certificates, FLWR_HOME), tls, auth, env (of every process),
+    persistent (the SuperLink keeps its state in ``root/superlink.db`` across restarts)."""
+    self.root = Path(root)
+    self.persistent = persistent
+    self.logs = self.root / 'logs'
+    self.logs.mkdir(parents=True, exist_ok=True)
+    self.port = free_port()
+    self.procs, self.runs = {}, []
+    self.auth = auth
+    self.env = dict(os.environ, **(env or {}))
+    self.env['FLWR_HOME'] = str(self.root / 'flwr_home')
+    self.env['PYTHONPATH'] = os.pathsep.join(
+        [str(REPO)] + [p for p in self.env.get('PYTHONPATH', '').split(os.pathsep) if p])
+    self.certs = make_certificates(self.root / 'certs') if tls else None
+    home = Path(self.env['FLWR_HOME'])
+    home.mkdir(parents=True, exist_ok=True)
+    security = (f'root-certificates = "{self.certs[0]}"' if tls else 'insecure = true')
+    (home / 'config.toml').write_text(
+        f'[superlink]\ndefault = "fedblood"\n\n[superlink.fedblood]\n'
+        f'address = "127.0.0.1:{self.port}"\n{security}\n')
+
+  def _tls_server_args(self):
+    if not self.certs:
+      return ['--insecure']
+    ca, cert, key = self.certs
+    return ['--ssl-ca-certfile', str(ca), '--ssl-certfile', str(cert), '--ssl-keyfile', str(key)]
+
+  def _start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    log = open(self.logs / f'{name}.log', 'ab')
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                            env={**self.env, **(env or {})}, cwd=self.root,
+                            start_new_session=True)
+    log.close()
+    self.procs[name] = proc
+    return proc
+
+  def start_superlink(self) -> None:
+    argv = [_bin('flower-superlink'), *self._tls_server_args(), '--host', '127.0.0.1',
+            '--port', str(self.port), '--disable-runtime-dependency-installation']
+    if self.auth:
+      argv.append('--enable-supernode-auth')
+    if self.persistent:
+      argv += ['--database', str(self.root / 'superlink.db')]
+    self._start('superlink', argv)
+    self._wait_port(self.port, 'superlink')
+
+  def start_supernode(self, name: str, node_config: dict, key: Path | None = None,
+                      env: dict | None = None) -> None:
+    """A SuperNode ``name`` with ``--node-config`` from ``node_config`` (and extra ``env``)."""
+    security = (['--root-certificates', str(self.certs[0])] if self.certs else ['--insecure'])
+    config = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
+    argv = [_bin('flower-supernode'), *security, '--superlink', f'127.0.0.1:{self.port}',
+            '--port', str(free_port()), '--node-config', config]
+    if key is not None:
+      argv += ['--auth-supernode-private-key', str(key)]
+    self._start(name, argv, env)
+
+  def flwr(self, *args, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin('flwr'), *args], env=self.env, cwd=self.root, timeout=timeout,
+                          capture_output=True, text=True, check=False)
+
+  def register(self, public_key: Path) -> None:
+    out = self.flwr('supernode', 'register', str(public_key), 'fedblood')
+    if out.returncode:
+      raise RuntimeError(f'flwr supernode register failed: {out.stdout}{out.stderr}')
+
+  def start_run(self, run_config: dict, timeout: float = 120.0) -> int:
+    """``flwr run --stream`` of fedblood's app with ``--run-config`` from ``run_config``.
+
+    The streaming CLI (one process, logs in ``logs/run_<id>.log``) is what
+    :meth:`wait_run` waits on; returns the run id.
+    """
+    config = ' '.join(f'{k}={json.dumps(v)}' for k, v in run_config.items())
+    name = f'flwr_run_{len(self.runs)}'
+    self.runs.append(name)
+    self._start(name, [_bin('flwr'), 'run', str(APP), 'fedblood', '--stream',
+                       '--run-config', config])
+    log, deadline = self.logs / f'{name}.log', time.time() + timeout
+    while time.time() < deadline:
+      match = re.search(r'Successfully started run (\d+)', log.read_text(errors='replace'))
+      if match:
+        self.procs[f'run_{match.group(1)}'] = self.procs.pop(name)
+        self.runs[-1] = log
+        return int(match.group(1))
+      if self.procs[name].poll() is not None:
+        raise RuntimeError(f'flwr run failed: {log.read_text(errors="replace")[-3000:]}')
+      time.sleep(0.3)
+    raise TimeoutError(f'flwr run did not start a run within {timeout:.0f} s: see {log}')
+
+  def wait_run(self, run_id: int, timeout: float) -> dict:
+    """Waits (at most ``timeout`` s, then stops it) for a run to end.
+
+    Returns ``flwr ls``'s JSON entry of the run (``status`` is ``finished:completed`` on
+    success) with its streamed log under ``'log'``.
+    """
+    proc = self.procs.pop(f'run_{run_id}')
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      self.flwr('stop', str(run_id), 'fedblood')
+      os.killpg(proc.pid, signal.SIGKILL)
+      raise TimeoutError(f'flwr run {run_id} did not finish within {timeout:.0f} s') from None
+    for _ in range(30):  # the stream ends with the run; its status follows within moments
+      listing = self.flwr('ls', 'fedblood', '--run-id', str(run_id), '--format', 'json')
+      runs = json.loads(listing.stdout).get('runs', []) if listing.returncode == 0 else []
+      if runs and str(runs[0].get('status', '')).startswith('finished'):
+        break
+      time.sleep(1.0)
+    log = next(p for p in self.runs if isinstance(p, Path) and f'run {run_id}' in p.read_text())
+    return {**(runs[0] if runs else {'status': 'unknown'}), 'log': log.read_text(errors='replace')}
+
+  def run(self, run_config: dict, timeout: float) -> dict:
+    """:meth:`start_run` then :meth:`wait_run`."""
+    return self.wait_run(self.start_run(run_config), timeout)
+
+  def kill(self, name: str) -> None:
+    """SIGKILL to process ``name``, its session and every descendant (Flower starts its
+    SuperExec in a session of its own)."""
+    proc = self.procs.pop(name)
+    pids = _descendants(proc.pid)
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+    for pid in pids:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+  def close(self) -> None:
+    for name in list(self.procs):
+      self.kill(name)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _wait_port(self, port: int, name: str, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if self.procs[name].poll() is not None:
+        raise RuntimeError(f'{name} exited: see {self.logs / (name + ".log")}')
+      with socket.socket() as s:
+        if s.connect_ex(('127.0.0.1', port)) == 0:
+          return
+      time.sleep(0.2)
+    raise TimeoutError(f'{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s')
+
+
+def _descendants(pid: int) -> list[int]:
+  """Every live descendant of ``pid`` (read from /proc; empty where there is none)."""
+  children = {}
+  for stat in Path('/proc').glob('[0-9]*/stat'):
+    try:
+      ppid = int(stat.read_text().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    children.setdefault(ppid, []).append(int(stat.parent.name))
+  out, todo = [], [pid]
+  while todo:
+    for child in children.get(todo.pop(), []):
+      out.append(child)
+      todo.append(child)
+  return out
+
+
+def _bin(name: str) -> str:
+  return str(Path(sys.executable).parent / name)
+
+
+def main(argv) -> None:
+  """``certs DIR``: a CA + server certificate for 127.0.0.1/localhost (trying it on one
+  machine; a consortium uses its own PKI). ``keys DIR NAME...``: a node key pair per name."""
+  if len(argv) >= 2 and argv[0] == 'certs':
+    print('\n'.join(map(str, make_certificates(Path(argv[1])))))
+  elif len(argv) >= 3 and argv[0] == 'keys':
+    Path(argv[1]).mkdir(parents=True, exist_ok=True)
+    for name in argv[2:]:
+      print('\n'.join(map(str, make_node_key(Path(argv[1]), name))))
+  else:
+    raise SystemExit('usage: python -m fedblood.deploy.local certs DIR | keys DIR NAME...')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,217 @@
+"""The study deployed on Flower: real SuperLink / SuperNode / flwr processes on 127.0.0.1.
+
+Each test starts its own federation (free ports, TLS certificates and node keys made for
+it) and kills every process it started in a ``finally`` (the Federation context).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip('flwr')
+
+from fedblood import checkpoint, models, train  # pylint: disable=g-import-not-at-top
+from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
+
+CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
+# 3 tiny centers (44 / 26 / 20 training images), VGG16 at width 1/16, 32 px, 2 rounds.
+TINY = ('baselines.local_only=False baselines.pooled=False model.width=0.0625 '
+        'data.synthetic.images_per_center=(60,40,30)')
+
+
+def _reference(root: Path, overrides: str) -> str:
+  """A reference model (the seed's fresh init) saved as a checkpoint; returns the overrides."""
+  ref = root / 'reference'
+  overrides = f"{overrides} reference.restore='{ref}'"
+  config = wire.load_config(CONFIG, overrides)
+  mngr = checkpoint.manager(ref)
+  checkpoint.save(mngr, 0, {'params': train.init_params(config, models.build(config.model))},
+                  {'kind': 'reference model'})
+  mngr.close()
+  return overrides
+
+
+def _fl_state(workdir: Path):
+  """The latest FL checkpoint's arrays (server state, clients' states, key)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl')
+  step = mngr.latest_step()
+  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, out['state']
+
+
+def max_rel_diff(a, b) -> float:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 0
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+                   / max(float(np.max(np.abs(np.asarray(x)))), 1e-30)) for x, y in zip(la, lb))
+
+
+def _rows(workdir: Path) -> list:
+  return [r for r in map(json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())
+          if r['stage'] == 'fl']
+
+
+def _run_config(overrides, workdir, **kw):
+  return {'config': CONFIG, 'overrides': overrides, 'workdir': str(workdir),
+          'connect-timeout': 300.0, 'round-timeout': 300.0, **kw}
+
+
+@pytest.mark.slow
+def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch):
+  """FedDyn and SCAFFOLD over TLS with node authentication == fedblood's simulation.
+
+  Three registered sites and one node with an unregistered key, which the SuperLink refuses.
+  """
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  overrides = _reference(tmp_path, TINY + ' fl.rounds=2')
+  with local.Federation(tmp_path / 'fed', tls=True, auth=True) as fed:
+    fed.start_superlink()
+    for k in range(3):
+      private, public = local.make_node_key(fed.root, f'site{k}')
+      fed.register(public)
+      fed.start_supernode(f'site{k}', {'center': f'synth{k}', 'state-dir': str(tmp_path / f's{k}')},
+                          key=private)
+    intruder, _ = local.make_node_key(fed.root, 'intruder')
+    fed.start_supernode('intruder', {'center': 'synth1', 'state-dir': str(tmp_path / 'x')},
+                        key=intruder)
+    for algorithm in ('fed_dyn', 'scaffold'):
+      algo_overrides = f"{overrides} fl.algorithm='{algorithm}'"
+      deployed = tmp_path / f'deployed_{algorithm}'
+      out = fed.run(_run_config(algo_overrides, deployed), timeout=600)
+      assert out['status'] == 'finished:completed', out['log'][-3000:]
+      simulated = tmp_path / f'simulated_{algorithm}'
+      train.run(wire.load_config(CONFIG, algo_overrides), simulated)
+
+      step_d, state_d = _fl_state(deployed)
+      step_s, state_s = _fl_state(simulated)
+      assert step_d == step_s == 2
+      diff = max_rel_diff(state_s, state_d)
+      print(f'{algorithm}: max rel diff deployed vs simulated = {diff:.3g}')
+      assert diff <= 1e-5
+      # Same per-round rows and Tables 1/2 as the simulated run (baselines are not deployed).
+      assert _rows(deployed) == _rows(simulated)
+      res_d, res_s = (json.loads((w / 'results.json').read_text()) for w in (deployed, simulated))
+      for key in ('centers', 'before', 'after', 'after_models', 'confusion', 'train_sizes'):
+        assert res_d[key] == res_s[key], key
+      assert (deployed / 'report.md').exists()
+      assert (deployed / 'figures' / 'accuracy_per_round.png').stat().st_size > 0
+      log = (deployed / 'deploy.log').read_text()
+      assert log.count(' is center ') == 3  # the intruder never became a node
+    intruder_log = (fed.logs / 'intruder.log').read_text()
+    assert 'Failed to activate SuperNode' in intruder_log, intruder_log[-2000:]
+    assert 'SuperNode ID' not in intruder_log
+
+
+def _wait_for(path: Path, fed, timeout: float = 600.0) -> None:
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout
+  while not path.exists():
+    if time.time() > deadline:
+      raise TimeoutError(f'{path} did not appear; logs in {fed.logs}')
+    time.sleep(0.5)
+
+
+def _replay(overrides, masks):
+  """The simulation's own round function over the rounds' actual participation masks."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from fedblood import data  # pylint: disable=g-import-not-at-top
+  config = wire.load_config(CONFIG, overrides)
+  model = models.build(config.model)
+  ref, _ = train.load_reference(config.reference.restore, train.param_shapes(config, model), model)
+  centers = data.load_centers(config.data)
+  _, round_fn, state, frozen = train.fl_template(config, model, ref, len(centers))
+  sim = train.stack_centers(centers)
+  fl_key = jax.random.fold_in(jax.random.key(config.seed), train.STAGE['fl'])
+  server, clients = state['server'], state['clients']
+  for r, active in enumerate(masks, 1):
+    server, clients, _ = round_fn(server, clients, frozen, sim, jnp.asarray(active), fl_key,
+                                  jnp.int32(r))
+  return {'server': server, 'clients': clients, 'rng': state['rng']}
+
+
+def _masks(log: str, names=('synth0', 'synth1', 'synth2')) -> list:
+  masks = {}
+  for line in log.splitlines():
+    if ': active centers ' in line:
+      r = int(line.split(' round ')[1].split(':')[0])
+      active = line.split('active centers ')[1].split(' of ')[0]
+      masks[r] = [f"'{n}'" in active for n in names]
+  return [masks[r] for r in sorted(masks)]
+
+
+@pytest.mark.slow
+def test_faults_tampered_reply_killed_site_restarted_server(tmp_path, monkeypatch):
+  """FedDyn, 3 rounds: site2's round-1 reply has NaN params (refused, named); site1's
+  SuperNode is killed -9 in round 2 (the round goes on without it) and restarted; the
+  SuperLink (and with it the ServerApp) is killed -9 after round 2 and restarted, and the
+  run resumes from its checkpoint. The final state equals the simulation's round function
+  over the same participation, [1,1,0], [1,0,1], [1,1,1], exactly as FedDyn defines it."""
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  overrides = _reference(tmp_path, TINY + " fl.rounds=3 fl.algorithm='fed_dyn'")
+  workdir = tmp_path / 'deployed'
+  run_config = _run_config(overrides, workdir, **{'round-timeout': 90.0})
+  tamper = {'FEDBLOOD_TAMPER_ROUND': '1', 'PYTHONPATH': os.pathsep.join(
+      [str(Path(__file__).parent / 'deploy_tamper'), str(local.REPO)])}
+  sites = {k: {'center': f'synth{k}', 'state-dir': str(tmp_path / f's{k}')} for k in range(3)}
+  with local.Federation(tmp_path / 'fed', persistent=True) as fed:
+    fed.start_superlink()
+    fed.start_supernode('site0', sites[0])
+    fed.start_supernode('site1', sites[1])
+    fed.start_supernode('site2', sites[2], env=tamper)
+    fed.start_run(run_config)
+    _wait_for(workdir / 'checkpoints' / 'fl' / '1', fed)
+    fed.kill('site1')
+    _wait_for(workdir / 'checkpoints' / 'fl' / '2', fed)
+    fed.kill('superlink')
+    fed.start_supernode('site1', sites[1])
+    fed.start_superlink()
+    out = fed.wait_run(fed.start_run(run_config), timeout=600)
+    assert out['status'] == 'finished:completed', out['log'][-3000:]
+  log = (workdir / 'deploy.log').read_text()
+  refused = [line for line in log.splitlines() if 'refused the reply' in line]
+  assert len(refused) == 1 and 'round 1' in refused[0] and "(center 'synth2')" in refused[0]
+  assert 'non-finite' in refused[0] and 'node ' in refused[0]
+  assert 'resuming after round 2' in log
+  masks = _masks(log)
+  assert masks[:2] == [[True, True, False], [True, False, True]]
+  assert masks[-1] == [True, True, True]
+  template = _replay(overrides, [[True, True, False], [True, False, True], [True, True, True]])
+  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl')
+  state, meta = checkpoint.restore(mngr, template)
+  mngr.close()
+  assert meta['round'] == 3
+  diff = max_rel_diff(template, state)
+  print(f'faults: max rel diff deployed vs simulated replay = {diff:.3g}')
+  assert diff <= 1e-5
+  rounds = [r['round'] for r in _rows(workdir)]
+  assert rounds == sorted(rounds) and set(rounds) == {1, 2, 3}  # resumed log, no duplicates
+
+
+@pytest.mark.slow
+def test_all_sites_vanish_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
+  """The only site is killed -9 after round 1: round 2 ends the run with a clear error after
+  round-timeout, and round 1's checkpoint stays for a resume."""
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  overrides = _reference(tmp_path, 'baselines.local_only=False baselines.pooled=False '
+                         'model.width=0.0625 data.synthetic.num_centers=1 '
+                         'data.synthetic.images_per_center=(60,) fl.rounds=2')
+  workdir = tmp_path / 'deployed'
+  with local.Federation(tmp_path / 'fed') as fed:
+    fed.start_superlink()
+    fed.start_supernode('site0', {'center': 'synth0', 'state-dir': str(tmp_path / 's0')})
+    run_id = fed.start_run(_run_config(overrides, workdir, **{'round-timeout': 45.0}))
+    _wait_for(workdir / 'checkpoints' / 'fl' / '1', fed)
+    fed.kill('site0')
+    out = fed.wait_run(run_id, timeout=300)
+  assert out['status'] == 'finished:failed', out['log'][-3000:]
+  stopped = (workdir / 'deploy.log').read_text().splitlines()[-1]
+  assert 'stopped: FederationError: round 2: no site answered within 45 s' in stopped
+  assert 'rerun to resume' in stopped
+  step, _ = _fl_state(workdir)
+  assert step == 1

@@ -1,0 +1,93 @@
+"""What a deployed server or site accepts off the wire (no processes; Flower's real records)."""
+
+import io
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip('flwr')
+
+from flwr.app import Array, ArrayRecord  # pylint: disable=g-import-not-at-top
+
+from fedblood.deploy import study, wire  # pylint: disable=g-import-not-at-top
+
+TEMPLATE = {'block4': {'kernel': jnp.zeros((3, 3, 2, 4)), 'bias': jnp.zeros(4)},
+            'steps': jnp.zeros((), jnp.int32)}
+
+
+def _record(**changes):
+  tree = {'block4': {'kernel': np.ones((3, 3, 2, 4), np.float32), 'bias': np.ones(4, np.float32)},
+          'steps': np.int32(3)}
+  record = wire.to_record(tree)
+  for name, array in changes.items():
+    record[name.replace('__', '/')] = array
+  return record
+
+
+def test_round_trip_is_exact():
+  record = _record()
+  assert wire.check_tree(record, TEMPLATE, 'params') is None
+  back = wire.from_record(record, TEMPLATE)
+  assert sorted(record.keys()) == ['block4/bias', 'block4/kernel', 'steps']
+  np.testing.assert_array_equal(back['block4']['kernel'], np.ones((3, 3, 2, 4), np.float32))
+  assert back['steps'].dtype == np.int32 and int(back['steps']) == 3
+
+
+@pytest.mark.parametrize('changes, reason', [
+    ({'block4__bias': Array(np.ones(5, np.float32))}, 'params/block4/bias: float32[5], expected '
+                                                      'float32[4]'),
+    ({'block4__bias': Array(np.ones(4, np.float64))}, 'params/block4/bias: float64[4], expected '
+                                                      'float32[4]'),
+    ({'block4__kernel': Array(np.full((3, 3, 2, 4), np.inf, np.float32))},
+     'params/block4/kernel: non-finite values'),
+    ({'block4__bias': Array(np.array([1, np.nan, 0, 0], np.float32))},
+     'params/block4/bias: non-finite values'),
+    ({'extra': Array(np.ones(1, np.float32))}, "unexpected ['extra']"),
+])
+def test_bad_trees_are_refused_with_the_leaf_named(changes, reason):
+  got = wire.check_tree(_record(**changes), TEMPLATE, 'params')
+  assert got is not None and reason in got
+
+
+def test_missing_record_and_missing_leaf():
+  assert wire.check_tree(None, TEMPLATE, 'state') == 'state: missing'
+  record = _record()
+  del record['steps']
+  assert "missing ['steps']" in wire.check_tree(record, TEMPLATE, 'params')
+
+
+class _Boom:
+  def __reduce__(self):
+    return (exec, ("raise SystemExit('unpickled!')",))
+
+
+def test_a_pickle_on_the_wire_is_never_unpickled():
+  buf = io.BytesIO()
+  np.save(buf, np.array([_Boom()], dtype=object), allow_pickle=True)
+  assert b'unpickled!' in buf.getvalue()  # a real pickle payload, executed if ever loaded
+  evil = Array(dtype='float32', shape=(4,), stype='numpy.ndarray', data=buf.getvalue())
+  got = wire.check_tree(_record(block4__bias=evil), TEMPLATE, 'params')
+  assert got.startswith('params/block4/bias: unreadable')
+
+
+def test_load_config_overrides_and_their_errors(tmp_path):
+  spec = 'configs/demo.py:smoke'
+  config = wire.load_config(spec, "fl.rounds=2 fl.algorithm='scaffold' model.width=0.0625")
+  assert (config.fl.rounds, config.fl.algorithm, config.model.width) == (2, 'scaffold', 0.0625)
+  with pytest.raises(ValueError, match="no such config field 'fl.round'"):
+    wire.load_config(spec, 'fl.round=2')
+  with pytest.raises(ValueError, match='not key=value'):
+    wire.load_config(spec, 'fl.rounds')
+  with pytest.raises(FileNotFoundError, match='nope.py'):
+    wire.load_config(str(tmp_path / 'nope.py'))
+
+
+def test_center_names_follow_the_simulation_and_need_data_centers_for_real_data():
+  config = wire.load_config('configs/demo.py:smoke')
+  assert study.center_names(config.data) == ('synth0', 'synth1', 'synth2')
+  config.data.source = 'folder'
+  with pytest.raises(ValueError, match='data.centers must list'):
+    study.center_names(config.data)
+  config.data.centers, config.data.reference = ('a', 'b', 'pbc'), 'pbc'
+  assert study.center_names(config.data) == ('pbc', 'a', 'b')
