@@ -19,7 +19,6 @@ printed too.
 """
 
 import argparse
-import json
 import os
 import platform as host_platform
 import subprocess
@@ -147,11 +146,7 @@ def main(argv=None):
           f'{r["images_per_s"]:.0f} | {medians["sequential"] / medians[n]:.2f}x |')
   print(f'vectorized vs sequential: max |diff| of the server params after {args.rounds + 1} '
         f'rounds {max_diff:.2e}')
-  line = json.dumps(record)
-  print(line)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(line + '\n')
+  bench_step.emit_record(record, args.out)
   return record
 
 

@@ -59,6 +59,10 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   workdir = Path(workdir)
   if len(seeds) < 1:
     raise ValueError('--seeds: no seed given')
+  execution = config.fl.get('execution', 'auto')
+  if vectorize and execution not in vectorized.SWEEP_EXECUTIONS:
+    raise ValueError(f'--vectorize: fl.execution must be one of {vectorized.SWEEP_EXECUTIONS}, '
+                     f'got {execution!r}')
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
   todo = [i for i, d in enumerate(dirs) if not (d / 'results.json').exists()]

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import aggregate, checkpoint, report, seeds, train
+from fedblood import aggregate, checkpoint, report, seeds
 from test_train import _fl_state, smoke, smoke_config  # pylint: disable=unused-import
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +116,14 @@ def test_launch_seed_flags_are_checked_before_any_work(tmp_path):
                            str(tmp_path / 'w'), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_vectorize_refuses_shard_before_any_work(tmp_path):
+  config = smoke_config(tmp_path / 'tfds').copy_and_resolve_references()
+  config.fl.execution = 'shard'
+  with pytest.raises(ValueError, match="--vectorize: fl.execution must be one of .* 'shard'"):
+    seeds.run(config, tmp_path / 'w', [0, 1], vectorize=True)
   assert not (tmp_path / 'w').exists()
 
 
