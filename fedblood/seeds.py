@@ -65,6 +65,8 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
                      f'got {execution!r}')
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
+  for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
+    runlog.check_config(cfg, d)
   todo = [i for i, d in enumerate(dirs) if not (d / 'results.json').exists()]
   timing = {'vectorize': bool(vectorize), 'seeds': list(seeds)}
   if vectorize and len(todo) > 1:

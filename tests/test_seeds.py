@@ -3,6 +3,7 @@
 import csv
 import json
 from pathlib import Path
+import shutil
 import subprocess
 import sys
 
@@ -125,6 +126,27 @@ def test_vectorize_refuses_shard_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="--vectorize: fl.execution must be one of .* 'shard'"):
     seeds.run(config, tmp_path / 'w', [0, 1], vectorize=True)
   assert not (tmp_path / 'w').exists()
+
+
+def test_launch_seeds_reuses_a_finished_seed_and_refuses_another_config(smoke, tmp_path):
+  config, seq_dir = smoke
+  shutil.copytree(seq_dir, tmp_path / 'seed=0')
+  base = [sys.executable, str(REPO / 'launch.py'), '--config', 'configs/demo.py:smoke',
+          f'--config.data.cache_dir={config.data.cache_dir}', '--workdir', str(tmp_path),
+          '--seeds', '0']
+  run = lambda *extra: subprocess.run(base + list(extra), cwd=REPO, capture_output=True,
+                                      text=True, timeout=300)
+  bad = run('--config.fl.rounds=2')
+  assert bad.returncode != 0 and 'fl.rounds: 3 in the workdir, 2 now' in bad.stderr, bad.stderr
+  assert not (tmp_path / 'seeds_report.md').exists()
+  proc = run()
+  assert proc.returncode == 0, proc.stderr
+  assert f'report: {tmp_path / "seeds_report.md"}' in proc.stdout
+  md = (tmp_path / 'seeds_report.md').read_text()
+  assert '1 seeds' in md and '`seed=0`' in md
+  results = json.loads((seq_dir / 'results.json').read_text())
+  agg = json.loads((tmp_path / 'seeds_summary.json').read_text())['tables']
+  assert agg['after']['synth2']['accuracy']['values'] == [results['after']['synth2']['accuracy']]
 
 
 @pytest.mark.slow
