@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import aggregate, data, models, runlog, simulate, sweep, train, vectorized
+from fedblood import aggregate, algorithms, data, models, runlog, simulate, sweep, train, vectorized
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -86,8 +86,7 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
 def _sweep_round(model, fl_json: str, augment):
   fl = ml_collections.ConfigDict(json.loads(fl_json))
   loss_fn = simulate.classifier_loss(model, augment)
-  algorithm, _ = simulate.build(fl, loss_fn)
-  return vectorized.build_sweep_round(algorithm, loss_fn, batch_size=fl.batch_size,
+  return vectorized.build_sweep_round(algorithms.build(fl), loss_fn, batch_size=fl.batch_size,
                                       local_epochs=fl.local_epochs,
                                       execution=fl.get('execution', 'auto'))
 
