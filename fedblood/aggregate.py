@@ -7,7 +7,7 @@ sub-workdir), so the aggregate can be rebuilt at any time from them alone::
 
 writes, in ``workdir``:
 
-- ``seeds_report.md``: Table 1, Table 2 (each FL model), each baseline, per center and the
+- ``seeds_report.md``: Table 1, Table 2 (and each other FL model whose table differs), each baseline, per center and the
   means over external / all centers, every metric as ``mean ± sd (min)``; the side-by-side
   comparison (accuracy, macro F1) as ``mean ± sd``; the figure;
 - ``seeds_summary.csv``: one row per (table, row, metric): mean, sd, min, max, the values;
@@ -225,6 +225,8 @@ def write(workdir, seeds: Sequence[int], dirs: Sequence) -> Path:
            'Metrics in %, each cell mean ± sd (min) over the seeds; sd is the sample standard '
            'deviation. A mean row is averaged over centers per seed, then over seeds.', '']
   for name, rows in agg.items():
+    if name.startswith('after_models/') and rows == agg['after']:
+      continue  # as report.md: a model's table only where it differs from Table 2
     parts += [f'## {_title(name)}', '', center_table(rows, reference), '']
   parts += ['## Reference model, FL and baselines side by side (accuracy, mean ± sd)', '',
             comparison_table(agg, centers, reference, algorithm, 'accuracy'), '',

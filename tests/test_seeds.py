@@ -40,6 +40,8 @@ def _seed_run(root: Path, seed: int, accs: dict, after_accs: dict, history: list
   results = {'title': 't', 'centers': ['a', 'b', 'c'], 'reference': 'a', 'algorithm': 'fed_dyn',
              'rounds': 2, 'before': {c: _summary(v) for c, v in accs.items()},
              'after': {c: _summary(v) for c, v in after_accs.items()},
+             'after_models': {'server': {c: _summary(v) for c, v in after_accs.items()},
+                              'active_mean': {c: _summary(0.25) for c in accs}},
              'baselines': {'pooled': {c: _summary(0.5) for c in accs}}}
   (d / 'results.json').write_text(json.dumps(results))
   (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in history))
@@ -62,7 +64,9 @@ def test_aggregate_of_known_inputs_is_exact(tmp_path):
   out = json.loads((tmp_path / 'seeds_summary.json').read_text())
   assert out['seeds'] == [0, 1, 2] and out['centers'] == ['a', 'b', 'c']
   t = out['tables']
-  assert sorted(t) == ['after', 'baselines/pooled', 'before']
+  assert sorted(t) == ['after', 'after_models/active_mean', 'after_models/server',
+                       'baselines/pooled', 'before']
+  assert t['after_models/server'] == t['after']
   b = t['before']['b']['accuracy']
   assert (b['mean'], b['sd'], b['min'], b['max'], b['values']) == (0.5, 0.25, 0.25, 0.75,
                                                                    [0.25, 0.5, 0.75])
@@ -86,15 +90,17 @@ def test_aggregate_of_known_inputs_is_exact(tmp_path):
   row = next(r for r in rows if (r['table'], r['row'], r['metric']) == ('before', 'b', 'accuracy'))
   assert (row['mean'], row['sd'], row['min'], row['max'], row['seeds'], row['values']) == (
       '0.5', '0.25', '0.25', '0.75', '3', '0.25;0.5;0.75')
-  assert len(rows) == 3 * 5 * 7  # tables x (3 centers + 2 means) x (6 metrics + n)
+  assert len(rows) == 5 * 5 * 7  # tables x (3 centers + 2 means) x (6 metrics + n)
 
   md = path.read_text()
   assert path.name == 'seeds_report.md'
   assert '| b | 4 | 50.0 ± 25.0 (min 25.0) |' in md
   assert '| *mean, external centers* | 8 | 50.0 ± 25.0 (min 25.0) |' in md
   assert '## Baseline: Pooled (centralized)' in md
-  # Side by side: reference model, FL, pooled, as mean ± sd.
-  assert '| c | 50.0 ± 0.0 | 50.0 ± 50.0 | 50.0 ± 0.0 |' in md
+  # As report.md: another FL model's table only where it differs from Table 2.
+  assert '`active_mean` model' in md and '`server` model' not in md
+  # Side by side: reference model, the FL models (server, active_mean), pooled, as mean ± sd.
+  assert '| c | 50.0 ± 0.0 | 50.0 ± 50.0 | 25.0 ± 0.0 | 50.0 ± 0.0 |' in md
   assert '![accuracy per round](figures/accuracy_per_round_seeds.png)' in md
   with Image.open(tmp_path / 'figures' / 'accuracy_per_round_seeds.png') as image:
     assert image.format == 'PNG' and image.size[0] > 300
