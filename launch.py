@@ -3,6 +3,7 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
   python launch.py --workdir /tmp/demo                                  # the demo study (train)
   python launch.py --config configs/wbc.py --config.fl.rounds=30 --workdir /tmp/wbc
   python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep  # all get_sweep() points
+  python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5  # + seeds_report.md
   python launch.py --mode inspect --workdir /tmp/demo
   python launch.py --mode evaluate --workdir /tmp/demo --eval_dir /data/new_center [--round 5]
   python launch.py --mode predict --workdir /tmp/demo --input /data/cells --output preds.csv
@@ -27,6 +28,12 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'predict', 'inspect'],
                           'What to do.')
 _SWEEP = flags.DEFINE_bool('sweep', False, "Run every point of the config file's get_sweep().")
+_SEEDS = flags.DEFINE_string('seeds', None,
+                             "Run the study once per seed ('0-4', '0,3,7'), each in "
+                             '<workdir>/seed=S, and write seeds_report.md (mean ± sd over seeds).')
+_VECTORIZE = flags.DEFINE_bool('vectorize', False,
+                               '--seeds: train the seeds\' federated rounds as one vmapped program '
+                               '(docs/performance.md: slower on CPU).')
 _EVAL_DIR = flags.DEFINE_string('eval_dir', None, 'evaluate: a <class>/<images> folder.')
 _ROUND = flags.DEFINE_integer('round', None,
                               'evaluate/predict: FL round (default latest; 0 = reference).')
@@ -64,6 +71,14 @@ def _run(mode, workdir):
       raise app.UsageError('--mode predict needs --input and --output')
     count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value)
     print(f'{count} images classified: {_OUTPUT.value}')
+  elif _VECTORIZE.value and _SEEDS.value is None:
+    raise app.UsageError('--vectorize needs --seeds')
+  elif _SEEDS.value is not None:
+    from fedblood import seeds  # pylint: disable=g-import-not-at-top
+    if _SWEEP.value:
+      raise app.UsageError('--seeds and --sweep cannot be combined')
+    path = seeds.run(_CONFIG.value, workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)
+    print(f'report: {path}')
   elif _SWEEP.value:
     from fedblood import sweep  # pylint: disable=g-import-not-at-top
     config_file = config_flags.get_config_filename(flags.FLAGS['config'])

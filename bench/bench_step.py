@@ -127,6 +127,15 @@ def interleaved_rounds(runs: dict, frozen, centers, active, key, rounds: int) ->
   return {name: float(np.median(rec['times'])) for name, rec in runs.items()}
 
 
+def emit_record(record: dict, out=None) -> None:
+  """Prints the benchmark's JSON line, and writes it to ``out`` as well when given."""
+  line = json.dumps(record)
+  print(line)
+  if out:
+    with open(out, 'w') as f:
+      f.write(line + '\n')
+
+
 def matmul_peak(dtype, n: int, steps: int = 10) -> float:
   """Measured dense matmul GFLOP/s of ``dtype``: the best of ``steps`` timed ``x @ y``."""
   a = jnp.ones((n, n), dtype)

@@ -21,7 +21,6 @@ x 1 local epoch at the study's sizes is 100 x 43,678 images / the round's images
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -158,11 +157,7 @@ def main(argv=None):
     print(f'| {e} | {r["first_s"]:.1f} | {r["round_s"]:.2f} | {r["images_per_s"]:.0f} | '
           f'{r["mfu"]:.1%} | {base["round_s"] / r["round_s"]:.2f}x | '
           f'{r["projected_100_rounds_min"]:.1f} |')
-  line = json.dumps(record)
-  print(line)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(line + '\n')
+  bench_step.emit_record(record, args.out)
 
 
 if __name__ == '__main__':

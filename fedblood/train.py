@@ -30,6 +30,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -204,13 +205,17 @@ def eval_model_name(config, available) -> str:
   return name if name in available else 'server'
 
 
+def fl_json(config) -> str:
+  """``config.fl`` as JSON, less the fields the compiled round does not depend on (a cache key)."""
+  fl = {k: v for k, v in config.fl.to_dict().items()
+        if k not in ('rounds', 'eval_model', 'participation')}
+  return json.dumps(fl, sort_keys=True)
+
+
 def fl_template(config, model, reference_params, num_centers: int):
   """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
   trainable, frozen = partition.split(reference_params, fl_rules(config))
-  # Fields the compiled round does not depend on stay out of the cache key.
-  fl = {k: v for k, v in config.fl.to_dict().items()
-        if k not in ('rounds', 'eval_model', 'participation')}
-  algorithm, round_fn = _fl_functions(model, json.dumps(fl, sort_keys=True), augment_fn(config))
+  algorithm, round_fn = _fl_functions(model, fl_json(config), augment_fn(config))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
            'rng': jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), STAGE['fl']))}
@@ -231,10 +236,23 @@ def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, v
           **test, **{f'val_{m}': v for m, v in val.items()}}
 
 
-def fl_stage(config, model, reference_params, centers, key, workdir: Path,
-             log) -> tuple[dict, dict]:
-  """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
-  names = [c.name for c in centers]
+class FLRun(NamedTuple):
+  """One run's FL stage, set up by :func:`fl_setup`: what each round needs besides the states."""
+  names: list
+  algorithm: Any
+  round_fn: Callable
+  frozen: Any
+  mngr: Any
+  start: int
+  fl_key: Any
+  part_key: Any
+  eval_name: str
+  summary: dict
+  rng: Any
+
+
+def fl_setup(config, model, reference_params, centers, key, workdir: Path):
+  """``(FLRun, server, clients)``: the round function and the states, restored if checkpointed."""
   algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers))
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
                             best_metric='val_accuracy')
@@ -243,62 +261,91 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
   if restored is not None:
     state, start = restored[0], restored[1]['round']
   runlog.truncate(workdir, 'fl', start)
-  sim = stack_centers(centers)
-  fl_key = jax.random.fold_in(key, STAGE['fl'])
-  part_key = jax.random.fold_in(key, STAGE['participation'])
-  server, clients = state['server'], state['clients']
-  eval_name = eval_model_name(config, algorithm.eval_params(server))
-  progress = _progress(config)
-  bar = progress(config.fl.rounds, f'fl {config.fl.algorithm}', start) if progress else None
   summary = checkpoint.param_summary(*partition.split(reference_params, fl_rules(config)),
                                      config.model.name)
-  for r in range(start + 1, config.fl.rounds + 1):
-    active = participation(config, part_key, r, len(centers))
-    server, clients, round_metrics = round_fn(server, clients, frozen, sim, jnp.asarray(active),
-                                              fl_key, jnp.int32(r))
-    losses = np.asarray(round_metrics['loss'])
-    last_good = f'round {r - 1} in {mngr.directory}' if r > 1 else 'the reference model'
-    for k, name in enumerate(names):
-      if active[k]:
-        centralized.check_finite(float(losses[k]), f'fl round {r}, center {name!r}', last_good)
-    params = algorithm.eval_params(server)[eval_name]
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
-      raise FloatingPointError(f'fl round {r}: the {eval_name} model has non-finite parameters '
-                               f'after aggregation. Stopped; the last good checkpoint is kept: '
-                               f'{last_good}.')
-    full = partition.merge(params, frozen)
-    rows, val_accs, test_accs = [], [], []
-    for k, center in enumerate(centers):
-      test = metrics.summary(evaluate_split(config, model, full, center.test))
-      val = (metrics.summary(evaluate_split(config, model, full, center.val))
-             if len(center.val.labels) else {})
-      rows.append(fl_row(r, center.name, eval_name, active[k], losses[k],
-                         np.asarray(round_metrics['accuracy'])[k], test, val))
-      test_accs.append(test['accuracy'])
-      if val:
-        val_accs.append(val['accuracy'])
-    for row in rows:
-      log(row)
-    mean_val = float(np.mean(val_accs)) if val_accs else None
-    round_summary = {'val_accuracy': mean_val, 'test_accuracy': float(np.mean(test_accs)),
-                     'loss': float(np.mean(losses[active]))}
-    if r % config.checkpoint.get('every', 1) == 0 or r == config.fl.rounds:
-      # Ranking score: ties go to the earliest round.
-      checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': state['rng']},
-                      {'kind': 'round', 'round': r, 'centers': names, 'eval_model': eval_name,
-                       'algorithm': config.fl.algorithm, 'metrics': round_summary,
-                       'best_metric': 'val_accuracy', 'params': summary},
-                      metrics={'val_accuracy': (mean_val or 0.0) - 1e-9 * r})
+  run = FLRun(names=[c.name for c in centers], algorithm=algorithm, round_fn=round_fn,
+              frozen=frozen, mngr=mngr, start=start, fl_key=jax.random.fold_in(key, STAGE['fl']),
+              part_key=jax.random.fold_in(key, STAGE['participation']),
+              eval_name=eval_model_name(config, algorithm.eval_params(state['server'])),
+              summary=summary, rng=state['rng'])
+  return run, state['server'], state['clients']
+
+
+def fl_after_round(config, model, run: FLRun, centers, r: int, active, server, clients,
+                   round_metrics, log) -> dict:
+  """Checks, evaluates, logs and checkpoints round ``r``; returns the round's summary."""
+  mngr = run.mngr
+  losses = np.asarray(round_metrics['loss'])
+  last_good = f'round {r - 1} in {mngr.directory}' if r > 1 else 'the reference model'
+  for k, name in enumerate(run.names):
+    if active[k]:
+      centralized.check_finite(float(losses[k]), f'fl round {r}, center {name!r}', last_good)
+  params = run.algorithm.eval_params(server)[run.eval_name]
+  if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
+    raise FloatingPointError(f'fl round {r}: the {run.eval_name} model has non-finite parameters '
+                             f'after aggregation. Stopped; the last good checkpoint is kept: '
+                             f'{last_good}.')
+  full = partition.merge(params, run.frozen)
+  rows, val_accs, test_accs = [], [], []
+  for k, center in enumerate(centers):
+    test = metrics.summary(evaluate_split(config, model, full, center.test))
+    val = (metrics.summary(evaluate_split(config, model, full, center.val))
+           if len(center.val.labels) else {})
+    rows.append(fl_row(r, center.name, run.eval_name, active[k], losses[k],
+                       np.asarray(round_metrics['accuracy'])[k], test, val))
+    test_accs.append(test['accuracy'])
+    if val:
+      val_accs.append(val['accuracy'])
+  for row in rows:
+    log(row)
+  mean_val = float(np.mean(val_accs)) if val_accs else None
+  round_summary = {'val_accuracy': mean_val, 'test_accuracy': float(np.mean(test_accs)),
+                   'loss': float(np.mean(losses[active]))}
+  if r % config.checkpoint.get('every', 1) == 0 or r == config.fl.rounds:
+    # Ranking score: ties go to the earliest round.
+    checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': run.rng},
+                    {'kind': 'round', 'round': r, 'centers': run.names,
+                     'eval_model': run.eval_name, 'algorithm': config.fl.algorithm,
+                     'metrics': round_summary, 'best_metric': 'val_accuracy',
+                     'params': run.summary},
+                    metrics={'val_accuracy': (mean_val or 0.0) - 1e-9 * r})
+  return round_summary
+
+
+def fl_finish(config, run: FLRun, server) -> tuple[dict, dict]:
+  """Closes the run's checkpoints; the final ``({name: params}, info)``."""
+  run.mngr.close()
+  models_out = {name: partition.merge(p, run.frozen)
+                for name, p in run.algorithm.eval_params(server).items()}
+  return models_out, {'eval_model': run.eval_name, 'rounds': config.fl.rounds}
+
+
+def fl_round(config, model, run: FLRun, centers, sim, r: int, server, clients, log):
+  """Round ``r`` of one run: ``(server, clients, round_summary)``."""
+  active = participation(config, run.part_key, r, len(centers))
+  server, clients, round_metrics = run.round_fn(server, clients, run.frozen, sim,
+                                                jnp.asarray(active), run.fl_key, jnp.int32(r))
+  return server, clients, fl_after_round(config, model, run, centers, r, active, server, clients,
+                                         round_metrics, log)
+
+
+def fl_stage(config, model, reference_params, centers, key, workdir: Path,
+             log) -> tuple[dict, dict]:
+  """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
+  run, server, clients = fl_setup(config, model, reference_params, centers, key, workdir)
+  sim = stack_centers(centers)
+  progress = _progress(config)
+  bar = progress(config.fl.rounds, f'fl {config.fl.algorithm}', run.start) if progress else None
+  for r in range(run.start + 1, config.fl.rounds + 1):
+    server, clients, round_summary = fl_round(config, model, run, centers, sim, r, server,
+                                              clients, log)
     if bar is not None:
       bar.update(1)
       bar.set_postfix(round=r, loss=f'{round_summary["loss"]:.3f}',
                       acc=f'{round_summary["test_accuracy"]:.3f}')
   if bar is not None:
     bar.close()
-  mngr.close()
-  models_out = {name: partition.merge(p, frozen)
-                for name, p in algorithm.eval_params(server).items()}
-  return models_out, {'eval_model': eval_name, 'rounds': config.fl.rounds}
+  return fl_finish(config, run, server)
 
 
 # ------------------------------------------------------------------------------- baselines

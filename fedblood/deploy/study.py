@@ -83,9 +83,7 @@ def client_step(study: Study):
   ``examples``: the site's training split padded to the federation's ``Nmax``
   (leaves ``[1, Nmax, ...]``), as :func:`fedblood.train.stack_centers` pads it.
   """
-  fl = {k: v for k, v in study.config.fl.to_dict().items()
-        if k not in ('rounds', 'eval_model', 'participation')}
-  return _client_step(study.model, json.dumps(fl, sort_keys=True), train.augment_fn(study.config))
+  return _client_step(study.model, train.fl_json(study.config), train.augment_fn(study.config))
 
 
 @functools.lru_cache(maxsize=4)

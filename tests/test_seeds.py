@@ -1,0 +1,206 @@
+"""Seed sweeps: --seeds parsing, the aggregate of known inputs (exact), a vectorized 2-seed smoke."""
+
+import csv
+import json
+from pathlib import Path
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from fedblood import aggregate, checkpoint, report, seeds
+from test_train import _fl_state, smoke, smoke_config  # pylint: disable=unused-import
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_seeds():
+  assert seeds.parse_seeds('0-4') == [0, 1, 2, 3, 4]
+  assert seeds.parse_seeds('3') == [3]
+  assert seeds.parse_seeds('0-2, 9') == [0, 1, 2, 9]
+  for bad, match in (('4-1', 'runs backwards'), ('1,1', r'seeds \[1\] appear twice'),
+                     ('a', "expected e.g. '0-4'"), ('', "expected e.g. '0-4'"),
+                     ('-1', "expected e.g. '0-4'")):
+    with pytest.raises(ValueError, match=match):
+      seeds.parse_seeds(bad)
+
+
+def _summary(acc, n=4):
+  return {'n': n, **{k: acc for k in aggregate.METRICS}}
+
+
+def _seed_run(root: Path, seed: int, accs: dict, after_accs: dict, history: list) -> Path:
+  """A seed's workdir as the pipeline leaves it: results.json and metrics.jsonl."""
+  d = root / f'seed={seed}'
+  d.mkdir(parents=True)
+  results = {'title': 't', 'centers': ['a', 'b', 'c'], 'reference': 'a', 'algorithm': 'fed_dyn',
+             'rounds': 2, 'before': {c: _summary(v) for c, v in accs.items()},
+             'after': {c: _summary(v) for c, v in after_accs.items()},
+             'after_models': {'server': {c: _summary(v) for c, v in after_accs.items()},
+                              'active_mean': {c: _summary(0.25) for c in accs}},
+             'baselines': {'pooled': {c: _summary(0.5) for c in accs}}}
+  (d / 'results.json').write_text(json.dumps(results))
+  (d / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in history))
+  return d
+
+
+def test_aggregate_of_known_inputs_is_exact(tmp_path):
+  # Values exact in binary: means and sample sds below are exact floats.
+  befores = [{'a': 1.0, 'b': 0.25, 'c': 0.5}, {'a': 1.0, 'b': 0.5, 'c': 0.5},
+             {'a': 1.0, 'b': 0.75, 'c': 0.5}]
+  afters = [{'a': 0.75, 'b': 0.5, 'c': 0.0}, {'a': 0.75, 'b': 0.5, 'c': 0.5},
+            {'a': 0.75, 'b': 0.5, 'c': 1.0}]
+  dirs = []
+  for s, (before, after) in enumerate(zip(befores, afters)):
+    history = [{'stage': 'reference', 'epoch': 1, 'accuracy': 0.1}]
+    history += [{'stage': 'fl', 'round': r, 'center': c, 'accuracy': after[c] * r / 2}
+                for r in (1, 2) for c in after]
+    dirs.append(_seed_run(tmp_path, s, before, after, history))
+  path = aggregate.write(tmp_path, [0, 1, 2], dirs)
+  out = json.loads((tmp_path / 'seeds_summary.json').read_text())
+  assert out['seeds'] == [0, 1, 2] and out['centers'] == ['a', 'b', 'c']
+  t = out['tables']
+  assert sorted(t) == ['after', 'after_models/active_mean', 'after_models/server',
+                       'baselines/pooled', 'before']
+  assert t['after_models/server'] == t['after']
+  b = t['before']['b']['accuracy']
+  assert (b['mean'], b['sd'], b['min'], b['max'], b['values']) == (0.5, 0.25, 0.25, 0.75,
+                                                                   [0.25, 0.5, 0.75])
+  assert t['before']['a']['f1'] == {'mean': 1.0, 'sd': 0.0, 'min': 1.0, 'max': 1.0,
+                                    'values': [1.0, 1.0, 1.0]}
+  c = t['after']['c']['accuracy']
+  assert (c['mean'], c['sd'], c['min']) == (0.5, 0.5, 0.0)
+  # Mean rows: per seed over centers first (external b, c: 0.25, 0.5, 0.75), then over seeds.
+  ext = t['after']['mean, external centers']['accuracy']
+  assert ext['values'] == [0.25, 0.5, 0.75] and (ext['mean'], ext['sd']) == (0.5, 0.25)
+  assert t['after']['mean, external centers']['n']['values'] == [8, 8, 8]
+  assert t['before']['mean, all centers']['accuracy']['values'] == [0.5833333333333334,
+                                                                     2 / 3, 0.75]
+  # Per round: round 0 is the reference model (before), then the FL rows.
+  rounds = out['accuracy_per_round']['c']
+  assert rounds['round'] == [0, 1, 2]
+  assert rounds['mean'] == [0.5, 0.25, 0.5] and rounds['sd'] == [0.0, 0.25, 0.5]
+  assert rounds['min'] == [0.5, 0.0, 0.0]
+
+  rows = list(csv.DictReader((tmp_path / 'seeds_summary.csv').open()))
+  row = next(r for r in rows if (r['table'], r['row'], r['metric']) == ('before', 'b', 'accuracy'))
+  assert (row['mean'], row['sd'], row['min'], row['max'], row['seeds'], row['values']) == (
+      '0.5', '0.25', '0.25', '0.75', '3', '0.25;0.5;0.75')
+  assert len(rows) == 5 * 5 * 7  # tables x (3 centers + 2 means) x (6 metrics + n)
+
+  md = path.read_text()
+  assert path.name == 'seeds_report.md'
+  assert '| b | 4 | 50.0 ± 25.0 (min 25.0) |' in md
+  assert '| *mean, external centers* | 8 | 50.0 ± 25.0 (min 25.0) |' in md
+  assert '## Baseline: Pooled (centralized)' in md
+  # As report.md: another FL model's table only where it differs from Table 2.
+  assert '`active_mean` model' in md and '`server` model' not in md
+  # Side by side: reference model, the FL models (server, active_mean), pooled, as mean ± sd.
+  assert '| c | 50.0 ± 0.0 | 50.0 ± 50.0 | 25.0 ± 0.0 | 50.0 ± 0.0 |' in md
+  assert '![accuracy per round](figures/accuracy_per_round_seeds.png)' in md
+  with Image.open(tmp_path / 'figures' / 'accuracy_per_round_seeds.png') as image:
+    assert image.format == 'PNG' and image.size[0] > 300
+
+
+def test_aggregate_needs_every_seed_finished_and_one_seed_has_no_sd(tmp_path):
+  d = _seed_run(tmp_path, 0, {'a': 1.0, 'b': 0.5, 'c': 0.5}, {'a': 1.0, 'b': 0.5, 'c': 0.5}, [])
+  with pytest.raises(FileNotFoundError, match=r'seed=1[/\\]results.json is missing'):
+    aggregate.write(tmp_path, [0, 1], [d, tmp_path / 'seed=1'])
+  aggregate.write(tmp_path, [0], [d])
+  s = json.loads((tmp_path / 'seeds_summary.json').read_text())['tables']['after']['b']['accuracy']
+  assert s == {'mean': 0.5, 'sd': None, 'min': 0.5, 'max': 0.5, 'values': [0.5]}
+  assert '| b | 4 | 50.0 (min 50.0) |' in (tmp_path / 'seeds_report.md').read_text()
+
+
+def test_launch_seed_flags_are_checked_before_any_work(tmp_path):
+  for args, message in ((['--seeds', '3-1'], 'runs backwards'),
+                        (['--vectorize'], '--vectorize needs --seeds')):
+    proc = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--workdir',
+                           str(tmp_path / 'w'), *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+def test_vectorize_refuses_shard_before_any_work(tmp_path):
+  config = smoke_config(tmp_path / 'tfds').copy_and_resolve_references()
+  config.fl.execution = 'shard'
+  with pytest.raises(ValueError, match="--vectorize: fl.execution must be one of .* 'shard'"):
+    seeds.run(config, tmp_path / 'w', [0, 1], vectorize=True)
+  assert not (tmp_path / 'w').exists()
+
+
+def test_launch_seeds_reuses_a_finished_seed_and_refuses_another_config(smoke, tmp_path):
+  config, seq_dir = smoke
+  shutil.copytree(seq_dir, tmp_path / 'seed=0')
+  base = [sys.executable, str(REPO / 'launch.py'), '--config', 'configs/demo.py:smoke',
+          f'--config.data.cache_dir={config.data.cache_dir}', '--workdir', str(tmp_path),
+          '--seeds', '0']
+  run = lambda *extra: subprocess.run(base + list(extra), cwd=REPO, capture_output=True,
+                                      text=True, timeout=300)
+  bad = run('--config.fl.rounds=2')
+  assert bad.returncode != 0 and 'fl.rounds: 3 in the workdir, 2 now' in bad.stderr, bad.stderr
+  assert not (tmp_path / 'seeds_report.md').exists()
+  proc = run()
+  assert proc.returncode == 0, proc.stderr
+  assert f'report: {tmp_path / "seeds_report.md"}' in proc.stdout
+  md = (tmp_path / 'seeds_report.md').read_text()
+  assert '1 seeds' in md and '`seed=0`' in md
+  results = json.loads((seq_dir / 'results.json').read_text())
+  agg = json.loads((tmp_path / 'seeds_summary.json').read_text())['tables']
+  assert agg['after']['synth2']['accuracy']['values'] == [results['after']['synth2']['accuracy']]
+
+
+@pytest.mark.slow
+def test_vectorized_two_seed_smoke_equals_sequential_runs(smoke, tmp_path):
+  """Seeds 0 and 1 vectorized; seed 0 against the session's sequential smoke run (seed 0)."""
+  config, seq_dir = smoke
+  path = seeds.run(config, tmp_path, [0, 1], vectorize=True)
+  for name in ('seeds_report.md', 'seeds_summary.csv', 'seeds_summary.json',
+               'figures/accuracy_per_round_seeds.png', 'seed=0/report.md', 'seed=1/report.md'):
+    assert (tmp_path / name).is_file(), name
+  timing = json.loads((tmp_path / 'seeds_timing.json').read_text())
+  assert timing['vectorize'] and timing['vectorized_fl_s'] > 0
+  vec_dir = tmp_path / 'seed=0'
+  assert json.loads((vec_dir / 'config.json').read_text()) == json.loads(
+      (seq_dir / 'config.json').read_text())
+  # The FL state after the last round: equal to float tolerance (batching changes rounding).
+  (vec, meta), (seq, _) = _fl_state(config, vec_dir), _fl_state(config, seq_dir)
+  assert meta['round'] == config.fl.rounds
+  diffs, rel = [], []
+  for a, b in zip(jax.tree.leaves(vec), jax.tree.leaves(seq), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diffs.append(float(np.max(np.abs(a - b))))
+    rel.append(diffs[-1] / max(float(np.max(np.abs(b))), 1e-12))
+  print(f'vectorized vs sequential seed 0, FL state: max |diff| {max(diffs):.2e}, max |diff| / '
+        f'max |leaf| {max(rel):.2e}')
+  # Observed on 2 CPU cores: 3.2e-4 (a bias of FedDyn's lambda, a difference of nearly equal
+  # models; 2e-4 on the server model), losses to 2e-6 relative after 3 rounds.
+  assert max(diffs) < 2e-3
+  # The same rows, the same test metrics to tolerance.
+  rows = lambda d: [r for r in report.read_history(d) if r['stage'] == 'fl']
+  got, want = rows(vec_dir), rows(seq_dir)
+  assert [(r['round'], r['center'], r['active']) for r in got] == [
+      (r['round'], r['center'], r['active']) for r in want]
+  np.testing.assert_allclose([r['loss'] for r in got], [r['loss'] for r in want], rtol=1e-4)
+  np.testing.assert_allclose([r['train_accuracy'] for r in got],
+                             [r['train_accuracy'] for r in want], atol=1e-4)
+  np.testing.assert_allclose([r['accuracy'] for r in got], [r['accuracy'] for r in want],
+                             atol=0.02)
+  # The aggregate is over the two seeds' own results.
+  res = [json.loads((tmp_path / f'seed={s}' / 'results.json').read_text()) for s in (0, 1)]
+  agg = json.loads((tmp_path / 'seeds_summary.json').read_text())['tables']
+  accs = [r['after']['synth1']['accuracy'] for r in res]
+  assert agg['after']['synth1']['accuracy']['values'] == accs
+  assert agg['after']['synth1']['accuracy']['min'] == min(accs)
+  assert f'{len(accs)} seeds' in path.read_text()
+  assert res[0]['before'] == json.loads((seq_dir / 'results.json').read_text())['before']
+  # Rerunning the finished sweep trains nothing and rewrites the same aggregate.
+  before = (tmp_path / 'seeds_summary.json').read_text()
+  seeds.run(config, tmp_path, [0, 1], vectorize=True)
+  assert (tmp_path / 'seeds_summary.json').read_text() == before
+  assert checkpoint.manager(vec_dir / 'checkpoints' / 'fl').latest_step() == config.fl.rounds
