@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import centralized, checkpoint, data, metrics, models, partition, report, simulate
-from fedblood import runlog
+from fedblood import centralized, checkpoint, data, metrics, models, partition, privacy, report
+from fedblood import runlog, simulate
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
@@ -209,12 +209,17 @@ def eval_model_name(config, available) -> str:
   return name if name in available else 'server'
 
 
-def fl_template(config, model, reference_params, num_centers: int):
-  """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
+def fl_template(config, model, reference_params, num_centers: int, dp_plan=None):
+  """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone.
+
+  ``dp_plan`` (:func:`fedblood.privacy.plan`) sets the (calibrated) noise multiplier.
+  """
   trainable, frozen = partition.split(reference_params, fl_rules(config))
   # Fields the compiled round does not depend on stay out of the cache key.
   fl = {k: v for k, v in config.fl.to_dict().items()
         if k not in ('rounds', 'eval_model', 'participation')}
+  if dp_plan is not None:
+    fl['dp'] = {**fl['dp'], 'noise_multiplier': dp_plan.noise_multiplier, 'target_epsilon': 0.0}
   algorithm, round_fn = _fl_functions(model, json.dumps(fl, sort_keys=True), augment_fn(config))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
@@ -233,7 +238,9 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
              log) -> tuple[dict, dict]:
   """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
   names = [c.name for c in centers]
-  algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers))
+  dp_plan = privacy.plan(config.fl, {c.name: len(c.train.labels) for c in centers})
+  algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers),
+                                                   dp_plan)
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
                             best_metric='val_accuracy')
   start = 0
@@ -250,8 +257,13 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
   bar = progress(config.fl.rounds, f'fl {config.fl.algorithm}', start) if progress else None
   summary = checkpoint.param_summary(*partition.split(reference_params, fl_rules(config)),
                                      config.model.name)
+  # Participation is a function of the round: a resumed run recounts the mechanisms taken.
+  actives = [participation(config, part_key, r, len(centers)) for r in range(1, start + 1)]
   for r in range(start + 1, config.fl.rounds + 1):
     active = participation(config, part_key, r, len(centers))
+    actives.append(active)
+    epsilons = (privacy.epsilons(dp_plan, privacy.steps_taken(dp_plan, actives)) if dp_plan
+                else None)
     server, clients, round_metrics = round_fn(server, clients, frozen, sim, jnp.asarray(active),
                                               fl_key, jnp.int32(r))
     losses = np.asarray(round_metrics['loss'])
@@ -273,7 +285,8 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
       rows.append({'stage': 'fl', 'round': r, 'center': center.name, 'model': eval_name,
                    'active': bool(active[k]), 'loss': float(losses[k]),
                    'train_accuracy': float(np.asarray(round_metrics['accuracy'])[k]), **test,
-                   **{f'val_{m}': v for m, v in val.items()}})
+                   **{f'val_{m}': v for m, v in val.items()},
+                   **({'epsilon': epsilons[k]} if epsilons else {})})
       test_accs.append(test['accuracy'])
       if val:
         val_accs.append(val['accuracy'])
@@ -298,7 +311,11 @@ def fl_stage(config, model, reference_params, centers, key, workdir: Path,
   mngr.close()
   models_out = {name: partition.merge(p, frozen)
                 for name, p in algorithm.eval_params(server).items()}
-  return models_out, {'eval_model': eval_name, 'rounds': config.fl.rounds}
+  info = {'eval_model': eval_name, 'rounds': config.fl.rounds}
+  if dp_plan is not None:
+    info['privacy'] = privacy.summary(dp_plan, privacy.steps_taken(dp_plan, actives),
+                                      config.fl.dp.target_epsilon)
+  return models_out, info
 
 
 # ------------------------------------------------------------------------------- baselines
@@ -386,6 +403,8 @@ def run(config, workdir) -> dict:
       'reference_training': reference_info,
       'train_sizes': {c.name: int(len(c.train.labels)) for c in centers},
   }
+  if 'privacy' in fl_info:
+    results['privacy'] = fl_info['privacy']
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
