@@ -82,36 +82,38 @@ def candidates(args):
            'label': jnp.asarray(rng.integers(0, 5, args.batch), jnp.int32),
            'mask': jnp.ones(args.batch, jnp.float32)}
   classifier = simulate.classifier_loss(model)
-  loss_fn = lambda p, b, r: classifier(p, frozen, b, r)
   hyper = dict(lr=0.01, max_grad_norm=10.0, weight_decay=1e-3)
 
-  def plain(p, key):
+  # Frozen params and the batch are arguments (never constants XLA could fold).
+  def plain(p, frozen, batch, key):
+    loss_fn = lambda q, b, r: classifier(q, frozen, b, r)
     return base.local_sgd(p, loss_fn, lambda s: batch, args.steps, key, **hyper)
 
   def private(mb):
     cfg = dp.DpSgd(clip=1.0, noise_multiplier=1.0, expected_batch=args.batch, microbatch=mb)
     pad = -args.batch % mb
-    rows = {k: jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], v.dtype)])
-            for k, v in batch.items()}
 
-    def fetch(j):
-      return {k: jax.lax.dynamic_slice_in_dim(v, j * mb, mb) for k, v in rows.items()}
-
-    sample = dp.PoissonSample(jnp.int32(args.batch), fetch)
-    return lambda p, key: base.local_sgd(p, loss_fn, lambda s: sample, args.steps, key, dp=cfg,
-                                         **hyper)
+    def run(p, frozen, batch, key):
+      loss_fn = lambda q, b, r: classifier(q, frozen, b, r)
+      rows = {k: jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], v.dtype)])
+              for k, v in batch.items()}
+      fetch = lambda j: {k: jax.lax.dynamic_slice_in_dim(v, j * mb, mb) for k, v in rows.items()}
+      sample = dp.PoissonSample(jnp.int32(args.batch), fetch)  # exactly the plain batch
+      return base.local_sgd(p, loss_fn, lambda s: sample, args.steps, key, dp=cfg, **hyper)
+    return run
 
   fns = {'plain': plain, **{f'dp[mb={m}]': private(m) for m in args.microbatches}}
   out, info = {}, {}
+  call_args = (trainable, frozen, batch, jax.random.key(0))
   for name, fn in fns.items():
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(trainable, jax.random.key(0)).compile()
+    compiled = jax.jit(fn).lower(*call_args).compile()
     mem = compiled.memory_analysis()
     info[name] = {'compile_s': time.perf_counter() - start,
                   'temp_mb': (mem.temp_size_in_bytes / 2 ** 20) if mem is not None else None}
 
     def run(compiled=compiled):
-      jax.block_until_ready(compiled(trainable, jax.random.key(0)))
+      jax.block_until_ready(compiled(*call_args))
     out[name] = run
   info['trainable_params'] = partition.count(trainable)
   return out, info

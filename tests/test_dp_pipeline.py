@@ -81,3 +81,19 @@ def test_dp_off_adds_nothing_to_results(smoke):
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert not any('epsilon' in r for r in rows)
   assert privacy.plan(smoke[0].fl, results['train_sizes']) is None
+
+
+def test_privacy_report_table_and_figure(smoke, tmp_path):
+  from fedblood import privacy_report  # pylint: disable=g-import-not-at-top
+  _, workdir = smoke
+  plain = privacy_report.parse_point(f'fed_dyn=inf:{workdir}', 2)
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  expected = {r['center']: r['accuracy'] for r in rows if r['stage'] == 'fl' and r['round'] == 2}
+  assert {c: v['accuracy'] for c, v in plain['centers'].items()} == expected
+  noisy = dict(plain, target=3.0, centers={c: {'accuracy': 0.5, 'epsilon': 2.5} for c in expected})
+  text = privacy_report.table([plain, noisy])
+  assert '| fed_dyn | inf | ' in text and '| fed_dyn | 3 | 50.0 (ε 2.50) |' in text
+  path = privacy_report.plot([plain, noisy], tmp_path / 'fig.png')
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  with pytest.raises(ValueError, match='round 9 asked, only 3 logged'):
+    privacy_report.parse_point(f'fed_dyn=inf:{workdir}', 9)
