@@ -5,7 +5,8 @@ Usage (one command; prints a table, then one JSON line)::
   python bench/bench_dp.py                    # configs/wbc.py's model (VGG16 gap, width 1/8,
                                               # 64 px, blocks 1-3 frozen), batch 32
   python bench/bench_dp.py --quick            # 32 px, width 1/16, batch 8
-  python bench/bench_dp.py --microbatches 32,8,4
+  python bench/bench_dp.py --microbatches 32,16,8,4 --plain_gradients   # + DP without the
+                                              # CPU gradient rewrites (mb=4)
 
 Each candidate is ``fedblood.algorithms.base.local_sgd`` over ``--steps`` local steps (the
 ``fori_loop`` a center runs in a round, CPU gradient rewrites included), jitted, on the same
@@ -22,11 +23,13 @@ the machine (CPU model) and ``uptime`` are printed with the results.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +53,9 @@ def parse_args(argv=None):
   parser.add_argument('--microbatches', default='', help='comma-separated; default: batch, batch/4')
   parser.add_argument('--steps', type=int, default=4, help='local steps per timed call')
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per candidate')
+  parser.add_argument('--plain_gradients', action='store_true',
+                      help="add 'dp[mb=M, no rewrite]' for the last M: DP-SGD without the CPU "
+                      'gradient rewrites of fedblood.algorithms.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.image_size, args.width, args.batch = 32, 0.0625, 8
@@ -103,11 +109,16 @@ def candidates(args):
     return run
 
   fns = {'plain': plain, **{f'dp[mb={m}]': private(m) for m in args.microbatches}}
+  if args.plain_gradients:
+    fns[f'dp[mb={args.microbatches[-1]}, no rewrite]'] = private(args.microbatches[-1])
   out, info = {}, {}
   call_args = (trainable, frozen, batch, jax.random.key(0))
   for name, fn in fns.items():
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*call_args).compile()
+    rewrite = (mock.patch.object(dp.xla_cpu, 'fast_gradients', lambda f: f)
+               if 'no rewrite' in name else contextlib.nullcontext())
+    with rewrite:  # the rewrite is applied at trace time
+      compiled = jax.jit(fn).lower(*call_args).compile()
     mem = compiled.memory_analysis()
     info[name] = {'compile_s': time.perf_counter() - start,
                   'temp_mb': (mem.temp_size_in_bytes / 2 ** 20) if mem is not None else None}
@@ -130,10 +141,10 @@ def main(argv=None):
   print(f'VGG16 width {args.width}, {args.image_size} px, frozen {args.frozen_blocks}, batch '
         f"{args.batch}, {info['trainable_params']} trainable params, {args.steps} local steps "
         'per call')
-  print(f"{'candidate':<12} {'s/step':>8} {'ratio':>6} {'temp MiB':>9}")
+  print(f"{'candidate':<24} {'s/step':>8} {'ratio':>6} {'temp MiB':>9}")
   for name, t in times.items():
     temp = info[name]['temp_mb']
-    print(f"{name:<12} {t / args.steps:8.4f} {t / times['plain']:6.2f} "
+    print(f"{name:<24} {t / args.steps:8.4f} {t / times['plain']:6.2f} "
           f"{temp if temp is not None else float('nan'):9.1f}")
   print(json.dumps({'args': vars(args), 'machine': before, 'uptime_after': after,
                     's_per_step': {k: v / args.steps for k, v in times.items()},

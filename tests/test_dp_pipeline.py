@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedblood import checkpoint, privacy, train
-from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
+from test_train import interrupt_saves, smoke, smoke_config  # pylint: disable=unused-import
 
 dp_accounting = pytest.importorskip('dp_accounting')
 
@@ -57,15 +57,8 @@ def test_resumed_dp_run_accounts_and_trains_as_an_uninterrupted_one(dp_run, tmp_
                                                                     monkeypatch):
   config, reference = dp_run
   workdir = tmp_path / 'run'
-  real_save, calls = checkpoint.save, []
-
-  def interrupted_save(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == 3:  # reference model, round 1, then stop before round 2's save
-      raise KeyboardInterrupt('simulated interruption')
-    return real_save(*args, **kwargs)
-
-  monkeypatch.setattr(checkpoint, 'save', interrupted_save)
+  # Saves: the reference model, round 1, then the run stops before round 2's save.
+  real_save = interrupt_saves(monkeypatch, 3)
   with pytest.raises(KeyboardInterrupt):
     train.run(config, workdir)
   monkeypatch.setattr(checkpoint, 'save', real_save)
