@@ -28,7 +28,10 @@ def read_point(workdir, round_index: Optional[int] = None) -> dict:
   if round_index > last:
     raise ValueError(f'{workdir}: round {round_index} asked, only {last} logged')
   picked = [r for r in rows if r['round'] == round_index]
-  return {'round': round_index,
+  reference = picked[0]['center']  # rows follow the run's center order: the reference first
+  recent = [r['accuracy'] for r in rows
+            if round_index - 2 <= r['round'] <= round_index and r['center'] != reference]
+  return {'round': round_index, 'external_last3': sum(recent) / len(recent) if recent else None,
           'centers': {r['center']: {'accuracy': r['accuracy'],
                                     'epsilon': r.get('epsilon', math.inf)} for r in picked}}
 
@@ -38,11 +41,15 @@ def _eps_label(eps: float) -> str:
 
 
 def table(points: Sequence[dict]) -> str:
-  """Markdown: one row per (algorithm, target epsilon), accuracy % (achieved epsilon) per center."""
+  """Markdown: one row per (algorithm, target epsilon), accuracy % (achieved epsilon) per center.
+
+  The first center is the reference; the last column averages the external centers over the
+  point's last three rounds (single rounds swing by 10+ points early in training).
+  """
   centers = list(points[0]['centers'])
   head = ('| Algorithm | target epsilon | ' + ' | '.join(centers)
-          + ' | mean, external centers |')
-  lines = [head, '|' + '---|' * (len(centers) + 3)]
+          + ' | mean, external centers | the same, mean of the last 3 rounds |')
+  lines = [head, '|' + '---|' * (len(centers) + 4)]
   for p in points:
     cells = []
     for c in centers:
@@ -51,13 +58,15 @@ def table(points: Sequence[dict]) -> str:
       cells.append(f'{100 * v["accuracy"]:.1f}{eps}')
     external = [p['centers'][c]['accuracy'] for c in centers[1:]]
     mean = 100 * sum(external) / len(external) if external else float('nan')
+    last3 = p.get('external_last3')
+    last3 = f'{100 * last3:.1f}' if last3 is not None else ''
     lines.append(f'| {p["algorithm"]} | {_eps_label(p["target"])} | ' + ' | '.join(cells)
-                 + f' | {mean:.1f} |')
+                 + f' | {mean:.1f} | {last3} |')
   return '\n'.join(lines)
 
 
 def plot(points: Sequence[dict], path) -> Path:
-  """Accuracy per center against target epsilon (inf drawn at the right), one panel per algorithm."""
+  """Accuracy per center against target epsilon (inf at the right), one panel per algorithm."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top

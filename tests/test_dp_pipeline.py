@@ -1,4 +1,4 @@
-"""fl.dp through the pipeline on the smoke study: epsilon per round, results.json, report, resume."""
+"""fl.dp through the pipeline (smoke study): epsilon per round, results.json, report, resume."""
 
 import json
 
@@ -86,6 +86,9 @@ def test_privacy_report_table_and_figure(smoke, tmp_path):
   noisy = dict(plain, target=3.0, centers={c: {'accuracy': 0.5, 'epsilon': 2.5} for c in expected})
   text = privacy_report.table([plain, noisy])
   assert '| fed_dyn | inf | ' in text and '| fed_dyn | 3 | 50.0 (ε 2.50) |' in text
+  external = [r['accuracy'] for r in rows if r['stage'] == 'fl' and r['round'] <= 2
+              and r['center'] != 'synth0']
+  assert plain['external_last3'] == pytest.approx(sum(external) / len(external))
   path = privacy_report.plot([plain, noisy], tmp_path / 'fig.png')
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='round 9 asked, only 3 logged'):
