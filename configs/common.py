@@ -81,6 +81,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).
   config.fl.eval_model = 'active_mean'
+  # Differential privacy (fedblood.algorithms.dp, accounted by fedblood.privacy; needs the `dp`
+  # extra). 'off' runs exactly the path without it; 'example': DP-SGD in every center's local
+  # step (Poisson-sampled batches of expected size fl.batch_size, per-example clipping, Gaussian
+  # noise), epsilon per center; 'client': DP-FedAvg (fed_avg / fed_prox, full participation).
+  config.fl.dp = ml_collections.ConfigDict()
+  config.fl.dp.mode = 'off'
+  config.fl.dp.clip = 1.0              # L2 bound per example gradient (example) / center update
+  config.fl.dp.noise_multiplier = 1.0  # noise std / clip
+  config.fl.dp.target_epsilon = 0.0    # > 0: calibrate noise_multiplier to this epsilon per center
+  config.fl.dp.delta = 1e-5            # reported (epsilon, delta); must be < 1/n_k (< 1/C: client)
+  config.fl.dp.accountant = 'rdp'      # dp-accounting's 'rdp' or 'pld'
+  # Per-example gradients per chunk (memory; 0: fl.batch_size). 8: as fast as 32 at a quarter of
+  # the memory for configs/wbc.py's model (bench/bench_dp.py, docs/privacy.md).
+  config.fl.dp.microbatch = 8
+  config.fl.dp.seed = 0                # noise stream of the client-level mode
 
   # The references a reader needs to judge FL, trained with the same frozen blocks.
   config.baselines = recipe(epochs=15, batch_size=32, lr=3e-4, warmup_epochs=1, patience=4)

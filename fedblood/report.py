@@ -196,6 +196,9 @@ def write_report(workdir, results: dict | None = None,
     facts.append('- FedDyn\'s two models: `active_mean` is the plain average of the active '
                  'clients\' models (what the FedDyn paper reports), `server` the corrected server '
                  'model the clients start each round from')
+  if results.get('privacy'):
+    from fedblood import privacy  # pylint: disable=g-import-not-at-top
+    facts += privacy.report_lines(results['privacy'])
   for key, label in (('wall_time_s', 'wall time'),):
     if results.get(key) is not None:
       facts.append(f'- {label}: {results[key]:.0f} s')

@@ -55,6 +55,7 @@ from jax.sharding import PartitionSpec as P
 
 from fedblood import algorithms, partition
 from fedblood.algorithms import base
+from fedblood.algorithms import dp as dp_lib
 
 EXECUTIONS = ('auto', 'vmap', 'loop', 'unroll', 'shard')
 
@@ -98,6 +99,35 @@ def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: in
     batch = {name: x[center, idx] for name, x in examples.items()}
     batch['mask'] = (pos < size).astype(jnp.float32)
     return batch
+
+  return batch_fn
+
+
+def make_poisson_fn(examples, center, size, rng, batch_size: int, microbatch: int):
+  """DP-SGD's ``step -> dp.PoissonSample`` of center ``center`` (Poisson rate ``B / n_k``).
+
+  Each step every real row is sampled independently with probability ``batch_size / size``
+  (drawn from ``fold_in(rng, step)``); the sampled rows' indices come first in a fixed-shape
+  array, so the sample's size is data, not shape. Rows are gathered per chunk.
+  """
+  nmax = jax.tree.leaves(examples)[0].shape[1]
+  rate = batch_size / jnp.maximum(size, 1).astype(jnp.float32)
+  padded = _ceil_div(nmax, microbatch) * microbatch
+
+  def batch_fn(step):
+    real = jnp.arange(nmax) < size
+    chosen = real & (jax.random.uniform(jax.random.fold_in(rng, step), (nmax,)) < rate)
+    count = jnp.sum(chosen, dtype=jnp.int32)
+    order = jnp.nonzero(chosen, size=padded, fill_value=0)[0].astype(jnp.int32)
+
+    def fetch(j):
+      pos = j * microbatch + jnp.arange(microbatch)
+      idx = jax.lax.dynamic_slice(order, (j * microbatch,), (microbatch,))
+      batch = {name: x[center, idx] for name, x in examples.items()}
+      batch['mask'] = (pos < count).astype(jnp.float32)
+      return batch
+
+    return dp_lib.PoissonSample(count, fetch)
 
   return batch_fn
 
@@ -169,7 +199,7 @@ def _auto_round(build_fn: Callable, batch_size: int, local_epochs: int,
 
 
 def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
-              local_epochs: int) -> Callable:
+              local_epochs: int, dp: Optional[dp_lib.DpSgd] = None) -> Callable:
   """One center's local update exactly as every execution of the round runs it.
 
   ``client(server_state, client_state, weight, frozen, examples, center, size, rng)
@@ -177,11 +207,15 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
   (leaves ``[C, Nmax, ...]``), its ``size`` real examples, its key for the round
   (``fold_in(fold_in(key, round), k)``). A deployed site (:mod:`fedblood.deploy`)
   calls it on its own data padded to the federation's ``Nmax``, so the batches, and
-  hence the update, are the simulation's.
+  hence the update, are the simulation's. With ``dp`` (DP-SGD) the batches are Poisson
+  samples (:func:`make_poisson_fn`).
   """
   def client(server_state, client_state, weight, frozen, examples, center, size, rng):
     perm_rng, step_rng = jax.random.split(rng)
-    batch_fn = make_batch_fn(examples, center, size, perm_rng, batch_size, local_epochs)
+    if dp is None:
+      batch_fn = make_batch_fn(examples, center, size, perm_rng, batch_size, local_epochs)
+    else:
+      batch_fn = make_poisson_fn(examples, center, size, perm_rng, batch_size, dp.microbatch)
     local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
     num_steps = local_epochs * _ceil_div(size, batch_size)
     return algorithm.client_update(server_state, client_state, weight, local_loss, batch_fn,
@@ -192,7 +226,8 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
 
 def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
                 local_epochs: int, execution: str = 'vmap', donate: bool = True,
-                devices: Optional[Sequence[Any]] = None) -> Callable:
+                devices: Optional[Sequence[Any]] = None,
+                dp: Optional[dp_lib.DpSgd] = None) -> Callable:
   """Builds ``round_fn`` (see the module docstring).
 
   Args:
@@ -204,6 +239,8 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
     execution: 'auto', 'vmap', 'loop', 'unroll' or 'shard' (see the module docstring).
     donate: let XLA reuse the input states' buffers for the outputs.
     devices: devices of the 'shard' mesh (default: all).
+    dp: DP-SGD (the ``dp`` the algorithm was built with): batches become Poisson samples
+      (:func:`make_poisson_fn`); a center still takes ``local_epochs * ceil(n_k / B)`` steps.
   """
   if execution not in EXECUTIONS:
     raise ValueError(f'fl.execution must be one of {EXECUTIONS}, got {execution!r}')
@@ -212,10 +249,12 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
                      f'{local_epochs}')
   if execution == 'auto':
     build_fn = functools.partial(build_round, algorithm, loss_fn, batch_size=batch_size,
-                                 local_epochs=local_epochs, donate=donate, devices=devices)
+                                 local_epochs=local_epochs, donate=donate, devices=devices,
+                                 dp=dp)
     return _auto_round(build_fn, batch_size, local_epochs, devices)
   donated = (0, 1) if donate else ()
-  client = client_fn(algorithm, loss_fn, batch_size=batch_size, local_epochs=local_epochs)
+  client = client_fn(algorithm, loss_fn, batch_size=batch_size, local_epochs=local_epochs,
+                     dp=dp)
 
   def round_keys(key, round_index, num):
     round_key = jax.random.fold_in(key, round_index)
@@ -319,7 +358,8 @@ def build(fl_cfg, loss_fn: Callable, **kwargs) -> tuple[base.FedAlgorithm, Calla
   algorithm = algorithms.build(fl_cfg)
   execution = fl_cfg['execution'] if 'execution' in fl_cfg else 'auto'
   return algorithm, build_round(algorithm, loss_fn, batch_size=fl_cfg['batch_size'],
-                                local_epochs=fl_cfg['local_epochs'], execution=execution, **kwargs)
+                                local_epochs=fl_cfg['local_epochs'], execution=execution,
+                                dp=dp_lib.from_config(fl_cfg), **kwargs)
 
 
 def to_float(images):

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import centralized, checkpoint, data, metrics, models, partition, report, simulate
-from fedblood import lock, names, runlog, validate
+from fedblood import centralized, checkpoint, data, metrics, models, partition, privacy, report
+from fedblood import lock, names, runlog, simulate, validate
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
@@ -205,17 +205,22 @@ def eval_model_name(config, available) -> str:
   return name if name in available else 'server'
 
 
-def fl_json(config) -> str:
-  """``config.fl`` as JSON, less the fields the compiled round does not depend on (a cache key)."""
+def fl_json(config, dp_plan=None) -> str:
+  """``config.fl`` as JSON, less the fields the compiled round does not depend on (a cache key).
+
+  ``dp_plan`` (:func:`fedblood.privacy.plan`) sets the (calibrated) noise multiplier.
+  """
   fl = {k: v for k, v in config.fl.to_dict().items()
         if k not in ('rounds', 'eval_model', 'participation')}
+  if dp_plan is not None:
+    fl['dp'] = {**fl['dp'], 'noise_multiplier': dp_plan.noise_multiplier, 'target_epsilon': 0.0}
   return json.dumps(fl, sort_keys=True)
 
 
-def fl_template(config, model, reference_params, num_centers: int):
+def fl_template(config, model, reference_params, num_centers: int, dp_plan=None):
   """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
   trainable, frozen = partition.split(reference_params, fl_rules(config))
-  algorithm, round_fn = _fl_functions(model, fl_json(config), augment_fn(config))
+  algorithm, round_fn = _fl_functions(model, fl_json(config, dp_plan), augment_fn(config))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
            'rng': jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), STAGE['fl']))}
@@ -229,11 +234,16 @@ def _fl_functions(model, fl_json: str, augment):
   return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
 
 
-def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, val) -> dict:
-  """One ``metrics.jsonl`` row of the FL stage: center ``center`` after round ``round_index``."""
+def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, val,
+           epsilon=None) -> dict:
+  """One ``metrics.jsonl`` row of the FL stage: center ``center`` after round ``round_index``.
+
+  ``epsilon``: the center's DP-SGD epsilon so far (runs with ``fl.dp``), else no such key.
+  """
   return {'stage': 'fl', 'round': round_index, 'center': center, 'model': eval_name,
           'active': bool(active), 'loss': float(loss), 'train_accuracy': float(train_accuracy),
-          **test, **{f'val_{m}': v for m, v in val.items()}}
+          **test, **{f'val_{m}': v for m, v in val.items()},
+          **({'epsilon': epsilon} if epsilon is not None else {})}
 
 
 class FLRun(NamedTuple):
@@ -249,11 +259,14 @@ class FLRun(NamedTuple):
   eval_name: str
   summary: dict
   rng: Any
+  dp_plan: Any = None        # fedblood.privacy.plan of fl.dp (None without DP)
 
 
 def fl_setup(config, model, reference_params, centers, key, workdir: Path):
   """``(FLRun, server, clients)``: the round function and the states, restored if checkpointed."""
-  algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers))
+  dp_plan = privacy.plan(config.fl, {c.name: len(c.train.labels) for c in centers})
+  algorithm, round_fn, state, frozen = fl_template(config, model, reference_params, len(centers),
+                                                   dp_plan)
   mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep,
                             best_metric='val_accuracy')
   start = 0
@@ -267,7 +280,7 @@ def fl_setup(config, model, reference_params, centers, key, workdir: Path):
               frozen=frozen, mngr=mngr, start=start, fl_key=jax.random.fold_in(key, STAGE['fl']),
               part_key=jax.random.fold_in(key, STAGE['participation']),
               eval_name=eval_model_name(config, algorithm.eval_params(state['server'])),
-              summary=summary, rng=state['rng'])
+              summary=summary, rng=state['rng'], dp_plan=dp_plan)
   return run, state['server'], state['clients']
 
 
@@ -286,13 +299,15 @@ def fl_after_round(config, model, run: FLRun, centers, r: int, active, server, c
                              f'after aggregation. Stopped; the last good checkpoint is kept: '
                              f'{last_good}.')
   full = partition.merge(params, run.frozen)
+  epsilons = _epsilons(config, run, r, len(centers)) if run.dp_plan is not None else None
   rows, val_accs, test_accs = [], [], []
   for k, center in enumerate(centers):
     test = metrics.summary(evaluate_split(config, model, full, center.test))
     val = (metrics.summary(evaluate_split(config, model, full, center.val))
            if len(center.val.labels) else {})
     rows.append(fl_row(r, center.name, run.eval_name, active[k], losses[k],
-                       np.asarray(round_metrics['accuracy'])[k], test, val))
+                       np.asarray(round_metrics['accuracy'])[k], test, val,
+                       epsilons[k] if epsilons else None))
     test_accs.append(test['accuracy'])
     if val:
       val_accs.append(val['accuracy'])
@@ -312,12 +327,27 @@ def fl_after_round(config, model, run: FLRun, centers, r: int, active, server, c
   return round_summary
 
 
+def _steps_taken(config, run: FLRun, rounds: int, num_centers: int):
+  # Participation is a function of the round: a resumed run recounts the mechanisms taken.
+  actives = [participation(config, run.part_key, r, num_centers) for r in range(1, rounds + 1)]
+  return privacy.steps_taken(run.dp_plan, actives)
+
+
+def _epsilons(config, run: FLRun, rounds: int, num_centers: int):
+  return privacy.epsilons(run.dp_plan, _steps_taken(config, run, rounds, num_centers))
+
+
 def fl_finish(config, run: FLRun, server) -> tuple[dict, dict]:
   """Closes the run's checkpoints; the final ``({name: params}, info)``."""
   run.mngr.close()
   models_out = {name: partition.merge(p, run.frozen)
                 for name, p in run.algorithm.eval_params(server).items()}
-  return models_out, {'eval_model': run.eval_name, 'rounds': config.fl.rounds}
+  info = {'eval_model': run.eval_name, 'rounds': config.fl.rounds}
+  if run.dp_plan is not None:
+    info['privacy'] = privacy.summary(
+        run.dp_plan, _steps_taken(config, run, config.fl.rounds, len(run.names)),
+        config.fl.dp.target_epsilon)
+  return models_out, info
 
 
 def fl_round(config, model, run: FLRun, centers, sim, r: int, server, clients, log):
@@ -452,6 +482,8 @@ def _run(config, workdir: Path) -> dict:
 
   results = study_results(config, names, before, after_models, fl_info['eval_model'], baselines,
                           reference_info, {c.name: int(len(c.train.labels)) for c in centers})
+  if 'privacy' in fl_info:
+    results['privacy'] = fl_info['privacy']
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))

@@ -137,8 +137,13 @@ def _check_data(config):
   loader.check_config(config.data)
 
 
+def _check_dp(config):
+  if 'fl' in config:
+    algorithms.dp.check_config(config.fl)  # fl.dp.* (mode, clip, noise, microbatch, algorithm)
+
+
 # Checks that span several fields or need more than one value: functions of the whole config.
-SECTION_CHECKS: list[Callable[[Any], None]] = [_check_data]
+SECTION_CHECKS: list[Callable[[Any], None]] = [_check_data, _check_dp]
 
 
 def check(config) -> None:

@@ -58,6 +58,8 @@ def _set(config, key, value):
     ('fl.eval_model', 'best', 'must be one of'),
     ('reference.restore', '/nonexistent/ref', 'no such file'),
     ('data.reference', 'nowhere', 'is not one of the centers'),
+    ('fl.dp.mode', 'record', 'must be one of'),
+    ('fl.dp.mode', 'client', "supports fl.algorithm 'fed_avg'"),
 ])
 def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, says):
   config = smoke_config(tmp_path / 'tfds')

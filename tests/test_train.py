@@ -96,12 +96,11 @@ def test_rerun_changes_nothing(smoke):
   assert {n: (workdir / n).read_bytes() for n in before} == before
 
 
-# Saves in a smoke run, in order: reference epochs 1-2, reference model, FL rounds 1-3,
-# local_synth1, local_synth2, pooled. Interrupting before save k stops the run at that point.
-@pytest.mark.parametrize('stop_before_save', [2, 5, 8])
-def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, stop_before_save):
-  config, reference_dir = smoke
-  workdir = tmp_path / 'run'
+def interrupt_saves(monkeypatch, stop_before_save: int):
+  """Makes ``checkpoint.save`` raise KeyboardInterrupt at its ``stop_before_save``-th call.
+
+  Returns the real ``checkpoint.save`` (to put back before resuming).
+  """
   real_save, calls = checkpoint.save, []
 
   def interrupted_save(*args, **kwargs):
@@ -111,6 +110,16 @@ def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, sto
     return real_save(*args, **kwargs)
 
   monkeypatch.setattr(checkpoint, 'save', interrupted_save)
+  return real_save
+
+
+# Saves in a smoke run, in order: reference epochs 1-2, reference model, FL rounds 1-3,
+# local_synth1, local_synth2, pooled. Interrupting before save k stops the run at that point.
+@pytest.mark.parametrize('stop_before_save', [2, 5, 8])
+def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, stop_before_save):
+  config, reference_dir = smoke
+  workdir = tmp_path / 'run'
+  real_save = interrupt_saves(monkeypatch, stop_before_save)
   with pytest.raises(KeyboardInterrupt):
     train.run(config, workdir)
   monkeypatch.setattr(checkpoint, 'save', real_save)

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedblood.algorithms import dp as dp_lib
 from fedblood.algorithms import xla_cpu
 
 
@@ -102,7 +103,7 @@ def gradient(objective: Callable) -> Callable:
 
 
 def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, weight_decay,
-              penalty_fn: Optional[Callable] = None):
+              penalty_fn: Optional[Callable] = None, dp: Optional[dp_lib.DpSgd] = None):
   """Runs ``num_steps`` steps of clipped SGD on ``loss_fn + penalty_fn`` from ``params``.
 
   Args:
@@ -113,6 +114,9 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     rng: key; step ``s`` draws ``fold_in(rng, s)``.
     lr, max_grad_norm, weight_decay: see :func:`local_tx` (``weight_decay`` may be traced).
     penalty_fn: optional ``params -> scalar`` added to the loss before differentiation.
+    dp: DP-SGD (:mod:`fedblood.algorithms.dp`): ``batch_fn(step)`` then returns a
+      ``dp.PoissonSample``; the loss's gradient is the private one and ``penalty_fn``'s
+      gradient (data-independent) is added after the noise.
 
   Returns:
     ``(params, metrics)``, metrics ``{'loss', **aux}`` averaged over the steps taken
@@ -125,8 +129,12 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     total = loss if penalty_fn is None else loss + penalty_fn(p)
     return total, dict(loss=loss, **aux)
 
-  grad_fn = gradient(objective)
-  probe = jax.eval_shape(lambda: objective(params, batch_fn(jnp.int32(0)), rng)[1])
+  if dp is None:
+    grad_fn = gradient(objective)
+    probe = jax.eval_shape(lambda: objective(params, batch_fn(jnp.int32(0)), rng)[1])
+  else:
+    grad_fn = _dp_gradient(dp, loss_fn, penalty_fn)
+    probe = jax.eval_shape(lambda: grad_fn(params, batch_fn(jnp.int32(0)), rng)[1])
   sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), probe)
 
   def body(step, carry):
@@ -141,6 +149,19 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
   metrics = jax.tree.map(lambda s: s / jnp.maximum(num_steps, 1), sums)
   metrics['num_steps'] = num_steps
   return params, metrics
+
+
+def _dp_gradient(dp, loss_fn, penalty_fn):
+  """DP-SGD's ``(params, sample, rng) -> (grads, stats)``: private loss gradient + penalty's."""
+  private = dp_lib.private_gradient(dp, loss_fn)
+
+  def grad_fn(p, sample, step_rng):
+    grads, stats = private(p, sample, step_rng)
+    if penalty_fn is not None:  # post-processing: the penalty never sees the data
+      grads = jax.tree.map(jnp.add, grads, jax.grad(penalty_fn)(p))
+    return grads, stats
+
+  return grad_fn
 
 
 def _bcast(mask, x):

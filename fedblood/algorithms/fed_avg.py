@@ -15,7 +15,7 @@ from fedblood.algorithms import base
 
 
 def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], server_lr: float,
-           server_momentum: float, mu: Optional[float]) -> base.FedAlgorithm:
+           server_momentum: float, mu: Optional[float], dp=None) -> base.FedAlgorithm:
   server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
 
   def init(params, num_clients):
@@ -31,7 +31,7 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
       penalty_fn = lambda p: 0.5 * mu * optax.tree.norm(optax.tree.sub(p, theta_s), squared=True)
     local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                     max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                    penalty_fn=penalty_fn)
+                                    penalty_fn=penalty_fn, dp=dp)
     return local, client_state, metrics
 
   def server_update(server_state, local_params, weights, active, client_states):
@@ -45,7 +45,8 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
 
 
 def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
-            server_lr: float = 1.0, server_momentum: float = 0.0) -> base.FedAlgorithm:
+            server_lr: float = 1.0, server_momentum: float = 0.0,
+            dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
   """FedAvg with sample-weighted averaging.
 
   Args:
@@ -54,14 +55,16 @@ def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[flo
     max_grad_norm: local gradient clipping (global norm); None or 0 turns it off.
     server_lr: server learning rate on the averaged update (1.0: plain averaging).
     server_momentum: server heavy-ball momentum (0: none).
+    dp: DP-SGD in the local step (``base.local_sgd``).
   """
-  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None)
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None, dp=dp)
 
 
 def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
              max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
-             server_momentum: float = 0.0) -> base.FedAlgorithm:
+             server_momentum: float = 0.0,
+             dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
   """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in each client's loss (see :func:`fed_avg`)."""
   if mu < 0:
     raise ValueError(f'fl.mu must be >= 0, got {mu}')
-  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu))
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu), dp=dp)

@@ -44,7 +44,8 @@ class FedDynClientState(NamedTuple):
 
 
 def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
-            max_grad_norm: Optional[float] = 10.0) -> base.FedAlgorithm:
+            max_grad_norm: Optional[float] = 10.0,
+            dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
   """FedDyn.
 
   Args:
@@ -52,6 +53,7 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     alpha: the dynamic regulariser's strength; client k uses ``alpha / w_k``.
     weight_decay: ordinary weight decay on top of ``alpha_k`` (1e-3 in the paper's CIFAR runs).
     max_grad_norm: global-norm clipping of the regularised gradient (10 in the authors' code).
+    dp: DP-SGD in the local step (``base.local_sgd``); the regulariser is added after the noise.
   """
   if alpha <= 0:
     raise ValueError(f'fl.alpha must be > 0 for fed_dyn, got {alpha}')
@@ -68,7 +70,8 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     penalty_fn = lambda p: alpha_k * optax.tree.vdot(p, direction)
     local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                     max_grad_norm=max_grad_norm,
-                                    weight_decay=alpha_k + weight_decay, penalty_fn=penalty_fn)
+                                    weight_decay=alpha_k + weight_decay, penalty_fn=penalty_fn,
+                                    dp=dp)
     lam = jax.tree.map(lambda l, t, s: l + (t - s), client_state.lam, local, theta_s)
     return local, FedDynClientState(lam), metrics
 

@@ -27,8 +27,12 @@ class ScaffoldServerState(NamedTuple):
 
 
 def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
-             server_lr: float = 1.0, server_momentum: float = 0.0) -> base.FedAlgorithm:
-  """SCAFFOLD; client state is the control variate ``c_k`` (args as :func:`fed_avg`)."""
+             server_lr: float = 1.0, server_momentum: float = 0.0,
+             dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
+  """SCAFFOLD; client state is the control variate ``c_k`` (args as :func:`fed_avg`).
+
+  With ``dp`` (DP-SGD), the correction ``<c - c_k, p>`` is added after the noise.
+  """
   server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
 
   def init(params, num_clients):
@@ -44,7 +48,7 @@ def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[fl
     penalty_fn = lambda p: optax.tree.vdot(correction, p)
     y, metrics = base.local_sgd(x, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                 max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                penalty_fn=penalty_fn)
+                                penalty_fn=penalty_fn, dp=dp)
     steps = jnp.maximum(metrics['num_steps'], 1).astype(jnp.float32)
     new_control = jax.tree.map(lambda ck, ci, xi, yi: ck - ci + (xi - yi) / (steps * lr),
                                client_control, c, x, y)

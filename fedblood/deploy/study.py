@@ -62,6 +62,11 @@ def center_names(data_cfg) -> tuple:
 
 def build(config) -> Study:
   """The study's :class:`Study` from its config."""
+  if config.fl.get('dp') is not None and config.fl.dp.mode != 'off':
+    # The sites would need the server's calibrated noise and the report the accountant's
+    # epsilon; neither travels over the wire yet.
+    raise ValueError(f'fl.dp.mode={config.fl.dp.mode!r}: differential privacy runs in the '
+                     'simulation only; a deployed run needs fl.dp.mode=\'off\'')
   model = models.build(config.model)
   algorithm = algorithms.build(config.fl)
   trainable, frozen = partition.split(train.param_shapes(config, model), train.fl_rules(config))

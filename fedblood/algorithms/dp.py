@@ -1,0 +1,208 @@
+"""Differential privacy in the local step (DP-SGD) and on the aggregate (DP-FedAvg).
+
+Record level, ``fl.dp.mode='example'`` (DP-SGD, Abadi et al. 2016), per center and step:
+
+* the sample: every training example of center k is in the step's sample independently with
+  probability ``q_k = B / n_k`` (Poisson sampling, ``B = fl.batch_size``: the expected size);
+  :func:`fedblood.simulate.make_poisson_fn` draws it as a fixed-shape mask, the sampled rows
+  first, so no step recompiles whatever its size;
+* each sampled example's gradient of the loss alone (``vmap`` over the examples, in chunks of
+  ``microbatch`` examples, as many chunks as the sample needs) is clipped to L2 norm ``clip``;
+* ``g = (sum of clipped gradients + N(0, (noise_multiplier * clip)^2 I)) / B``.
+
+Everything after ``g`` is post-processing of a private value, hence free under DP: the
+algorithm's data-independent terms (FedDyn's linear and quadratic terms, FedProx's proximal
+term, SCAFFOLD's correction: gradients of ``penalty_fn`` and the weight decay), then the local
+optimizer (its global-norm clipping, SGD). The accountant (:mod:`fedblood.privacy`) sees
+``steps`` compositions of a Poisson-sampled Gaussian of rate ``q_k`` per center; the number of
+examples ``n_k`` is treated as public.
+
+Client level, ``fl.dp.mode='client'`` (DP-FedAvg, McMahan et al. 2018): :func:`client_level`
+clips each center's model update ``theta_k - theta_s`` to L2 norm ``clip``, adds
+``N(0, (noise_multiplier * clip)^2 I)`` to their sum and divides by the number of centers; the
+server's rule (and its optimizer) then runs on that noisy mean. FedAvg and FedProx only: the
+servers of FedDyn and SCAFFOLD also read client state (``lambda_k``, ``c_k``) that this noise
+does not cover.
+"""
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedblood.algorithms import xla_cpu
+
+MODES = ('off', 'example', 'client')
+
+
+class DpSgd(NamedTuple):
+  """DP-SGD of the local step.
+
+  Attributes:
+    clip: L2 bound of each example's gradient.
+    noise_multiplier: noise std / clip.
+    expected_batch: the Poisson sample's expected size ``q_k * n_k`` (= ``fl.batch_size``).
+    microbatch: examples per per-example-gradient chunk (bounds the memory of the
+      per-example gradients: ``microbatch`` copies of the trainable params).
+  """
+  clip: float
+  noise_multiplier: float
+  expected_batch: int
+  microbatch: int
+
+
+class PoissonSample(NamedTuple):
+  """One step's Poisson sample of a center, as DP-SGD's ``batch_fn(step)`` returns it.
+
+  Attributes:
+    count: int32 scalar, the number of examples sampled.
+    fetch: ``j -> batch`` of chunk ``j``: ``microbatch`` rows (the sampled examples
+      ``j * microbatch ...``), ``batch['mask']`` 1 for sampled rows, 0 past ``count``.
+  """
+  count: Any
+  fetch: Callable
+
+
+def from_config(fl_cfg) -> Optional[DpSgd]:
+  """``DpSgd`` of ``fl.dp`` when ``fl.dp.mode == 'example'``, else None."""
+  cfg = fl_cfg['dp'] if 'dp' in fl_cfg else None
+  if cfg is None or cfg['mode'] != 'example':
+    return None
+  batch = int(fl_cfg['batch_size'])
+  microbatch = int(cfg['microbatch']) if cfg.get('microbatch') else batch
+  return DpSgd(float(cfg['clip']), float(cfg['noise_multiplier']), batch, microbatch)
+
+
+def check_config(fl_cfg):
+  """Raises ValueError on an ``fl.dp`` that cannot run, naming the key."""
+  cfg = fl_cfg['dp'] if 'dp' in fl_cfg else None
+  if cfg is None:
+    return
+  if cfg['mode'] not in MODES:
+    raise ValueError(f'fl.dp.mode must be one of {MODES}, got {cfg["mode"]!r}')
+  if cfg['mode'] == 'off':
+    return
+  if not cfg['clip'] > 0:
+    raise ValueError(f'fl.dp.clip must be > 0, got {cfg["clip"]}')
+  if cfg['noise_multiplier'] < 0:
+    raise ValueError(f'fl.dp.noise_multiplier must be >= 0, got {cfg["noise_multiplier"]}')
+  if cfg.get('microbatch', 0) < 0:
+    raise ValueError(f'fl.dp.microbatch must be >= 0 (0: fl.batch_size), got {cfg["microbatch"]}')
+  if cfg['mode'] == 'client' and fl_cfg['algorithm'] not in ('fed_avg', 'fed_prox'):
+    raise ValueError(f"fl.dp.mode='client' supports fl.algorithm 'fed_avg' and 'fed_prox', got "
+                     f"{fl_cfg['algorithm']!r}: its server also reads client state the noise does "
+                     "not cover")
+  if cfg['mode'] == 'client' and fl_cfg.get('participation', 1.0) != 1.0:
+    raise ValueError("fl.dp.mode='client' is accounted for full participation; set "
+                     f"fl.participation=1.0 (got {fl_cfg['participation']})")
+
+
+def clipped_sum(loss_fn: Callable, clip: float) -> Callable:
+  """``(params, batch, rngs) -> (sum_i clip(grad_i), stats sums)`` over a batch's rows.
+
+  Row ``i`` is differentiated alone (a batch of one, ``rngs[i]`` its key); its gradient
+  is scaled by ``clip / max(|g_i|, clip)`` and by its mask (masked rows add exactly zero).
+  ``stats``: ``{'loss', **aux}`` summed over the masked-in rows. On CPU the computation is
+  re-emitted by :func:`xla_cpu.fast_gradients`, as local SGD's plain gradient is.
+  """
+  def one(params, example, rng):
+    batch = jax.tree.map(lambda x: x[None], example)
+    grad_fn = jax.grad(lambda p: (lambda l, a: (l, (l, a)))(*loss_fn(p, batch, rng)),
+                       has_aux=True)
+    grads, (loss, aux) = grad_fn(params)
+    keep = example['mask'] > 0
+    factor = jnp.where(keep, clip / jnp.maximum(optax.tree.norm(grads), clip), 0.0)
+    grads = jax.tree.map(lambda g: jnp.where(keep, g * factor.astype(g.dtype), 0), grads)
+    stats = jax.tree.map(lambda s: jnp.where(keep, s, 0).astype(jnp.float32),
+                         dict(loss=loss, **aux))
+    return grads, stats
+
+  def total(params, batch, rngs):
+    grads, stats = jax.vmap(one, in_axes=(None, 0, 0))(params, batch, rngs)
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, stats))
+
+  return xla_cpu.fast_gradients(total) if jax.default_backend() == 'cpu' else total
+
+
+def private_gradient(dp: DpSgd, loss_fn: Callable) -> Callable:
+  """``(params, sample, rng) -> (noisy mean gradient, stats)`` of one DP-SGD step.
+
+  ``stats``: ``{'loss', **aux}`` averaged over the sampled examples (training metrics for
+  monitoring; NOT covered by the privacy guarantee).
+  """
+  chunk = clipped_sum(loss_fn, dp.clip)
+  std = dp.noise_multiplier * dp.clip
+
+  def grad_fn(params, sample: PoissonSample, rng):
+    loss_rng, noise_rng = jax.random.split(rng)
+    probe = jax.eval_shape(chunk, params, sample.fetch(jnp.int32(0)),
+                           jax.random.split(loss_rng, dp.microbatch))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), probe)
+
+    def body(j, acc):
+      rows = j * dp.microbatch + jnp.arange(dp.microbatch)
+      rngs = jax.vmap(lambda i: jax.random.fold_in(loss_rng, i))(rows)
+      return jax.tree.map(jnp.add, acc, chunk(params, sample.fetch(j), rngs))
+
+    count = jnp.asarray(sample.count, jnp.int32)
+    chunks = (count + dp.microbatch - 1) // dp.microbatch
+    grads, stats = jax.lax.fori_loop(0, chunks, body, zeros)
+    leaves, tree = jax.tree.flatten(grads)
+    keys = jax.random.split(noise_rng, len(leaves))
+    noisy = [(g + std * jax.random.normal(k, g.shape, g.dtype)) / dp.expected_batch
+             for g, k in zip(leaves, keys)]
+    stats = jax.tree.map(lambda s: s / jnp.maximum(count, 1).astype(s.dtype), stats)
+    return jax.tree.unflatten(tree, noisy), stats
+
+  return grad_fn
+
+
+# ------------------------------------------------------------------------ client level
+class ClientDpServerState(NamedTuple):
+  """Attributes: inner (the wrapped algorithm's server state), key (noise key data)."""
+  inner: Any
+  key: Any
+
+
+def client_level(algorithm, clip: float, noise_multiplier: float, seed: int = 0):
+  """DP-FedAvg around a FedAvg-type ``algorithm`` (see the module docstring).
+
+  The server state becomes :class:`ClientDpServerState`; the noise key advances once per
+  server update, so a resumed run draws the noise of an uninterrupted one. Every center is
+  assumed to take part in every round (the noisy sum is divided by the number of centers).
+  """
+  from fedblood.algorithms import base  # pylint: disable=g-import-not-at-top
+
+  def init(params, num_clients):
+    server, clients = algorithm.init(params, num_clients)
+    return ClientDpServerState(server, jax.random.key_data(jax.random.key(seed))), clients
+
+  def client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng):
+    return algorithm.client_update(server_state.inner, client_state, weight, loss_fn, batch_fn,
+                                   num_steps, rng)
+
+  def server_update(server_state, local_params, weights, active, client_states):
+    theta = algorithm.eval_params(server_state.inner)['server']
+    active = jnp.asarray(active, bool)
+    num = active.shape[0]
+    deltas = jax.tree.map(lambda l, t: l - t[None], local_params, theta)
+    norms = jax.vmap(optax.tree.norm)(deltas)
+    factor = jnp.where(active, clip / jnp.maximum(norms, clip), 0.0)
+    total = jax.tree.map(lambda d: jnp.tensordot(factor.astype(d.dtype),
+                                                 jnp.where(base._bcast(active, d), d, 0), 1),
+                         deltas)
+    key, noise_key = jax.random.split(jax.random.wrap_key_data(server_state.key))
+    leaves, tree = jax.tree.flatten(total)
+    keys = jax.random.split(noise_key, len(leaves))
+    mean = [(s + noise_multiplier * clip * jax.random.normal(k, s.shape, s.dtype)) / num
+            for s, k in zip(leaves, keys)]
+    noisy = jax.tree.map(lambda t, m: jnp.broadcast_to(t + m, (num,) + t.shape), theta,
+                         jax.tree.unflatten(tree, mean))
+    inner = algorithm.server_update(server_state.inner, noisy, weights, active, client_states)
+    return ClientDpServerState(inner, jax.random.key_data(key))
+
+  def eval_params(server_state):
+    return algorithm.eval_params(server_state.inner)
+
+  return base.FedAlgorithm(init, client_update, server_update, eval_params)

@@ -1,0 +1,178 @@
+"""Privacy accounting of a run's ``fl.dp`` with Google's dp-accounting (optional extra ``dp``).
+
+What is accounted (mechanisms in :mod:`fedblood.algorithms.dp`), neighbouring datasets
+differing by adding or removing one record (dp-accounting's ``ADD_OR_REMOVE_ONE``):
+
+* ``mode='example'``: per center k, the record is one of its training images. Each local step
+  is a Poisson-sampled Gaussian mechanism (rate ``q_k = B / n_k``, noise multiplier sigma);
+  a round is ``local_epochs * ceil(n_k / B)`` of them, rounds the center sits out add none.
+  ``epsilon_k`` after ``s`` steps is that of
+  ``SelfComposedDpEvent(PoissonSampledDpEvent(q_k, GaussianDpEvent(sigma)), s)`` at
+  ``delta``. ``n_k`` is public.
+* ``mode='client'``: the record is a whole center. Each round is one Gaussian mechanism on
+  the clipped updates' sum (every center takes part: no sampling amplification), so after
+  ``r`` rounds ``SelfComposedDpEvent(GaussianDpEvent(sigma), r)``, the same for all centers.
+
+Not covered by either: the training loss / accuracy each center reports per round, and the
+evaluation on validation and test splits (monitoring of the simulation; a deployment would
+not release them). ``fl.dp.target_epsilon > 0`` calibrates sigma before training: the smallest
+sigma that keeps every center's epsilon over all ``fl.rounds`` within the target.
+"""
+
+import functools
+import math
+from typing import NamedTuple, Sequence
+
+ACCOUNTANTS = ('rdp', 'pld')
+
+
+def _dp_accounting():
+  try:
+    import dp_accounting  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("fl.dp needs Google's dp-accounting: pip install 'fedblood[dp]'") from e
+  return dp_accounting
+
+
+class Plan(NamedTuple):
+  """A run's privacy parameters.
+
+  Attributes:
+    mode: 'example' or 'client'.
+    noise_multiplier: sigma (calibrated when ``fl.dp.target_epsilon`` is set).
+    clip: the per-example gradient (example) or per-center update (client) L2 bound.
+    delta: the delta every epsilon is reported at.
+    accountant: 'rdp' or 'pld'.
+    centers: center names.
+    rates: per center, the Poisson sampling rate ``q_k`` (1.0 in client mode).
+    steps_per_round: per center, mechanisms composed per round it takes part in.
+    calibrated: whether ``noise_multiplier`` came from ``target_epsilon``.
+  """
+  mode: str
+  noise_multiplier: float
+  clip: float
+  delta: float
+  accountant: str
+  centers: tuple
+  rates: tuple
+  steps_per_round: tuple
+  calibrated: bool
+
+
+def event(mode: str, rate: float, noise_multiplier: float, steps: int):
+  """The dp-accounting event of ``steps`` mechanisms of ``mode`` (see the module docstring)."""
+  dpa = _dp_accounting()
+  if steps == 0:
+    return dpa.NoOpDpEvent()
+  gaussian = dpa.GaussianDpEvent(noise_multiplier)
+  one = gaussian if mode == 'client' else dpa.PoissonSampledDpEvent(rate, gaussian)
+  return dpa.SelfComposedDpEvent(one, int(steps))
+
+
+def _accountant(name: str):
+  dpa = _dp_accounting()
+  return dpa.rdp.RdpAccountant() if name == 'rdp' else dpa.pld.PLDAccountant()
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(mode, rate, noise_multiplier, steps, delta, accountant) -> float:
+  if steps == 0:
+    return 0.0
+  if noise_multiplier == 0:
+    return math.inf
+  acc = _accountant(accountant)
+  acc.compose(event(mode, rate, noise_multiplier, steps))
+  return float(acc.get_epsilon(delta))
+
+
+def epsilons(plan: Plan, steps_taken: Sequence[int]) -> list:
+  """Each center's epsilon at ``plan.delta`` after it has taken ``steps_taken[k]`` mechanisms."""
+  return [_epsilon(plan.mode, rate, plan.noise_multiplier, int(s), plan.delta, plan.accountant)
+          for rate, s in zip(plan.rates, steps_taken)]
+
+
+def calibrate(mode, rates, total_steps, target_epsilon, delta, accountant) -> float:
+  """The smallest sigma (to dp-accounting's tolerance) with every center's epsilon <= target."""
+  dpa = _dp_accounting()
+  sigmas = []
+  for rate, steps in zip(rates, total_steps):
+    sigmas.append(dpa.calibrate_dp_mechanism(
+        lambda: _accountant(accountant),
+        lambda sigma, rate=rate, steps=steps: event(mode, rate, sigma, steps),
+        target_epsilon, delta, bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0)))
+  return float(max(sigmas))
+
+
+def plan(fl_cfg, sizes: dict) -> Plan | None:
+  """The run's :class:`Plan` from ``config.fl`` and ``{center: n_train}``; None if DP is off.
+
+  Raises:
+    ValueError: naming the key (and center) of a setting the accounting cannot cover.
+  """
+  cfg = fl_cfg.get('dp') if hasattr(fl_cfg, 'get') else None
+  if cfg is None or cfg['mode'] == 'off':
+    return None
+  from fedblood.algorithms import dp  # pylint: disable=g-import-not-at-top
+  dp.check_config(fl_cfg)
+  mode, batch = cfg['mode'], int(fl_cfg['batch_size'])
+  accountant = cfg.get('accountant', 'rdp')
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f'fl.dp.accountant must be one of {ACCOUNTANTS}, got {accountant!r}')
+  delta = float(cfg['delta'])
+  names, counts = list(sizes), [int(n) for n in sizes.values()]
+  if mode == 'example':
+    for name, n in zip(names, counts):
+      if batch >= n:
+        raise ValueError(f'fl.dp.mode=example samples each step at rate fl.batch_size / n_k < 1; '
+                         f'center {name!r} has n_k={n} <= fl.batch_size={batch}')
+      if not 0 < delta < 1 / n:
+        raise ValueError(f'fl.dp.delta={delta} must be in (0, 1/n_k) for every center; center '
+                         f'{name!r} has n_k={n} (1/n_k = {1 / n:.2e})')
+    rates = tuple(batch / n for n in counts)
+    per_round = tuple(int(fl_cfg['local_epochs']) * -(-n // batch) for n in counts)
+  else:
+    if not 0 < delta < 1 / len(counts):
+      raise ValueError(f'fl.dp.delta={delta} must be in (0, 1/C) with C={len(counts)} centers')
+    rates, per_round = (1.0,) * len(counts), (1,) * len(counts)
+  sigma, calibrated = float(cfg['noise_multiplier']), False
+  target = float(cfg.get('target_epsilon', 0.0) or 0.0)
+  if target < 0:
+    raise ValueError(f'fl.dp.target_epsilon must be >= 0 (0: use fl.dp.noise_multiplier), got '
+                     f'{target}')
+  if target > 0:
+    total = [s * int(fl_cfg['rounds']) for s in per_round]
+    sigma, calibrated = calibrate(mode, rates, total, target, delta, accountant), True
+  return Plan(mode, sigma, float(cfg['clip']), delta, accountant, tuple(names), rates, per_round,
+              calibrated)
+
+
+def steps_taken(plan: Plan, actives: Sequence[Sequence[bool]]) -> list:
+  """Mechanisms each center has taken after rounds with the given active masks."""
+  return [sum(int(a[k]) for a in actives) * plan.steps_per_round[k]
+          for k in range(len(plan.centers))]
+
+
+def summary(plan: Plan, steps: Sequence[int], target_epsilon: float = 0.0) -> dict:
+  """The ``privacy`` entry of results.json."""
+  eps = epsilons(plan, steps)
+  sampling = ('Poisson, rate fl.batch_size / n_k' if plan.mode == 'example'
+              else 'none (every center every round)')
+  return {
+      'mode': plan.mode, 'noise_multiplier': plan.noise_multiplier, 'clip': plan.clip,
+      'delta': plan.delta, 'accountant': plan.accountant, 'sampling': sampling,
+      'neighbouring': 'add or remove one ' + ('example' if plan.mode == 'example' else 'center'),
+      'calibrated_to_epsilon': target_epsilon if plan.calibrated else None,
+      'centers': {name: {'epsilon': e, 'rate': r, 'steps': int(s)}
+                  for name, e, r, s in zip(plan.centers, eps, plan.rates, steps)},
+  }
+
+
+def report_lines(privacy: dict) -> list:
+  """Markdown lines of a results.json ``privacy`` entry for report.md."""
+  level = 'record level (DP-SGD per center)' if privacy['mode'] == 'example' else (
+      'client level (DP-FedAvg)')
+  lines = [f'- differential privacy, {level}: noise multiplier {privacy["noise_multiplier"]:.4g}, '
+           f'clip {privacy["clip"]:g}, delta {privacy["delta"]:g}, {privacy["accountant"]} '
+           f'accountant, sampling: {privacy["sampling"]}; epsilon per center: '
+           + ', '.join(f'`{c}` {v["epsilon"]:.3g}' for c, v in privacy['centers'].items())]
+  return lines
