@@ -92,8 +92,8 @@ def test_sweep_checks_every_point_before_training_any(tmp_path):
 def test_unknown_sub_configs_are_accepted():
   config = smoke_config('/tmp/unused')
   with config.unlocked():
-    config.fl.dp = ml_collections.ConfigDict({'enabled': True, 'noise_multiplier': 1.1,
-                                              'clip': 1.0, 'delta': 1e-5})
+    # A sub-config no rule knows (a user's extension) is left alone, not rejected.
+    config.fl.extension = ml_collections.ConfigDict({'enabled': True, 'strength': 1.1})
     config.sweep = ml_collections.ConfigDict({'seeds': (0, 1, 2)})
   validate.check(config)
 
