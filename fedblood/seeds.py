@@ -63,6 +63,9 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   if vectorize and execution not in vectorized.SWEEP_EXECUTIONS:
     raise ValueError(f'--vectorize: fl.execution must be one of {vectorized.SWEEP_EXECUTIONS}, '
                      f'got {execution!r}')
+  if vectorize and config.fl.get('holdout'):
+    raise ValueError(f'--vectorize: fl.holdout={tuple(config.fl.holdout)!r} is not supported by '
+                     'the vectorized sweep; run the seeds without --vectorize')
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
   for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
