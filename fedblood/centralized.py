@@ -137,7 +137,7 @@ def balanced_batches(rng, groups: np.ndarray, batch_size: int):
 
 def _val_summary(model, t, frozen, val, eval_batch):
   """``(metrics or None, summary or None)`` of a split, or of a list of splits (center mean)."""
-  if isinstance(val, (list, tuple)):
+  if isinstance(val, list):  # (a Split is a NamedTuple: a tuple)
     per = [metrics.summary(evaluate(model, t, frozen, v, eval_batch)) for v in val
            if len(v.labels)]
     return (None, selection.center_mean(per)) if per else (None, None)
