@@ -116,17 +116,16 @@ def evaluate(model, trainable, frozen, split, batch_size: int = 128) -> dict:
 
 def epoch_batches(rng, n: int, batch_size: int):
   """Index ``[steps, B]`` and mask ``[steps, B]`` of one epoch in a random order."""
-  order = np.asarray(jax.random.permutation(rng, n))
-  steps = max(1, math.ceil(n / batch_size))
-  pad = steps * batch_size - n
-  idx = np.concatenate([order, np.zeros(pad, order.dtype)]).reshape(steps, batch_size)
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  return idx, mask.reshape(steps, batch_size)
+  return _batched(np.asarray(jax.random.permutation(rng, n)), batch_size)
 
 
 def balanced_batches(rng, groups: np.ndarray, batch_size: int):
   """Like :func:`epoch_batches`, every group drawn equally (:func:`selection.balanced_order`)."""
-  order = selection.balanced_order(rng, groups)
+  return _batched(selection.balanced_order(rng, groups), batch_size)
+
+
+def _batched(order: np.ndarray, batch_size: int):
+  """``order`` cut into ``[steps, B]`` rows, the last one padded, with its mask."""
   n = len(order)
   steps = max(1, math.ceil(n / batch_size))
   pad = steps * batch_size - n
