@@ -24,6 +24,10 @@ def recipe(epochs, batch_size, lr, warmup_epochs, patience, weight_decay=1e-4, m
   c.max_grad_norm = max_grad_norm      # global-norm clipping: a second guard against early blow-ups
   # Epochs without a better validation score before stopping (0 = never).
   c.patience = patience
+  # Epochs count towards patience only once the cosine schedule has brought the lr down to this
+  # fraction of its peak (after warmup); the best epoch is still chosen on validation over every
+  # epoch. 1.0: every epoch counts (a fit can stop at peak lr on a noisy plateau).
+  c.stop_below_lr = 1.0
   # Validation metric that picks the best epoch (higher is better).
   c.monitor = 'accuracy'
   return c
@@ -96,13 +100,22 @@ def get_config() -> ml_collections.ConfigDict:
   # the memory for configs/wbc.py's model (bench/bench_dp.py, docs/privacy.md).
   config.fl.dp.microbatch = 8
   config.fl.dp.seed = 0                # noise stream of the client-level mode
+  # Centers that never join (leave-one-center-out): no FL training, not in the pooled baseline;
+  # evaluated every round and in Table 2 as new centers, marked held out. E.g. ('bccd',).
+  config.fl.holdout = ()
 
   # The references a reader needs to judge FL, trained with the same frozen blocks.
   config.baselines = recipe(epochs=15, batch_size=32, lr=3e-4, warmup_epochs=1, patience=4)
   config.baselines.local_only = True   # each center fine-tunes alone on its own training split
   # One model on all centers' training data (the FL upper bound).
   config.baselines.pooled = True
-  config.baselines.init = 'reference'  # start from the 'reference' model (like FL) or 'scratch'
+  # Start from the 'reference' model (like FL), from 'scratch', or 'both' (each baseline twice).
+  config.baselines.init = 'reference'
+  # Pooled: 'centers' draws every center equally often per epoch; 'none' one pass over all images.
+  config.baselines.balance = 'none'
+  # Pooled validation monitor: 'center_mean' (unweighted mean over centers) or 'pooled' (all
+  # validation images together: the largest center dominates).
+  config.baselines.pooled_val = 'pooled'
 
   config.checkpoint = ml_collections.ConfigDict()
   # Save every n rounds (and the last); a resume redoes the rest.
@@ -111,4 +124,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128         # images per evaluation step
+
+  # A second numerics path (changes float rounding, not the maths; fedblood.numerics).
+  config.numerics = ml_collections.ConfigDict()
+  # jax_default_matmul_precision for the run ('' = JAX's default), e.g. 'highest', 'bfloat16'.
+  config.numerics.matmul_precision = ''
+  # False: run without fedblood's XLA flags (start the process with FEDBLOOD_XLA_FLAGS=0).
+  config.numerics.xla_flags = True
   return config

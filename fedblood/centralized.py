@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedblood import checkpoint, metrics, partition, simulate
+from fedblood import checkpoint, metrics, partition, selection, simulate
 
 
 class FitResult(NamedTuple):
@@ -116,12 +116,32 @@ def evaluate(model, trainable, frozen, split, batch_size: int = 128) -> dict:
 
 def epoch_batches(rng, n: int, batch_size: int):
   """Index ``[steps, B]`` and mask ``[steps, B]`` of one epoch in a random order."""
-  order = np.asarray(jax.random.permutation(rng, n))
+  return _batched(np.asarray(jax.random.permutation(rng, n)), batch_size)
+
+
+def balanced_batches(rng, groups: np.ndarray, batch_size: int):
+  """Like :func:`epoch_batches`, every group drawn equally (:func:`selection.balanced_order`)."""
+  return _batched(selection.balanced_order(rng, groups), batch_size)
+
+
+def _batched(order: np.ndarray, batch_size: int):
+  """``order`` cut into ``[steps, B]`` rows, the last one padded, with its mask."""
+  n = len(order)
   steps = max(1, math.ceil(n / batch_size))
   pad = steps * batch_size - n
   idx = np.concatenate([order, np.zeros(pad, order.dtype)]).reshape(steps, batch_size)
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
   return idx, mask.reshape(steps, batch_size)
+
+
+def _val_summary(model, t, frozen, val, eval_batch):
+  """``(metrics or None, summary or None)`` of a split, or of a list of splits (center mean)."""
+  if isinstance(val, list):  # (a Split is a NamedTuple: a tuple)
+    per = [metrics.summary(evaluate(model, t, frozen, v, eval_batch)) for v in val
+           if len(v.labels)]
+    return (None, selection.center_mean(per)) if per else (None, None)
+  val_metrics = evaluate(model, t, frozen, val, eval_batch) if len(val.labels) else None
+  return val_metrics, metrics.summary(val_metrics) if val_metrics else None
 
 
 def check_finite(value: float, what: str, last_good: str) -> None:
@@ -134,7 +154,8 @@ def check_finite(value: float, what: str, last_good: str) -> None:
 
 def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
         augment_fn: Callable | None = None, log=None, keep: int = 1, eval_batch: int = 128,
-        progress=None, on_resume: Callable[[int], None] | None = None) -> FitResult:
+        progress=None, on_resume: Callable[[int], None] | None = None,
+        groups: np.ndarray | None = None) -> FitResult:
   """Trains ``params`` on ``train``, early-stopped on ``val``; resumes from ``ckpt_dir``.
 
   Args:
@@ -142,10 +163,13 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
     model: the Flax module.
     params: initial full parameter tree.
     rules: partition rules (frozen blocks get no update).
-    train, val: splits with ``images`` uint8 [N, S, S, 3] and ``labels`` int [N].
+    train, val: splits with ``images`` uint8 [N, S, S, 3] and ``labels`` int [N]; ``val`` may
+      be a list of splits (one per center): the monitor is then the unweighted mean over them.
     recipe: ConfigDict with epochs, batch_size, lr, warmup_epochs, weight_decay,
       max_grad_norm, patience (epochs without improvement before stopping; 0 = never),
-      monitor (a key of the val metrics, higher is better).
+      monitor (a key of the val metrics, higher is better), optionally stop_below_lr
+      (:func:`fedblood.selection.stop_counts`: only epochs with the lr decayed to this fraction
+      of its peak count towards patience; 1.0, the default, counts every epoch).
     key: this fit's PRNG key; epoch e uses ``fold_in(key, e)``.
     ckpt_dir: the fit's checkpoint directory.
     augment_fn: optional ``(rng, float images) -> images``.
@@ -156,6 +180,8 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
     progress: optional tqdm-like factory ``(total, desc, initial) -> bar``.
     on_resume: optional ``callable(epoch)`` told the last committed epoch the fit continues
       from (0 when it starts afresh) before it trains; e.g. to drop log rows past it.
+    groups: optional ``[N]`` group (center) id of each training example: every epoch then
+      draws each group equally often (:func:`balanced_batches`) instead of one permutation.
   """
   if len(train.labels) == 0:
     raise ValueError(f'{name}: the training split is empty')
@@ -163,7 +189,9 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
   step_fn, tx = train_step_fn(model, float(recipe.max_grad_norm), float(recipe.weight_decay),
                               augment_fn)
   mngr = checkpoint.manager(ckpt_dir, keep=keep, best_metric='score')
-  steps_per_epoch = max(1, math.ceil(len(train.labels) / recipe.batch_size))
+  epoch_len = (len(train.labels) if groups is None
+               else len(np.unique(groups)) * math.ceil(len(groups) / len(np.unique(groups))))
+  steps_per_epoch = max(1, math.ceil(epoch_len / recipe.batch_size))
   total_steps = recipe.epochs * steps_per_epoch
   monitor = recipe.get('monitor', 'accuracy')
   state = {'trainable': trainable, 'opt_state': tx.init(trainable)}
@@ -178,8 +206,11 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
   while not track['done']:
     epoch = track['epoch'] + 1
     epoch_key = jax.random.fold_in(key, epoch)
-    idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels),
-                              recipe.batch_size)
+    if groups is None:
+      idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels),
+                                recipe.batch_size)
+    else:
+      idx, mask = balanced_batches(jax.random.fold_in(epoch_key, 0), groups, recipe.batch_size)
     losses, accs, weights = [], [], []
     t, o = state['trainable'], state['opt_state']
     for s in range(len(idx)):
@@ -199,21 +230,16 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(t)):
       raise FloatingPointError(f'{name}, epoch {epoch}: non-finite parameters after the epoch. '
                                f'Stopped; the last good checkpoint is kept: {last_good}.')
-    val_metrics = evaluate(model, t, frozen, val, eval_batch) if len(val.labels) else None
-    score = (val_metrics or {}).get(monitor)
+    val_metrics, val_summary = _val_summary(model, t, frozen, val, eval_batch)
+    score = (val_metrics or val_summary or {}).get(monitor)
     score = -train_loss if score is None else score  # no validation split: fall back to train loss
-    improved = score > track['best']
-    track = {'epoch': epoch, 'best_epoch': epoch if improved else track['best_epoch'],
-             'best': max(score, track['best']),
-             'bad_epochs': 0 if improved else track['bad_epochs'] + 1,
-             'best_val': (metrics.summary(val_metrics) if improved and val_metrics
-                          else track['best_val'])}
+    counts = selection.stop_counts(recipe, epoch, steps_per_epoch, total_steps, lr_at)
+    track = selection.advance(track, epoch, score, counts, val_summary)
     stop_early = bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
     track['done'] = epoch >= recipe.epochs or stop_early
     row = {'stage': name, 'epoch': epoch, 'loss': train_loss,
            'train_accuracy': float(np.average(accs, weights=weights)), 'lr': lr,
-           **({f'val_{k}': v for k, v in metrics.summary(val_metrics).items()}
-              if val_metrics else {})}
+           **({f'val_{k}': v for k, v in val_summary.items()} if val_summary else {})}
     if log is not None:
       log(row)
     state = {'trainable': t, 'opt_state': o}

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 XLA_FLAGS: tuple = ('--xla_cpu_experimental_ynn_fusion_type=dot',)
 
 _APPLIED: list = []
+OFF_ENV = 'FEDBLOOD_XLA_FLAGS'  # '0': importing fedblood adds no XLA flag
 
 DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
@@ -34,11 +35,16 @@ def apply_xla_flags(flags=None, environ=None) -> list:
   XLA reads ``XLA_FLAGS`` once, when JAX first initialises a backend: call this before any
   JAX computation. A flag whose name the user already set is left alone.
 
+  ``FEDBLOOD_XLA_FLAGS=0`` in the environment adds none (a second numerics path, see
+  :mod:`fedblood.numerics`).
+
   Returns:
     The flags added.
   """
   flags = XLA_FLAGS if flags is None else flags
   environ = os.environ if environ is None else environ
+  if environ.get(OFF_ENV) == '0':
+    return []
   current = environ.get('XLA_FLAGS', '')
   present = {f.split('=')[0] for f in current.split()}
   added = [f for f in flags if f.split('=')[0] not in present]

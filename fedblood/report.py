@@ -33,7 +33,16 @@ from fedblood.metrics import CLASSES  # pylint: disable=wrong-import-position
 # Column titles of the per-center tables, in the study's order.
 COLUMNS = (('accuracy', 'Accuracy'), ('balanced_accuracy', 'Bal. acc.'), ('precision', 'Precision'),
            ('recall', 'Recall'), ('specificity', 'Specificity'), ('f1', 'F1'))
-BASELINE_TITLES = {'local_only': 'Local-only', 'pooled': 'Pooled (centralized)'}
+BASELINE_TITLES = {'local_only': 'Local-only', 'pooled': 'Pooled (centralized)',
+                   'local_only_scratch': 'Local-only (scratch)',
+                   'local_only_reference': 'Local-only (from reference)',
+                   'pooled_scratch': 'Pooled (scratch)',
+                   'pooled_reference': 'Pooled (from reference)'}
+
+
+def _center_name(c: str, reference: str | None, held_out=()) -> str:
+  name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
+  return f'{name} (held out)' if c in held_out else name
 
 
 def _pct(x) -> str:
@@ -45,13 +54,17 @@ def _mean(values) -> float | None:
   return sum(vals) / len(vals) if vals else None
 
 
-def center_table(per_center: dict, centers: Sequence[str], reference: str | None = None) -> str:
-  """Markdown table: a row per center (metrics in %), then means over external and all centers."""
+def center_table(per_center: dict, centers: Sequence[str], reference: str | None = None,
+                 held_out: Sequence[str] = ()) -> str:
+  """Markdown table: a row per center (metrics in %), then means over external and all centers.
+
+  Centers in ``held_out`` (never joined FL) are marked so.
+  """
   head = '| Center | n | ' + ' | '.join(t for _, t in COLUMNS) + ' |'
   rows = [head, '|' + '---|' * (len(COLUMNS) + 2)]
   for c in centers:
     m = per_center[c]
-    name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
+    name = _center_name(c, reference, held_out)
     rows.append(f'| {name} | {m["n"]} | ' + ' | '.join(_pct(m.get(k)) for k, _ in COLUMNS) + ' |')
   external = [c for c in centers if c != reference]
   groups = [('mean, external centers', external)] if reference in centers and external else []
@@ -75,7 +88,7 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
   rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
           '|' + '---|' * (len(columns) + 1)]
   for c in centers:
-    name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
+    name = _center_name(c, reference, results.get('held_out', ()))
     cells = ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns)
     rows.append(f'| {name} | {cells} |')
   external = [c for c in centers if c != reference]
@@ -199,6 +212,9 @@ def write_report(workdir, results: dict | None = None,
   if results.get('privacy'):
     from fedblood import privacy  # pylint: disable=g-import-not-at-top
     facts += privacy.report_lines(results['privacy'])
+  if results.get('held_out'):
+    facts.append('- held out (never joined FL or the pooled baseline, evaluated as new centers): '
+                 + ', '.join(center_names.code(c) for c in results['held_out']))
   for key, label in (('wall_time_s', 'wall time'),):
     if results.get(key) is not None:
       facts.append(f'- {label}: {results[key]:.0f} s')
@@ -210,12 +226,12 @@ def write_report(workdir, results: dict | None = None,
       '## Table 1: reference model on every center (before FL)', '',
       center_table(results['before'], centers, reference), '',
       '## Table 2: after federated fine-tuning', '',
-      center_table(results['after'], centers, reference), '',
+      center_table(results['after'], centers, reference, results.get('held_out', ())), '',
   ]
   for name, per_center in (results.get('after_models') or {}).items():
     if per_center is not results['after'] and per_center != results['after']:
       parts += [f'### Table 2 with the `{name}` model', '',
-                center_table(per_center, centers, reference), '']
+                center_table(per_center, centers, reference, results.get('held_out', ())), '']
   parts += ['## Reference model, FL and baselines side by side (accuracy)', '',
             comparison_table(results, 'accuracy'), '',
             '### The same, macro F1', '', comparison_table(results, 'f1'), '',

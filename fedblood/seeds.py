@@ -66,6 +66,9 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   if vectorize and config.fl.get('dp') is not None and config.fl.dp.mode != 'off':
     raise ValueError(f'--vectorize: fl.dp.mode={config.fl.dp.mode!r} is not vectorized; run the '
                      'seeds without --vectorize')
+  if vectorize and config.fl.get('holdout'):
+    raise ValueError(f'--vectorize: fl.holdout={tuple(config.fl.holdout)!r} is not supported by '
+                     'the vectorized sweep; run the seeds without --vectorize')
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
   for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from fedblood import centralized, checkpoint, data, metrics, models, partition, privacy, report
-from fedblood import lock, names, runlog, simulate, validate
+from fedblood import lock, names, numerics, runlog, simulate, validate
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
@@ -211,7 +211,7 @@ def fl_json(config, dp_plan=None) -> str:
   ``dp_plan`` (:func:`fedblood.privacy.plan`) sets the (calibrated) noise multiplier.
   """
   fl = {k: v for k, v in config.fl.to_dict().items()
-        if k not in ('rounds', 'eval_model', 'participation')}
+        if k not in ('rounds', 'eval_model', 'participation', 'holdout')}
   if dp_plan is not None:
     fl['dp'] = {**fl['dp'], 'noise_multiplier': dp_plan.noise_multiplier, 'target_epsilon': 0.0}
   return json.dumps(fl, sort_keys=True)
@@ -232,6 +232,21 @@ def _fl_functions(model, fl_json: str, augment):
   # Cached per config: a resumed or repeated run in the same process reuses the compiled round.
   loss_fn = simulate.classifier_loss(model, augment)
   return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
+
+
+def held_out(config, centers=None) -> tuple:
+  """The names in ``fl.holdout`` (centers that never join FL or the pooled baseline), checked."""
+  holdout = tuple(config.fl.get('holdout', ()) or ())
+  if centers is not None:
+    names = [c.name for c in centers]
+    unknown = [h for h in holdout if h not in names]
+    if unknown:
+      raise ValueError(f'config fl.holdout={holdout!r}: no center named {unknown}; the centers '
+                       f'are {names}')
+    if names[0] in holdout:
+      raise ValueError(f'config fl.holdout={holdout!r}: the reference center {names[0]!r} '
+                       'cannot be held out')
+  return holdout
 
 
 def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, val,
@@ -285,8 +300,12 @@ def fl_setup(config, model, reference_params, centers, key, workdir: Path):
 
 
 def fl_after_round(config, model, run: FLRun, centers, r: int, active, server, clients,
-                   round_metrics, log) -> dict:
-  """Checks, evaluates, logs and checkpoints round ``r``; returns the round's summary."""
+                   round_metrics, log, held=()) -> dict:
+  """Checks, evaluates, logs and checkpoints round ``r``; returns the round's summary.
+
+  ``held``: centers that never joined (``fl.holdout``), evaluated after the others in rows
+  marked ``held_out``, out of the round's means.
+  """
   mngr = run.mngr
   losses = np.asarray(round_metrics['loss'])
   last_good = f'round {r - 1} in {mngr.directory}' if r > 1 else 'the reference model'
@@ -311,6 +330,13 @@ def fl_after_round(config, model, run: FLRun, centers, r: int, active, server, c
     test_accs.append(test['accuracy'])
     if val:
       val_accs.append(val['accuracy'])
+  for center in held:
+    val = (metrics.summary(evaluate_split(config, model, full, center.val))
+           if len(center.val.labels) else {})
+    rows.append({'stage': 'fl', 'round': r, 'center': center.name, 'model': run.eval_name,
+                 'held_out': True,
+                 **metrics.summary(evaluate_split(config, model, full, center.test)),
+                 **{f'val_{m}': v for m, v in val.items()}})
   for row in rows:
     log(row)
   mean_val = float(np.mean(val_accs)) if val_accs else None
@@ -350,25 +376,32 @@ def fl_finish(config, run: FLRun, server) -> tuple[dict, dict]:
   return models_out, info
 
 
-def fl_round(config, model, run: FLRun, centers, sim, r: int, server, clients, log):
-  """Round ``r`` of one run: ``(server, clients, round_summary)``."""
+def fl_round(config, model, run: FLRun, centers, sim, r: int, server, clients, log, held=()):
+  """Round ``r`` of one run: ``(server, clients, round_summary)``; ``held``: see fl_after_round."""
   active = participation(config, run.part_key, r, len(centers))
   server, clients, round_metrics = run.round_fn(server, clients, run.frozen, sim,
                                                 jnp.asarray(active), run.fl_key, jnp.int32(r))
   return server, clients, fl_after_round(config, model, run, centers, r, active, server, clients,
-                                         round_metrics, log)
+                                         round_metrics, log, held)
 
 
 def fl_stage(config, model, reference_params, centers, key, workdir: Path,
              log) -> tuple[dict, dict]:
-  """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``."""
+  """Runs (or resumes) the federated rounds; returns the final ``({name: params}, info)``.
+
+  Centers named in ``fl.holdout`` never train: they are evaluated every round as centers that
+  never joined (rows marked ``held_out``) and stay out of the validation mean that ranks rounds.
+  """
+  holdout = held_out(config, centers)
+  held = [c for c in centers if c.name in holdout]
+  centers = [c for c in centers if c.name not in holdout]
   run, server, clients = fl_setup(config, model, reference_params, centers, key, workdir)
   sim = stack_centers(centers)
   progress = _progress(config)
   bar = progress(config.fl.rounds, f'fl {config.fl.algorithm}', run.start) if progress else None
   for r in range(run.start + 1, config.fl.rounds + 1):
     server, clients, round_summary = fl_round(config, model, run, centers, sim, r, server,
-                                              clients, log)
+                                              clients, log, held)
     if bar is not None:
       bar.update(1)
       bar.set_postfix(round=r, loss=f'{round_summary["loss"]:.3f}',
@@ -384,37 +417,70 @@ def _concat(splits) -> data.Split:
 
 
 def baselines_stage(config, model, reference_params, centers, key, workdir: Path, log) -> dict:
-  """Local-only training per center and pooled training: ``{name: {center: metrics}}``."""
+  """Local-only training per center and pooled training: ``{name: {center: metrics}}``.
+
+  ``baselines.init='both'`` trains each baseline from the reference and from scratch, named
+  ``<baseline>_reference`` / ``<baseline>_scratch``; one init keeps the plain names. Centers in
+  ``fl.holdout`` stay out of the pooled training set (they never joined).
+  """
+  cfg = config.baselines
+  if cfg.init not in ('reference', 'scratch', 'both'):
+    raise ValueError(f"baselines.init must be 'reference', 'scratch' or 'both', got {cfg.init!r}")
+  if cfg.init != 'both':
+    return _baselines_from(config, cfg.init, '', model, reference_params, centers, key, workdir,
+                           log)
+  out = {}
+  for init, prefix in (('scratch', 'scratch_'), ('reference', '')):
+    for name, per in _baselines_from(config, init, prefix, model, reference_params, centers, key,
+                                     workdir, log).items():
+      out[f'{name}_{init}'] = per
+  order = [f'{b}_{i}' for b in ('local_only', 'pooled') for i in ('scratch', 'reference')]
+  return {name: out[name] for name in order if name in out}
+
+
+def _baselines_from(config, init, prefix, model, reference_params, centers, key, workdir,
+                    log) -> dict:
+  """The baselines from one init; stage names ``local_<prefix><center>``, ``pooled_<prefix>``.
+
+  From scratch, fields of ``baselines.scratch`` (when the config has it) override the recipe.
+  """
   cfg = config.baselines
   out = {}
-  if cfg.init == 'reference':
+  if init == 'reference':
     start, rules = reference_params, fl_rules(config)
-  elif cfg.init == 'scratch':
+  else:
+    if 'scratch' in cfg:
+      cfg = ml_collections.ConfigDict({**{k: v for k, v in cfg.to_dict().items() if k != 'scratch'},
+                                      **cfg.scratch.to_dict()})
     start, rules = init_params(config, model), partition.frozen_block_rules(
         config.reference.frozen_blocks)
-  else:
-    raise ValueError(f"baselines.init must be 'reference' or 'scratch', got {cfg.init!r}")
 
-  def run_fit(stage, train, val, stage_key):
+  def run_fit(stage, train, val, stage_key, groups=None):
     return centralized.fit(stage, model, start, rules, train, val, cfg, stage_key,
                            workdir / 'checkpoints' / names.slug(stage),
                            augment_fn=augment_fn(config), log=log,
                            eval_batch=config.eval.batch_size, progress=_progress(config),
-                           on_resume=lambda epoch: runlog.truncate(workdir, stage, epoch)).params
+                           on_resume=lambda epoch: runlog.truncate(workdir, stage, epoch),
+                           groups=groups).params
 
   if cfg.local_only:
     out['local_only'] = {}
     for k, center in enumerate(centers):
-      if cfg.init == 'reference' and k == 0:
+      if init == 'reference' and k == 0:
         params = reference_params  # the reference model IS local-only training at its center
       else:
-        params = run_fit(f'local_{center.name}', center.train, center.val,
+        params = run_fit(f'local_{prefix}{center.name}', center.train, center.val,
                          jax.random.fold_in(key, STAGE['local'] + k))
       out['local_only'][center.name] = evaluate_split(config, model, params, center.test)
   if cfg.pooled:
-    params = run_fit('pooled', _concat([c.train for c in centers]),
-                     _concat([c.val for c in centers]),
-                     jax.random.fold_in(key, STAGE['pooled']))
+    joined = [c for c in centers if c.name not in held_out(config)]
+    groups = (np.concatenate([np.full(len(c.train.labels), k) for k, c in enumerate(joined)])
+              if cfg.get('balance', 'none') == 'centers' else None)
+    val = ([c.val for c in joined] if cfg.get('pooled_val', 'pooled') == 'center_mean'
+           else _concat([c.val for c in joined]))
+    params = run_fit('pooled' + ('_' + prefix.rstrip('_') if prefix else ''),
+                     _concat([c.train for c in joined]), val,
+                     jax.random.fold_in(key, STAGE['pooled']), groups)
     out['pooled'] = {c.name: evaluate_split(config, model, params, c.test) for c in centers}
   return out
 
@@ -448,7 +514,7 @@ def run(config, workdir) -> dict:
   """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
   workdir = Path(workdir)
   validate.check(config)  # before anything is written: a rejected setting can be corrected
-  with lock.hold(workdir):
+  with lock.hold(workdir), numerics.applied(config):
     runlog.check_config(config, workdir, write=False)
     return _run(config, workdir)
 
@@ -459,6 +525,7 @@ def _run(config, workdir: Path) -> dict:
   key = jax.random.key(config.seed)
   centers = data.load_centers(config.data)
   data.require_splits(centers)
+  holdout = held_out(config, centers)  # names checked before config.json is written
   runlog.check_config(config, workdir)
   times['data_s'] = time.time() - started
   names = [c.name for c in centers]
@@ -484,6 +551,10 @@ def _run(config, workdir: Path) -> dict:
                           reference_info, {c.name: int(len(c.train.labels)) for c in centers})
   if 'privacy' in fl_info:
     results['privacy'] = fl_info['privacy']
+  if holdout:
+    results['held_out'] = list(holdout)
+  if numerics.describe(config):
+    results['numerics'] = numerics.describe(config)
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))

@@ -16,7 +16,7 @@ import numbers
 import os
 from typing import Any, Callable
 
-from fedblood import algorithms, metrics, models, platform, simulate
+from fedblood import algorithms, metrics, models, numerics, platform, simulate
 
 
 def _number(x) -> bool:
@@ -77,7 +77,18 @@ def _recipe(section: str) -> dict:
           f'{section}.lr': positive, f'{section}.warmup_epochs': nonnegative,
           f'{section}.final_lr_fraction': nonnegative, f'{section}.weight_decay': nonnegative,
           f'{section}.max_grad_norm': nonnegative, f'{section}.patience': nonnegative_int,
-          f'{section}.monitor': one_of(*metrics.HEADLINE)}
+          f'{section}.monitor': one_of(*metrics.HEADLINE), f'{section}.stop_below_lr': fraction}
+
+
+def center_names(x):
+  ok = isinstance(x, (tuple, list)) and all(isinstance(n, str) and n for n in x)
+  if not ok:
+    return "must be a tuple of center names, e.g. ('bccd',)"
+  return None if len(set(x)) == len(x) else 'names a center twice'
+
+
+def boolean(x):
+  return None if isinstance(x, bool) else 'must be True or False'
 
 
 # key -> check(value) returning None (fine) or what the value must be. Keys absent from a config
@@ -111,8 +122,14 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.participation': fraction,
     'fl.execution': one_of(*simulate.EXECUTIONS),
     'fl.eval_model': one_of('server', 'active_mean'),
+    'fl.holdout': center_names,
     **_recipe('baselines'),
-    'baselines.init': one_of('reference', 'scratch'),
+    'baselines.init': one_of('reference', 'scratch', 'both'),
+    'baselines.balance': one_of('none', 'centers'),
+    'baselines.pooled_val': one_of('pooled', 'center_mean'),
+    **_recipe('baselines.scratch'),
+    'numerics.matmul_precision': one_of(*numerics.PRECISIONS),
+    'numerics.xla_flags': boolean,
     'checkpoint.every': positive_int,
     'checkpoint.keep': positive_int,
     'eval.batch_size': positive_int,
@@ -143,7 +160,7 @@ def _check_dp(config):
 
 
 # Checks that span several fields or need more than one value: functions of the whole config.
-SECTION_CHECKS: list[Callable[[Any], None]] = [_check_data, _check_dp]
+SECTION_CHECKS: list[Callable[[Any], None]] = [_check_data, _check_dp, numerics.check]
 
 
 def check(config) -> None:

@@ -1,0 +1,211 @@
+"""Issue 13: a reference recipe that cannot stop at peak lr, strongest baselines, held-out
+centers, a second numerics path."""
+
+import json
+import re
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import common, wbc
+from fedblood import centralized, data, metrics, models, numerics, partition, selection, train
+from fedblood import validate
+from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recipe(**overrides):
+  r = common.recipe(epochs=10, batch_size=4, lr=1.0, warmup_epochs=1, patience=2)
+  r.update(overrides)
+  return r
+
+
+def _stop_epoch(recipe, curve, steps_per_epoch=4):
+  """Drives selection.advance + the patience rule of centralized.fit over a made-up curve."""
+  total = recipe.epochs * steps_per_epoch
+  track = {'epoch': 0, 'best_epoch': 0, 'best': -np.inf, 'bad_epochs': 0, 'best_val': None}
+  for epoch, score in enumerate(curve, 1):
+    counts = selection.stop_counts(recipe, epoch, steps_per_epoch, total, centralized.lr_at)
+    track = selection.advance(track, epoch, score, counts, {'accuracy': score})
+    if track['bad_epochs'] >= recipe.patience or epoch == recipe.epochs:
+      return epoch, track
+  raise AssertionError('curve too short')
+
+
+def test_stop_cannot_happen_before_the_lr_threshold():
+  curve = [0.5, 0.9, 0.8, 0.7, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]
+  # Old rule (every epoch counts): stops at epoch 4, two epochs after the peak at epoch 2.
+  stop, track = _stop_epoch(_recipe(), curve)
+  assert (stop, track['best_epoch']) == (4, 2)
+  # Warmup 4 steps, then cosine over 36 to 0.01: the lr of an epoch's last step (4e - 1) is
+  # at most half the peak from epoch 6 on (step 23: 0.4812; step 19, epoch 5: 0.6466).
+  recipe = _recipe(stop_below_lr=0.5)
+  lrs = [centralized.lr_at(recipe, 4 * e - 1, 40, 4) for e in range(1, 11)]
+  assert lrs[4] > 0.5 >= lrs[5]
+  assert [selection.stop_counts(recipe, e, 4, 40, centralized.lr_at) for e in range(1, 11)] == [
+      False] * 5 + [True] * 5
+  stop, track = _stop_epoch(recipe, curve)
+  assert (stop, track['best_epoch'], track['best_val']) == (7, 2, {'accuracy': 0.9})
+  # A later best epoch inside the decayed phase restarts the window.
+  stop, track = _stop_epoch(recipe, [0.5, 0.9, 0.8, 0.7, 0.6, 0.6, 0.95, 0.6, 0.6, 0.6])
+  assert (stop, track['best_epoch']) == (9, 7)
+
+
+def test_balanced_order_draws_every_center_equally():
+  groups = np.repeat([0, 1, 2], [10, 3, 2])
+  order = selection.balanced_order(jax.random.key(0), groups)
+  assert len(order) == 15
+  assert np.bincount(groups[order]).tolist() == [5, 5, 5]
+  counts = np.bincount(order, minlength=15)
+  assert (counts[:10] <= 1).all() and counts[:10].sum() == 5   # undersampled: none twice
+  assert counts[10:13].min() == 1 and counts[10:13].sum() == 5  # oversampled: every one
+  assert counts[13:].tolist() in ([2, 3], [3, 2])
+  np.testing.assert_array_equal(order, selection.balanced_order(jax.random.key(0), groups))
+  idx, mask = centralized.balanced_batches(jax.random.key(0), groups, 4)
+  assert idx.shape == mask.shape == (4, 4) and mask.sum() == 15
+  np.testing.assert_array_equal(idx.ravel()[:15], order)
+
+
+def test_center_mean_is_unweighted():
+  a = {'n': 90, 'accuracy': 0.9, 'f1': 0.5}
+  b = {'n': 10, 'accuracy': 0.5, 'f1': None}
+  assert selection.center_mean([a, b]) == {'n': 100, 'accuracy': 0.7, 'f1': 0.5}
+
+
+def _tiny_split(rng, n, offset):
+  labels = np.arange(n) % 5
+  images = rng.integers(0, 60, (n, 32, 32, 3)).astype(np.uint8)
+  images[np.arange(n), :, :, labels % 3] += np.uint8(120 + offset)  # a learnable colour cue
+  return data.Split(images, labels.astype(np.int32), np.array([f'{i}.png' for i in range(n)]))
+
+
+def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
+  rng = np.random.default_rng(0)
+  train_a, train_b = _tiny_split(rng, 24, 0), _tiny_split(rng, 6, 40)
+  val = [_tiny_split(rng, 15, 0), _tiny_split(rng, 5, 40)]
+  model = models.build(ml_collections.ConfigDict(dict(
+      name='VGG11', num_classes=5, head='gap', width=1 / 32, dropout=0.0, input_norm='per_image',
+      conv_init='he', dtype='float32')))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  recipe = _recipe(epochs=6, batch_size=8, lr=3e-3, patience=1, stop_below_lr=0.5)
+  rows = []
+  train_split = data.Split(*[np.concatenate([getattr(train_a, f), getattr(train_b, f)])
+                             for f in data.Split._fields])
+  groups = np.repeat([0, 1], [24, 6])
+  result = centralized.fit('pooled', model, params, partition.frozen_block_rules(0), train_split,
+                           val, recipe, jax.random.key(1), tmp_path / 'ckpt', log=rows.append,
+                           groups=groups)
+  # Balanced: 2 centers x 15 draws = 30 per epoch, 4 steps of 8.
+  steps = 4
+  first_counting = next(e for e in range(1, 7) if selection.stop_counts(
+      recipe, e, steps, 6 * steps, centralized.lr_at))
+  assert result.epochs_run == len(rows) >= min(first_counting + recipe.patience - 1, 6)
+  accs = [r['val_accuracy'] for r in rows]
+  assert result.epoch == int(np.argmax(accs)) + 1
+  # The monitor is the unweighted mean over the two centers, and the best epoch is restored.
+  trainable, frozen = partition.split(result.params, partition.frozen_block_rules(0))
+  per = [centralized.evaluate(model, trainable, frozen, v) for v in val]
+  assert accs[result.epoch - 1] == result.val['accuracy'] == pytest.approx(
+      (per[0]['accuracy'] + per[1]['accuracy']) / 2, abs=0)
+  assert rows[0]['val_n'] == 20
+
+
+def test_wbc_defaults_and_old_behaviour_fields():
+  config = wbc.get_config()
+  assert config.reference.stop_below_lr == 0.5 and config.baselines.stop_below_lr == 0.5
+  assert (config.baselines.init, config.baselines.balance, config.baselines.pooled_val) == (
+      'both', 'centers', 'center_mean')
+  base = common.get_config()
+  assert base.reference.stop_below_lr == 1.0 and base.fl.holdout == ()
+  assert (base.baselines.init, base.baselines.balance, base.baselines.pooled_val) == (
+      'reference', 'none', 'pooled')
+  for key, value, message in (('reference.stop_below_lr', 0.0, 'must be in (0, 1]'),
+                              ('baselines.init', 'pooled', 'must be one of'),
+                              ('baselines.balance', 'yes', 'must be one of'),
+                              ('fl.holdout', ('bccd', 'bccd'), 'names a center twice'),
+                              ('numerics.matmul_precision', 'fast', 'must be one of')):
+    bad = common.get_config()
+    bad[key.split('.')[0]][key.split('.')[1]] = value
+    with pytest.raises(ValueError, match=f'config {re.escape(key)}=.*{re.escape(message)}'):
+      validate.check(bad)
+
+
+def test_matmul_precision_is_applied_and_restored():
+  config = common.get_config()
+  x = jnp.ones((4, 4))
+  with numerics.applied(config):
+    assert 'HIGHEST' not in jax.jit(jnp.dot).lower(x, x).as_text()
+  config.numerics.matmul_precision = 'highest'
+  with numerics.applied(config):
+    assert 'precision = [HIGHEST, HIGHEST]' in jax.jit(jnp.dot).lower(x, x).as_text()
+  assert 'HIGHEST' not in jax.jit(jnp.dot).lower(x, x).as_text()
+  assert numerics.describe(config)['matmul_precision'] == 'highest'
+
+
+def test_xla_flags_off_needs_the_environment_switch():
+  config = common.get_config()
+  config.numerics.xla_flags = False
+  flag = numerics.platform.XLA_FLAGS[0]
+  with pytest.raises(ValueError, match='FEDBLOOD_XLA_FLAGS=0'):
+    numerics.check(config, {'XLA_FLAGS': flag})
+  numerics.check(config, {'XLA_FLAGS': ''})
+  env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': '', 'FEDBLOOD_XLA_FLAGS': '0'}
+  code = ('import os, fedblood; from fedblood import numerics; from configs import common; '
+          'c = common.get_config(); c.numerics.xla_flags = False; numerics.check(c); '
+          'print(repr(os.environ["XLA_FLAGS"]))')
+  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "''"
+  env.pop('FEDBLOOD_XLA_FLAGS')
+  out = subprocess.run([sys.executable, '-c', 'import os, fedblood; print(os.environ["XLA_FLAGS"])'],
+                       env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == flag
+
+
+@pytest.mark.slow
+def test_held_out_center_and_both_baselines(smoke, tmp_path):
+  base_config, smoke_dir = smoke
+  cache = Path(base_config.data.cache_dir)
+  config = smoke_config(cache)
+  config.reference.restore = str(smoke_dir)
+  config.fl.holdout = ('synth2',)
+  config.baselines.init = 'both'
+  config.baselines.balance = 'centers'
+  config.baselines.pooled_val = 'center_mean'
+  results = train.run(config, tmp_path / 'loco')
+  assert results['held_out'] == ['synth2']
+  assert list(results['baselines']) == ['local_only_scratch', 'local_only_reference',
+                                        'pooled_scratch', 'pooled_reference']
+  rows = [json.loads(l) for l in (tmp_path / 'loco' / 'metrics.jsonl').read_text().splitlines()]
+  held = [r for r in rows if r['stage'] == 'fl' and r['center'] == 'synth2']
+  assert [r['round'] for r in held] == [1, 2, 3] and all(r['held_out'] for r in held)
+  assert all('loss' not in r and 'active' not in r for r in held)
+  assert held[-1]['accuracy'] == results['after']['synth2']['accuracy']
+  # Pooled trained and monitored on the joined centers only: the val monitor's n is theirs.
+  centers = data.load_centers(config.data)
+  joined_val = sum(len(c.val.labels) for c in centers[:2])
+  for stage in ('pooled', 'pooled_scratch'):
+    assert [r['val_n'] for r in rows if r['stage'] == stage] == [joined_val]
+  assert {r['stage'] for r in rows} >= {'local_scratch_synth0', 'local_scratch_synth2',
+                                        'local_synth2'}
+  report = (tmp_path / 'loco' / 'report.md').read_text()
+  for title in ('Local-only (scratch)', 'Local-only (from reference)', 'Pooled (scratch)',
+                'Pooled (from reference)', 'synth2 (held out)'):
+    assert title in report
+  # FL with synth2 held out is exactly FL of the same two centers without synth2.
+  two = smoke_config(cache)
+  two.reference.restore = str(smoke_dir)
+  two.data.synthetic.num_centers = 2
+  two.data.synthetic.images_per_center = (120, 80)
+  two.baselines.local_only = two.baselines.pooled = False
+  results_two = train.run(two, tmp_path / 'two')
+  for name in ('synth0', 'synth1'):
+    assert results_two['after'][name] == results['after'][name]
