@@ -54,10 +54,14 @@ def test_results_cover_every_center(study):
   # FedDyn has two models; both are evaluated and the reported one is named.
   assert sorted(on_disk['after_models']) == ['active_mean', 'server']
   assert on_disk['after'] == on_disk['after_models'][on_disk['eval_model']]
-  for name in ('local_only', 'pooled'):
-    _check_center_metrics(on_disk['baselines'][name], centers, name)
-  # The reference model IS local-only training at the reference center.
-  assert on_disk['baselines']['local_only']['pbc_barcelona'] == on_disk['before']['pbc_barcelona']
+  # configs/wbc.py trains every baseline from scratch and from the reference (baselines.init).
+  assert list(on_disk['baselines']) == ['local_only_scratch', 'local_only_reference',
+                                        'pooled_scratch', 'pooled_reference']
+  for name, per_center in on_disk['baselines'].items():
+    _check_center_metrics(per_center, centers, name)
+  # The reference model IS local-only training (from the reference) at the reference center.
+  assert (on_disk['baselines']['local_only_reference']['pbc_barcelona']
+          == on_disk['before']['pbc_barcelona'])
   assert on_disk['train_sizes'] == {c.name: len(c.train.labels) for c in centers}
   assert results['after'] == on_disk['after']
 
