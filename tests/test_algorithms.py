@@ -257,3 +257,47 @@ def test_build_by_name_reads_hyperparameters_from_config():
 def test_client_weights_have_mean_one():
   np.testing.assert_allclose(algorithms.client_weights([2500, 14500]), [2500 / 8500, 14500 / 8500],
                              rtol=1e-6)
+
+
+def test_builder_table_passes_each_config_key_to_its_builder(problem):
+  """``fl.alpha`` (and every other key) reaches the builder's argument of the same name."""
+  (x, y, mask), _ = problem
+  batch = (x[1], y[1], mask[1])
+  theta = jnp.ones(DIM)
+
+  def local(alg):
+    server, clients = alg.init(theta, 1)
+    return alg.client_update(server, jax.tree.map(lambda c: c[0], clients), weight=0.7,
+                             loss_fn=mse, batch_fn=lambda s: batch, num_steps=3,
+                             rng=jax.random.key(0)).local_params
+
+  cfg = dict(algorithm='fed_dyn', lr=0.05, alpha=0.3, weight_decay=1e-2, max_grad_norm=0.5)
+  direct = algorithms.fed_dyn(lr=0.05, alpha=0.3, weight_decay=1e-2, max_grad_norm=0.5)
+  np.testing.assert_array_equal(local(algorithms.build(cfg)), local(direct))
+  assert np.abs(local(algorithms.build(dict(cfg, alpha=0.01))) - local(direct)).max() > 1e-4
+  assert set(algorithms.BUILDERS) == set(algorithms.NAMES) == {'fed_dyn', 'fed_avg', 'fed_prox',
+                                                               'scaffold'}
+
+
+def test_the_gradient_rewrite_is_a_parameter(problem):
+  """``rewrite`` is what local SGD differentiates with: one zeroing the gradient leaves the
+  model where it started (no weight decay), the default moves it."""
+  (x, y, mask), _ = problem
+  batch = (x[1], y[1], mask[1])
+  seen = []
+
+  def zero_gradients(grad_fn):
+    seen.append(grad_fn)
+    def zeroed(*args):
+      grads, aux = grad_fn(*args)
+      return jax.tree.map(jnp.zeros_like, grads), aux
+    return zeroed
+
+  theta = jnp.ones(DIM)
+  for rewrite, moves in ((zero_gradients, False), (None, True)):
+    alg = algorithms.build(dict(algorithm='fed_prox', lr=0.05, mu=0.1), rewrite=rewrite)
+    server, _ = alg.init(theta, 1)
+    out = alg.client_update(server, (), weight=1.0, loss_fn=mse, batch_fn=lambda s: batch,
+                            num_steps=3, rng=jax.random.key(0))
+    assert bool(np.any(np.asarray(out.local_params) != 1.0)) == moves
+  assert len(seen) == 1

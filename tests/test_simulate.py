@@ -340,6 +340,32 @@ def test_bad_inputs_are_named():
     simulate.build(dict(algorithm='fed_avg', lr=0.1, local_epochs=1), mlp_loss)
 
 
+def test_round_carries_its_execution_and_jitted_parts():
+  """A Round is data: the loop's two jitted steps ARE its round; 'vmap' has one whole program."""
+  alg, loop = cached_round('fed_avg', 'loop')
+  assert loop.execution == 'loop' and loop.jitted is None and loop.resolve is None
+  trainable, frozen = mlp_params()
+  centers, key = mlp_centers(), jax.random.key(3)
+  active = np.array([True, False, True])
+  outs = [loop.client_step(*alg.init(trainable, 3), frozen, centers, key, 1, k)
+          for k in range(3)]
+  by_parts = loop.server_step(*alg.init(trainable, 3), outs, centers.sizes, active)
+  assert_trees_equal(by_parts, loop(*alg.init(trainable, 3), frozen, centers, active, key, 1))
+  vmap = cached_round('fed_avg', 'vmap')[1]
+  assert vmap.execution == 'vmap' and vmap.jitted is not None and vmap.client_step is None
+
+
+@pytest.mark.parametrize('execution', ['vmap', 'loop'])
+def test_compiler_options_reach_every_compile(execution):
+  alg = algorithms.build(CONFIGS['fed_avg'])
+  round_fn = simulate.build_round(alg, mlp_loss, batch_size=4, local_epochs=1,
+                                  execution=execution,
+                                  compiler_options={'xla_no_such_option_11a': True})
+  trainable, frozen = mlp_params()
+  with pytest.raises(Exception, match='xla_no_such_option_11a'):
+    round_fn(*alg.init(trainable, 3), frozen, mlp_centers(), ALL, jax.random.key(0), 0)
+
+
 # --- the classifier loss, predict, and a narrow VGG16 ---------------------------------------
 
 @functools.lru_cache(maxsize=None)
