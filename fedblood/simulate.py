@@ -26,16 +26,16 @@ API (stable: the pipeline codes against it)::
 * Center k runs exactly ``local_epochs * ceil(n_k / batch_size)`` steps over batches of
   :mod:`fedblood.batches`.
 * ``execution`` (identical results up to float rounding, see tests), each a function of
-  :mod:`fedblood.executions`: ``'vmap'`` (:func:`vmap_round`) vmaps the local update over centers (centers
-  short of the longest one's steps are masked no-ops); ``'loop'`` (:func:`loop_round`)
-  calls one jitted client step per active center (each runs exactly its own steps;
-  inactive centers are skipped), then a jitted server step; ``'unroll'``
+  :mod:`fedblood.executions`: ``'vmap'`` (:func:`vmap_round`) vmaps the local update over
+  centers (centers short of the longest one's steps are masked no-ops); ``'loop'``
+  (:func:`loop_round`) calls one jitted client step per active center (each runs exactly its
+  own steps; inactive centers are skipped), then a jitted server step; ``'unroll'``
   (:func:`unroll_round`) is the same loop unrolled inside one jit; ``'shard'``
-  (:func:`shard_round`) splits the center axis over devices (``shard_map``, vmap on
-  each device; the center axis is padded with empty centers to a multiple of the
-  device count, which copies the data each round unless it divides evenly);
-  ``'auto'`` (the default of :func:`build`) picks one of these at each call from the
-  backend, the device count and the centers' step counts (:func:`choose_execution`).
+  (:func:`shard_round`) splits the center axis over devices (``shard_map``, vmap on each
+  device; the center axis is padded with empty centers to a multiple of the device count,
+  which copies the data each round unless it divides evenly); ``'auto'`` (the default of
+  :func:`build`) picks one of these at each call from the backend, the device count and the
+  centers' step counts (:func:`choose_execution`).
   Their measured speeds: docs/performance.md.
 """
 

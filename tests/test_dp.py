@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms, privacy, simulate
+from fedblood import algorithms, batches, privacy, simulate
 from fedblood.algorithms import dp
 from test_simulate import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
 
