@@ -23,13 +23,11 @@ the machine (CPU model) and ``uptime`` are printed with the results.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import wbc  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import models, partition, simulate  # pylint: disable=wrong-import-position
+from fedblood import classifier, models, partition, platform  # pylint: disable=wrong-import-position
 from fedblood.algorithms import base, dp  # pylint: disable=wrong-import-position
 
 
@@ -55,7 +53,7 @@ def parse_args(argv=None):
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per candidate')
   parser.add_argument('--plain_gradients', action='store_true',
                       help="add 'dp[mb=M, no rewrite]' for the last M: DP-SGD without the CPU "
-                      'gradient rewrites of fedblood.algorithms.xla_cpu (what they buy)')
+                      'gradient rewrites of fedblood.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.image_size, args.width, args.batch = 32, 0.0625, 8
@@ -87,38 +85,37 @@ def candidates(args):
                                                      args.image_size, 3), np.uint8)),
            'label': jnp.asarray(rng.integers(0, 5, args.batch), jnp.int32),
            'mask': jnp.ones(args.batch, jnp.float32)}
-  classifier = simulate.classifier_loss(model)
+  classifier_loss = classifier.classifier_loss(model)
   hyper = dict(lr=0.01, max_grad_norm=10.0, weight_decay=1e-3)
 
   # Frozen params and the batch are arguments (never constants XLA could fold).
   def plain(p, frozen, batch, key):
-    loss_fn = lambda q, b, r: classifier(q, frozen, b, r)
+    loss_fn = lambda q, b, r: classifier_loss(q, frozen, b, r)
     return base.local_sgd(p, loss_fn, lambda s: batch, args.steps, key, **hyper)
 
-  def private(mb):
+  def private(mb, rewrite=None):
     cfg = dp.DpSgd(clip=1.0, noise_multiplier=1.0, expected_batch=args.batch, microbatch=mb)
     pad = -args.batch % mb
 
     def run(p, frozen, batch, key):
-      loss_fn = lambda q, b, r: classifier(q, frozen, b, r)
+      loss_fn = lambda q, b, r: classifier_loss(q, frozen, b, r)
       rows = {k: jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], v.dtype)])
               for k, v in batch.items()}
       fetch = lambda j: {k: jax.lax.dynamic_slice_in_dim(v, j * mb, mb) for k, v in rows.items()}
       sample = dp.PoissonSample(jnp.int32(args.batch), fetch)  # exactly the plain batch
-      return base.local_sgd(p, loss_fn, lambda s: sample, args.steps, key, dp=cfg, **hyper)
+      return base.local_sgd(p, loss_fn, lambda s: sample, args.steps, key, dp=cfg,
+                            rewrite=rewrite, **hyper)
     return run
 
   fns = {'plain': plain, **{f'dp[mb={m}]': private(m) for m in args.microbatches}}
   if args.plain_gradients:
-    fns[f'dp[mb={args.microbatches[-1]}, no rewrite]'] = private(args.microbatches[-1])
+    fns[f'dp[mb={args.microbatches[-1]}, no rewrite]'] = private(args.microbatches[-1],
+                                                                 platform.no_rewrite)
   out, info = {}, {}
   call_args = (trainable, frozen, batch, jax.random.key(0))
   for name, fn in fns.items():
     start = time.perf_counter()
-    rewrite = (mock.patch.object(dp.xla_cpu, 'fast_gradients', lambda f: f)
-               if 'no rewrite' in name else contextlib.nullcontext())
-    with rewrite:  # the rewrite is applied at trace time
-      compiled = jax.jit(fn).lower(*call_args).compile()
+    compiled = jax.jit(fn).lower(*call_args).compile()
     mem = compiled.memory_analysis()
     info[name] = {'compile_s': time.perf_counter() - start,
                   'temp_mb': (mem.temp_size_in_bytes / 2 ** 20) if mem is not None else None}

@@ -12,7 +12,7 @@ its gradients (``fwd+grad``: the weight gradient, and the input gradient except 
 layer, as a training step needs them). Candidates, timed interleaved (bench_step.interleaved):
 
 * ``jax``: as fedblood compiles it (its XLA flags; on CPU the gradient through
-  ``fedblood.algorithms.xla_cpu.fast_gradients``, as local SGD takes it);
+  ``fedblood.xla_cpu.fast_gradients``, as local SGD takes it);
 * ``jax[<variant>]``: the same programs compiled with other XLA options (bench_step.VARIANTS);
 * ``torch``: ``relu(conv2d)`` in channels_last float32 with the same thread count (skipped when
   torch is absent), forward under ``no_grad`` and forward + backward.
@@ -31,6 +31,7 @@ import numpy as np
 
 import bench_step
 from fedblood import models  # importing fedblood applies its XLA flags
+from fedblood import platform
 from fedblood.algorithms import base
 
 
@@ -65,7 +66,7 @@ def jax_programs(hw, c_in, c_out, batch, first: bool, options=None):
     return jnp.mean(jnp.square(forward(w, b, x))), {}
 
   diff = (w, b) if first else ((w, b), x)
-  grad_fn = base.gradient(loss)
+  grad_fn = base.gradient(loss, platform.gradient_rewrite())
   options = options or {}
   fwd = jax.jit(forward).lower(w, b, x).compile(compiler_options=options)
   grad = jax.jit(grad_fn).lower(diff, x).compile(compiler_options=options)

@@ -19,14 +19,11 @@ Usage::
 """
 
 import argparse
-import contextlib
-import functools
 import json
 import os
 import subprocess
 import sys
 import time
-from unittest import mock
 
 # The study's center sizes (training images), scaled down by --scale.
 STUDY_SIZES = (10298, 14514, 2513, 5000, 11353)
@@ -55,7 +52,7 @@ def parse_args(argv=None):
                       "XLA's own default): adds 'loop[<set>]', 'loop' compiled with them")
   parser.add_argument('--plain_gradients', action='store_true',
                       help="add 'loop[plain gradients]': 'loop' without the CPU gradient "
-                      'rewrites of fedblood.algorithms.xla_cpu (what they buy)')
+                      'rewrites of fedblood.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes = args.sizes or '24,40,64,16,96'
@@ -68,8 +65,7 @@ def parse_args(argv=None):
 def run(args):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fedblood import algorithms, models, partition, simulate  # pylint: disable=g-import-not-at-top
-  from fedblood.algorithms import xla_cpu  # pylint: disable=g-import-not-at-top
+  from fedblood import algorithms, classifier, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_step  # pylint: disable=g-import-not-at-top
 
@@ -85,7 +81,8 @@ def run(args):
       jax.numpy.asarray(args.sizes, jax.numpy.int32))
   cfg = dict(algorithm=args.algorithm, lr=0.01, alpha=0.01, mu=0.01, weight_decay=1e-3)
   alg = algorithms.build(cfg)
-  loss_fn = simulate.classifier_loss(model)
+  plain_alg = algorithms.build(cfg, rewrite=platform.no_rewrite)  # without the CPU rewrites
+  loss_fn = classifier.classifier_loss(model)
   executions = [e for e in args.executions.split(',') if e != 'shard' or jax.device_count() > 1]
   active, key = np.ones(num, bool), jax.random.key(0)
 
@@ -94,18 +91,13 @@ def run(args):
   runs = {}
   for e in executions:  # build + first round (compile and run) of each execution
     option = e[len('loop['):-1] if e[len('loop['):-1] in options else None
-    # The round's jax.jit calls happen in build_round: give them the XLA options there.
-    jit = functools.partial(jax.jit, compiler_options=bench_step.VARIANTS[option]) if option \
-        else jax.jit
-    with mock.patch.object(jax, 'jit', jit):
-      round_fn = simulate.build_round(alg, loss_fn, batch_size=args.batch_size,
-                                      local_epochs=args.local_epochs, execution=e.split('[')[0])
+    round_fn = simulate.build_round(
+        plain_alg if e.endswith('[plain gradients]') else alg, loss_fn,
+        batch_size=args.batch_size, local_epochs=args.local_epochs, execution=e.split('[')[0],
+        compiler_options=bench_step.VARIANTS[option] if option else None)
     state = alg.init(trainable, num)
     start = time.perf_counter()
-    # The rewrite happens while the first call traces: switch it off for that call only.
-    plain = mock.patch.object(xla_cpu, 'fast_gradients', lambda f: f)
-    with plain if e.endswith('[plain gradients]') else contextlib.nullcontext():
-      *state, metrics = round_fn(*state, frozen, centers, active, key, 0)
+    *state, metrics = round_fn(*state, frozen, centers, active, key, 0)
     jax.block_until_ready(state)
     runs[e] = dict(fn=round_fn, state=state, first_s=time.perf_counter() - start,
                    steps=int(np.sum(metrics['num_steps'])))
@@ -116,7 +108,7 @@ def run(args):
                      images_per_s=sum(args.sizes) * args.local_epochs / round_s[e])
              for e, rec in runs.items()}
   if 'auto' in runs:
-    results['auto']['chose'] = runs['auto']['fn'].execution
+    results['auto']['chose'] = runs['auto']['fn'].resolved(centers).execution
   base = results.get('loop') or next(iter(results.values()))
   for r in results.values():
     r['speed_vs_loop'] = base['round_s'] / r['round_s']

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import models, partition, platform, simulate
+from fedblood import classifier, models, partition, platform
 from fedblood.algorithms import base
 
 # Named XLA options a candidate can be compiled with (compiler_options of jax.jit).
@@ -165,10 +165,11 @@ def compile_step(model, frozen_blocks: int, batch: dict, options=None):
   """``(compiled, args, info)`` of one local step; ``compiled(*args)`` -> (params, loss)."""
   params = he_init(model, batch['image'].shape[1])
   trainable, frozen = partition.split(params, partition.frozen_block_rules(frozen_blocks))
-  loss_fn = simulate.classifier_loss(model)
+  loss_fn = classifier.classifier_loss(model)
   tx = base.local_tx(lr=0.01, max_grad_norm=10.0, weight_decay=1e-3)
 
-  grad_fn = base.gradient(loss_fn)  # what local_sgd differentiates with (CPU rewrites included)
+  # What local_sgd differentiates with (the platform's rewrite: on CPU xla_cpu.fast_gradients).
+  grad_fn = base.gradient(loss_fn, platform.gradient_rewrite())
 
   def step(trainable, frozen, batch, rng):
     grads, aux = grad_fn(trainable, frozen, batch, rng)

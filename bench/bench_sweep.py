@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import algorithms, models, partition, platform, simulate, vectorized  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood import algorithms, classifier, models, partition, platform, simulate, vectorized  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Training images per center of configs/wbc.py (about 65% of PBC 1497, BCCD 351, JTSC 299,
 # LISC 258 images; the rest is validation and test).
@@ -86,7 +86,7 @@ def main(argv=None):
   points = [partition.split(bench_step.he_init(model, size, seed=i), rules) for i in range(k)]
   keys = [jax.random.key(100 + i) for i in range(k)]
   alg = algorithms.fed_dyn(lr=0.03, alpha=0.01, weight_decay=1e-3, max_grad_norm=10.0)
-  loss_fn = simulate.classifier_loss(model)
+  loss_fn = classifier.classifier_loss(model)
   single = simulate.build_round(alg, loss_fn, batch_size=args.batch_size, local_epochs=1,
                                 execution=args.execution)
   swept = vectorized.build_sweep_round(alg, loss_fn, batch_size=args.batch_size, local_epochs=1,
@@ -129,8 +129,8 @@ def main(argv=None):
                 frozen_blocks=args.frozen_blocks, batch_size=args.batch_size, dtype=dtype.name,
                 backend=jax.default_backend(), device=jax.devices()[0].device_kind,
                 jax=jax.__version__, **machine(), rounds=args.rounds,
-                execution={'sequential': getattr(single, 'execution', args.execution),
-                           'vectorized': swept.execution},
+                execution={'sequential': single.resolved(centers).execution,
+                           'vectorized': swept.resolved(centers).execution},
                 results={n: dict(first_s=runs[n]['first_s'], sweep_round_s=medians[n],
                                  images_per_s=images / medians[n]) for n in runs},
                 speedup=medians['sequential'] / medians['vectorized'],

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_round  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import algorithms, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood import algorithms, batches, classifier, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STUDY_SIZES = bench_round.STUDY_SIZES  # the study's center sizes
 
@@ -123,9 +123,9 @@ def main(argv=None):
   params = bench_step.he_init(model, args.image_size)
   trainable, frozen = partition.split(params, partition.frozen_block_rules(args.frozen_blocks))
   alg = algorithms.fed_dyn(lr=0.01, alpha=0.01, weight_decay=1e-3, max_grad_norm=10.0)
-  loss_fn = simulate.classifier_loss(model)
+  loss_fn = classifier.classifier_loss(model)
   active, key = np.ones(len(args.sizes), bool), jax.random.key(0)
-  steps = simulate.local_steps(args.sizes, args.batch_size, 1)
+  steps = batches.local_steps(args.sizes, args.batch_size, 1)
   runs = {}
   for e in args.executions.split(','):
     round_fn = simulate.build_round(alg, loss_fn, batch_size=args.batch_size, local_epochs=1,

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedblood import checkpoint, metrics, partition, selection, simulate
+from fedblood import checkpoint, classifier, metrics, partition, selection
 
 
 class FitResult(NamedTuple):
@@ -73,7 +73,7 @@ def train_step_fn(model, max_grad_norm: float, weight_decay: float, augment_fn: 
   Cached per (model, clipping, weight decay, augmentation): fits that share them share
   one compilation.
   """
-  loss_fn = simulate.classifier_loss(model, augment_fn)
+  loss_fn = classifier.classifier_loss(model, augment_fn)
   tx = adam_tx(max_grad_norm, weight_decay)
 
   @jax.jit
@@ -88,7 +88,7 @@ def train_step_fn(model, max_grad_norm: float, weight_decay: float, augment_fn: 
 
 @functools.lru_cache(maxsize=8)
 def _predict_fn(model, batch_size: int):
-  return simulate.make_predict(model, batch_size)
+  return classifier.make_predict(model, batch_size)
 
 
 def predict_probs(model, trainable, frozen, images: np.ndarray,

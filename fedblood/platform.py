@@ -5,15 +5,22 @@ Usage::
   import fedblood                           # applies the XLA flags (before any JAX computation)
   from fedblood import platform
   dtype = platform.compute_dtype('auto')    # bfloat16 on GPU/TPU, float32 on CPU
+  rewrite = platform.gradient_rewrite()     # CPU: xla_cpu.fast_gradients; else no rewrite
+
+Backend workarounds are decided here and handed to the code that needs them as parameters
+(``rewrite`` of the algorithm builders and ``base.local_sgd``, ``compiler_options`` of
+``simulate.build_round``), so a benchmark switches one off by passing another value.
 
 The measurements behind each choice are in docs/performance.md.
 """
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from fedblood import xla_cpu
 
 # XLA flags fedblood adds on every backend, each only when the user's XLA_FLAGS does not set
 # that flag (importing fedblood applies them: fedblood/__init__.py). Measured on 2 AMD EPYC
@@ -77,3 +84,18 @@ def compute_dtype(name: str = 'auto', backend: Optional[str] = None) -> jnp.dtyp
   if name == 'auto':
     return jnp.dtype(jnp.bfloat16 if is_accelerator(backend) else jnp.float32)
   return jnp.dtype(name)
+
+
+def no_rewrite(grad_fn: Callable) -> Callable:
+  """The gradient as JAX emits it (the ``rewrite`` that switches the CPU workaround off)."""
+  return grad_fn
+
+
+def gradient_rewrite(backend: Optional[str] = None) -> Callable:
+  """How local training re-emits its gradients on ``backend`` (default: JAX's default backend).
+
+  CPU: :func:`fedblood.xla_cpu.fast_gradients`. Inside the ``fori_loop`` of local steps XLA:CPU
+  would run convolution gradients as naive loops (~25x slower) and max-pool gradients serially
+  (docs/performance.md). Other backends: :func:`no_rewrite`.
+  """
+  return xla_cpu.fast_gradients if (backend or jax.default_backend()) == 'cpu' else no_rewrite

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import aggregate, algorithms, data, models, runlog, simulate, sweep, train, vectorized
+from fedblood import aggregate, algorithms, classifier, data, models, runlog, sweep, train
+from fedblood import vectorized
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -91,7 +92,7 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
 @functools.lru_cache(maxsize=4)
 def _sweep_round(model, fl_json: str, augment):
   fl = ml_collections.ConfigDict(json.loads(fl_json))
-  loss_fn = simulate.classifier_loss(model, augment)
+  loss_fn = classifier.classifier_loss(model, augment)
   return vectorized.build_sweep_round(algorithms.build(fl), loss_fn, batch_size=fl.batch_size,
                                       local_epochs=fl.local_epochs,
                                       execution=fl.get('execution', 'auto'))

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from fedblood import centralized, checkpoint, data, metrics, models, partition, privacy, report
-from fedblood import lock, names, numerics, runlog, simulate, validate
+from fedblood import classifier, lock, names, numerics, runlog, simulate, validate
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
@@ -230,7 +230,7 @@ def fl_template(config, model, reference_params, num_centers: int, dp_plan=None)
 @functools.lru_cache(maxsize=4)
 def _fl_functions(model, fl_json: str, augment):
   # Cached per config: a resumed or repeated run in the same process reuses the compiled round.
-  loss_fn = simulate.classifier_loss(model, augment)
+  loss_fn = classifier.classifier_loss(model, augment)
   return simulate.build(ml_collections.ConfigDict(json.loads(fl_json)), loss_fn)
 
 

@@ -5,7 +5,7 @@ starting point (each seed's reference model), the round keys (batches, dropout,
 augmentation) and the participation draws. :func:`build_sweep_round` maps
 :func:`fedblood.simulate.build_round`'s round over a leading axis of those::
 
-  round_fn = build_sweep_round(algorithm, loss_fn, batch_size=32, local_epochs=1)
+  round_fn = build_sweep_round(algorithm, loss_fn, batch_size=32, local_epochs=1)  # a Round
   servers, clients = stack([alg.init(trainable_i, C) for i in range(K)])   # leaves [K, ...]
   servers, clients, metrics = round_fn(servers, clients, frozen,           # frozen: [K, ...]
                                        centers, active, keys, round_index) # active [K, C], keys [K]
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import simulate
+from fedblood import executions, simulate
 from fedblood.algorithms import base
 
 SWEEP_EXECUTIONS = ('auto', 'vmap', 'loop', 'unroll')
@@ -52,8 +52,11 @@ def unstack(tree, num: int) -> list:
 
 
 def build_sweep_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
-                      local_epochs: int, execution: str = 'auto') -> Callable:
-  """``round_fn`` of K sweep points (see the module docstring); input states are donated.
+                      local_epochs: int, execution: str = 'auto') -> simulate.Round:
+  """The :class:`fedblood.simulate.Round` of K sweep points (see the module docstring).
+
+  Input states are donated. Its ``fn`` checks ``active`` (bool ``[K, C]``); for 'auto' its
+  ``resolve(centers)`` is the Round it runs.
 
   Args:
     algorithm, loss_fn, batch_size, local_epochs: as :func:`fedblood.simulate.build_round`.
@@ -66,12 +69,7 @@ def build_sweep_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_
                             local_epochs=local_epochs, donate=False)
   built = {}
 
-  def round_fn(server_states, client_states, frozen, centers, active, keys, round_index):
-    simulate._check_centers(centers)  # pylint: disable=protected-access
-    active = np.asarray(active, bool)
-    if active.ndim != 2 or active.shape[1] != np.shape(centers.sizes)[0]:
-      raise ValueError(f'active must be bool [K, C={np.shape(centers.sizes)[0]}], got shape '
-                       f'{active.shape}')
+  def resolve(centers) -> simulate.Round:
     name = execution
     if name == 'auto':  # one device: the choice simulate makes for a single run
       name = simulate.choose_execution(centers.sizes, batch_size=batch_size,
@@ -80,35 +78,42 @@ def build_sweep_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_
     if name not in built:
       built[name] = _loop(build(execution='loop')) if name == 'loop' else _whole(
           build(execution=name))
-    round_fn.execution = name
-    return built[name](server_states, client_states, frozen, centers, active, keys, round_index)
+    return built[name]
 
-  round_fn.execution = None  # the execution of the latest call
-  return round_fn
+  def round_fn(server_states, client_states, frozen, centers, active, keys, round_index):
+    simulate.check_centers(centers)
+    active = np.asarray(active, bool)
+    if active.ndim != 2 or active.shape[1] != np.shape(centers.sizes)[0]:
+      raise ValueError(f'active must be bool [K, C={np.shape(centers.sizes)[0]}], got shape '
+                       f'{active.shape}')
+    return resolve(centers).fn(server_states, client_states, frozen, centers, active, keys,
+                               round_index)
+
+  return simulate.Round(round_fn, execution, resolve=resolve if execution == 'auto' else None)
 
 
-def _whole(single: Callable) -> Callable:
+def _whole(single: simulate.Round) -> simulate.Round:
   """The jitted single round, vmapped over the sweep axis (centers and round index shared)."""
   swept = jax.jit(jax.vmap(single.jitted, in_axes=(0, 0, 0, None, 0, 0, None)),
                   donate_argnums=(0, 1))
-  return lambda s, c, frozen, centers, active, keys, r: swept(s, c, frozen, centers,
-                                                              jnp.asarray(active), keys, r)
+  fn = lambda s, c, frozen, centers, active, keys, r: swept(s, c, frozen, centers,
+                                                            jnp.asarray(active), keys, r)
+  return simulate.Round(fn, single.execution, jitted=swept)
 
 
-def _loop(single: Callable) -> Callable:
+def _loop(single: simulate.Round) -> simulate.Round:
   """The 'loop' round: per center, one client step vmapped over the sweep axis."""
   client_step = jax.jit(jax.vmap(single.client_step, in_axes=(0, 0, 0, None, 0, None, None)))
   server_step = jax.jit(jax.vmap(single.server_step, in_axes=(0, 0, 0, None, 0)),
                         donate_argnums=(0, 1))
 
   def loop_round(server_states, client_states, frozen, centers, active, keys, round_index):
-    anywhere = active.any(axis=0)
-    run = [k for k in range(anywhere.size) if anywhere[k]] or [0]
-    done = {k: client_step(server_states, client_states, frozen, centers, keys, round_index, k)
-            for k in run}
-    # A center no point runs: any same-shaped outputs do, finish/server_update ignore them.
-    outs = [done.get(k, done[run[0]]) for k in range(anywhere.size)]
-    return server_step(server_states, client_states, outs, centers.sizes, jnp.asarray(active))
+    # The centers active in ANY point run; a point's inactive centers are discarded by its
+    # server update (simulate.executions.loop_round's rule, per point).
+    return executions.loop_round(server_states, client_states, frozen, centers,
+                                 active.any(axis=0), keys, round_index,
+                                 client_step=client_step,
+                                 server_step=lambda s, c, outs, sizes, _: server_step(
+                                     s, c, outs, sizes, jnp.asarray(active)))
 
-  loop_round.client_step, loop_round.server_step = client_step, server_step
-  return loop_round
+  return simulate.Round(loop_round, 'loop', client_step=client_step, server_step=server_step)

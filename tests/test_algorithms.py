@@ -52,11 +52,12 @@ def run(alg, data, sizes, num_rounds, local_steps, participation=1.0, dim=DIM):
       active = jax.random.bernoulli(jax.random.fold_in(jax.random.key(1), r), participation, (num,))
     else:
       active = jnp.ones(num, bool)
-    update = lambda c, w, batch: alg.client_update(server, c, w, mse, lambda step: batch,
-                                                   local_steps, jax.random.key(0))
+    update = lambda c, w, batch: alg.client_update(
+        server, c, weight=w, loss_fn=mse, batch_fn=lambda step: batch, num_steps=local_steps,
+        rng=jax.random.key(0))
     local, new, _ = jax.vmap(update)(clients, weights, data)
-    new = base.select_clients(active, new, clients)
-    return alg.server_update(server, local, weights, active, new), new
+    return alg.server_update(server, clients, local_params=local, new_client_states=new,
+                             weights=weights, active=active)
 
   server, clients = alg.init(jnp.zeros(dim), num)
   return jax.jit(lambda s, c: jax.lax.fori_loop(0, num_rounds, one_round, (s, c)))(server, clients)
@@ -145,12 +146,14 @@ def test_feddyn_first_round_client_update_equals_fedprox_alpha_k(problem):
   for name, alg in (('dyn', dyn), ('prox', prox)):
     server, clients = alg.init(theta, 1)
     client = jax.tree.map(lambda c: c[0], clients)
-    local[name], _, _ = alg.client_update(server, client, weight, mse, lambda s: batch, 20,
-                                          jax.random.key(0))
+    local[name] = alg.client_update(server, client, weight=weight, loss_fn=mse,
+                                    batch_fn=lambda s: batch, num_steps=20,
+                                    rng=jax.random.key(0)).local_params
   np.testing.assert_allclose(local['dyn'], local['prox'], rtol=1e-5, atol=1e-6)
   avg = algorithms.fed_avg(0.05, weight_decay=wd, max_grad_norm=1e6)
   server, _ = avg.init(theta, 1)
-  plain, _, _ = avg.client_update(server, (), weight, mse, lambda s: batch, 20, jax.random.key(0))
+  plain, _, _ = avg.client_update(server, (), weight=weight, loss_fn=mse, batch_fn=lambda s: batch,
+                                  num_steps=20, rng=jax.random.key(0))
   assert np.abs(plain - local['dyn']).max() > 1e-3  # the proximal pull is not negligible
 
 
@@ -177,11 +180,12 @@ def test_one_local_step_matches_hand_computed_sgd():
   weights = sizes / sizes.sum() * 2
 
   def step_round(alg, server, clients, active):
-    outs = [alg.client_update(server, jax.tree.map(lambda c: c[k], clients), weights[k], mse,
-                              lambda s: batches[k], 1, jax.random.key(0)) for k in range(2)]
+    outs = [alg.client_update(server, jax.tree.map(lambda c: c[k], clients), weight=weights[k],
+                              loss_fn=mse, batch_fn=lambda s: batches[k], num_steps=1,
+                              rng=jax.random.key(0)) for k in range(2)]
     local, new, _ = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    new = base.select_clients(active, new, clients)
-    return alg.server_update(server, local, weights, active, new), new
+    return alg.server_update(server, clients, local_params=local, new_client_states=new,
+                             weights=weights, active=active)
 
   both, only1 = jnp.array([True, True]), jnp.array([False, True])
 
@@ -219,9 +223,13 @@ def test_no_active_client_leaves_the_server_unchanged(problem):
   for alg in (algorithms.fed_avg(0.05), algorithms.fed_dyn(0.05, 0.1), algorithms.scaffold(0.05)):
     server, clients = alg.init(jnp.ones(DIM), len(SIZES))
     local = jnp.full((len(SIZES), DIM), jnp.nan)  # inactive outputs are never read
-    new = alg.server_update(server, local, algorithms.client_weights(SIZES),
-                            jnp.zeros(len(SIZES), bool), clients)
+    new_clients = jax.tree.map(lambda c: jnp.full_like(c, jnp.nan), clients)
+    new, kept = alg.server_update(server, clients, local_params=local,
+                                  new_client_states=new_clients,
+                                  weights=algorithms.client_weights(SIZES),
+                                  active=jnp.zeros(len(SIZES), bool))
     jax.tree.map(np.testing.assert_array_equal, new, server)
+    jax.tree.map(np.testing.assert_array_equal, kept, clients)  # inactive: states kept
 
 
 def test_inactive_outputs_are_ignored_even_if_nan():
@@ -249,3 +257,47 @@ def test_build_by_name_reads_hyperparameters_from_config():
 def test_client_weights_have_mean_one():
   np.testing.assert_allclose(algorithms.client_weights([2500, 14500]), [2500 / 8500, 14500 / 8500],
                              rtol=1e-6)
+
+
+def test_builder_table_passes_each_config_key_to_its_builder(problem):
+  """``fl.alpha`` (and every other key) reaches the builder's argument of the same name."""
+  (x, y, mask), _ = problem
+  batch = (x[1], y[1], mask[1])
+  theta = jnp.ones(DIM)
+
+  def local(alg):
+    server, clients = alg.init(theta, 1)
+    return alg.client_update(server, jax.tree.map(lambda c: c[0], clients), weight=0.7,
+                             loss_fn=mse, batch_fn=lambda s: batch, num_steps=3,
+                             rng=jax.random.key(0)).local_params
+
+  cfg = dict(algorithm='fed_dyn', lr=0.05, alpha=0.3, weight_decay=1e-2, max_grad_norm=0.5)
+  direct = algorithms.fed_dyn(lr=0.05, alpha=0.3, weight_decay=1e-2, max_grad_norm=0.5)
+  np.testing.assert_array_equal(local(algorithms.build(cfg)), local(direct))
+  assert np.abs(local(algorithms.build(dict(cfg, alpha=0.01))) - local(direct)).max() > 1e-4
+  assert set(algorithms.BUILDERS) == set(algorithms.NAMES) == {'fed_dyn', 'fed_avg', 'fed_prox',
+                                                               'scaffold'}
+
+
+def test_the_gradient_rewrite_is_a_parameter(problem):
+  """``rewrite`` is what local SGD differentiates with: one zeroing the gradient leaves the
+  model where it started (no weight decay), the default moves it."""
+  (x, y, mask), _ = problem
+  batch = (x[1], y[1], mask[1])
+  seen = []
+
+  def zero_gradients(grad_fn):
+    seen.append(grad_fn)
+    def zeroed(*args):
+      grads, aux = grad_fn(*args)
+      return jax.tree.map(jnp.zeros_like, grads), aux
+    return zeroed
+
+  theta = jnp.ones(DIM)
+  for rewrite, moves in ((zero_gradients, False), (None, True)):
+    alg = algorithms.build(dict(algorithm='fed_prox', lr=0.05, mu=0.1), rewrite=rewrite)
+    server, _ = alg.init(theta, 1)
+    out = alg.client_update(server, (), weight=1.0, loss_fn=mse, batch_fn=lambda s: batch,
+                            num_steps=3, rng=jax.random.key(0))
+    assert bool(np.any(np.asarray(out.local_params) != 1.0)) == moves
+  assert len(seen) == 1

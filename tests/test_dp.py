@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms, privacy, simulate
+from fedblood import algorithms, batches, privacy, simulate
 from fedblood.algorithms import dp
 from test_simulate import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
 
@@ -91,11 +91,11 @@ def test_no_noise_and_huge_clip_is_plain_sgd_on_the_same_batches(name):
   # A non-trivial client state (lambda_k / c_k): the penalty terms must match too.
   clients = jax.tree.map(lambda c: c + 0.05, clients)
   client = jax.tree.map(lambda c: c[0], clients)
-  out_plain = plain.client_update(server, client, 1.3, linear_loss, lambda s: batch, 5,
-                                  jax.random.key(0))
+  out_plain = plain.client_update(server, client, weight=1.3, loss_fn=linear_loss,
+                                  batch_fn=lambda s: batch, num_steps=5, rng=jax.random.key(0))
   sample = full_sample(batch, 3)
-  out_dp = private.client_update(server, client, 1.3, linear_loss, lambda s: sample, 5,
-                                 jax.random.key(0))
+  out_dp = private.client_update(server, client, weight=1.3, loss_fn=linear_loss,
+                                 batch_fn=lambda s: sample, num_steps=5, rng=jax.random.key(0))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
                out_plain[:2], out_dp[:2])
   np.testing.assert_allclose(out_plain[2]['loss'], out_dp[2]['loss'], rtol=1e-5)
@@ -130,8 +130,9 @@ def test_data_independent_terms_are_added_after_the_noise(name):
       mode='example', clip=clip, noise_multiplier=0.0, microbatch=8)))
   server, clients = private.init(params, 1)
   client = jax.tree.map(lambda c: c[0] + 2.0, clients)  # lambda_k / c_k = 2: a big constant pull
-  local, _, _ = private.client_update(server, client, 1.0, linear_loss,
-                                      lambda s: full_sample(batch, 8), steps, jax.random.key(0))
+  local, _, _ = private.client_update(server, client, weight=1.0, loss_fn=linear_loss,
+                                      batch_fn=lambda s: full_sample(batch, 8), num_steps=steps,
+                                      rng=jax.random.key(0))
   if name == 'scaffold':  # gradient <c - c_k, p>: c - c_k = -2 each step
     expected = jax.tree.map(lambda x: x + lr * steps * 2.0, params)
   else:  # FedDyn: alpha (lambda - theta_s) plus its weight decay alpha * p, every step
@@ -147,7 +148,7 @@ def test_data_independent_terms_are_added_after_the_noise(name):
 def test_poisson_sample_has_fixed_shape_and_the_accountants_rate():
   nmax, size, batch, mb = 40, 30, 6, 4
   examples = {'i': jnp.tile(jnp.arange(nmax), (2, 1))}
-  batch_fn = simulate.make_poisson_fn(examples, 1, jnp.int32(size), jax.random.key(3), batch, mb)
+  batch_fn = batches.make_poisson_fn(examples, 1, jnp.int32(size), jax.random.key(3), batch, mb)
 
   @jax.jit
   def draw(step):
@@ -213,7 +214,8 @@ def test_client_level_clips_updates_and_noises_the_mean():
   deltas = np.stack([np.full(3000, 0.001), np.full(3000, 1.0), np.zeros(3000),
                      np.full(3000, -0.002)]).astype(np.float32)  # norms 0.055, 54.8, 0, 0.11
   local = {'w': jnp.asarray(deltas)}
-  new = wrapped.server_update(server, local, jnp.ones(num), jnp.ones(num, bool), ())
+  new, _ = wrapped.server_update(server, (), local_params=local, new_client_states=(),
+                                 weights=jnp.ones(num), active=jnp.ones(num, bool))
   moved = np.asarray(new.inner.params['w'])
   norms = np.linalg.norm(deltas, axis=1)
   clipped = deltas * np.minimum(1, clip / np.maximum(norms, 1e-12))[:, None]
@@ -222,8 +224,9 @@ def test_client_level_clips_updates_and_noises_the_mean():
   np.testing.assert_allclose(np.std(noise), sigma * clip, rtol=0.05)
   # With no noise the mean of the clipped updates is exact, and the key advances.
   quiet = dp.client_level(algorithms.fed_avg(lr=0.1), clip, 0.0, seed=0)
-  new = quiet.server_update(quiet.init(params, num)[0], local, jnp.ones(num),
-                            jnp.ones(num, bool), ())
+  new, _ = quiet.server_update(quiet.init(params, num)[0], (), local_params=local,
+                               new_client_states=(), weights=jnp.ones(num),
+                               active=jnp.ones(num, bool))
   np.testing.assert_allclose(new.inner.params['w'], clipped.mean(0), rtol=1e-5, atol=1e-7)
   assert not np.array_equal(new.key, quiet.init(params, num)[0].key)
 

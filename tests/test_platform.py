@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from fedblood import models, platform
+from fedblood import models, platform, xla_cpu
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot'
 
@@ -67,3 +67,11 @@ def test_importing_fedblood_applies_the_flags_but_keeps_the_users(user_flags):
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        check=True).stdout.strip()
   assert out == (user_flags if user_flags is not None else ' '.join(platform.XLA_FLAGS) or 'None')
+
+
+def test_gradient_rewrite_per_backend():
+  assert platform.gradient_rewrite('cpu') is xla_cpu.fast_gradients
+  for backend in ('gpu', 'cuda', 'tpu'):
+    assert platform.gradient_rewrite(backend) is platform.no_rewrite
+  grad_fn = jax.grad(lambda x: x ** 2)
+  assert platform.no_rewrite(grad_fn) is grad_fn

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms, models, partition, simulate
+from fedblood import algorithms, batches, classifier, models, partition, simulate
 
 SIZES = (5, 12, 9)
 NMAX, DIM, CLASSES = 16, 6, 3
@@ -105,7 +105,7 @@ def assert_trees_equal(a, b):
 def test_batches_visit_each_real_example_once_per_epoch():
   examples = {'i': jnp.arange(2 * 16).reshape(2, 16)}
   size, batch_size, epochs = 10, 4, 3
-  batch_fn = simulate.make_batch_fn(examples, 1, size, jax.random.key(0), batch_size, epochs)
+  batch_fn = batches.make_batch_fn(examples, 1, size, jax.random.key(0), batch_size, epochs)
   steps_per_epoch = -(-size // batch_size)
   orders = []
   for epoch in range(epochs):
@@ -235,17 +235,19 @@ def test_choose_execution(backend, devices, sizes, batch, want):
 
 
 def test_local_steps():
-  assert simulate.local_steps(jnp.asarray([5, 12, 9, 0]), 4, 2) == [4, 6, 6, 0]
+  assert batches.local_steps(jnp.asarray([5, 12, 9, 0]), 4, 2) == [4, 6, 6, 0]
 
 
 def test_auto_runs_what_it_chooses_with_identical_results():
   """On this CPU 'auto' is 'loop': bit-identical states and metrics; build's default is 'auto'."""
   actives = [ALL, np.array([True, False, True]), ALL]
   got = run_rounds('fed_dyn', 'auto', actives=actives)
-  assert cached_round('fed_dyn', 'auto')[1].execution == 'loop'
+  auto = cached_round('fed_dyn', 'auto')[1]
+  assert auto.execution == 'auto' and auto.resolved(mlp_centers()).execution == 'loop'
+  assert auto.resolved(mlp_centers()) is auto.resolved(mlp_centers())  # built once
   assert_trees_equal(got[1:], run_rounds('fed_dyn', 'loop', actives=actives)[1:])
   _, round_fn = simulate.build(dict(CONFIGS['fed_dyn'], batch_size=4, local_epochs=2), mlp_loss)
-  assert round_fn.execution is None  # resolved at the first call
+  assert round_fn.execution == 'auto'  # resolved at each call from the centers
 
 
 def test_frozen_params_are_an_argument_not_a_constant():
@@ -338,6 +340,32 @@ def test_bad_inputs_are_named():
     simulate.build(dict(algorithm='fed_avg', lr=0.1, local_epochs=1), mlp_loss)
 
 
+def test_round_carries_its_execution_and_jitted_parts():
+  """A Round is data: the loop's two jitted steps ARE its round; 'vmap' has one whole program."""
+  alg, loop = cached_round('fed_avg', 'loop')
+  assert loop.execution == 'loop' and loop.jitted is None and loop.resolve is None
+  trainable, frozen = mlp_params()
+  centers, key = mlp_centers(), jax.random.key(3)
+  active = np.array([True, False, True])
+  outs = [loop.client_step(*alg.init(trainable, 3), frozen, centers, key, 1, k)
+          for k in range(3)]
+  by_parts = loop.server_step(*alg.init(trainable, 3), outs, centers.sizes, active)
+  assert_trees_equal(by_parts, loop(*alg.init(trainable, 3), frozen, centers, active, key, 1))
+  vmap = cached_round('fed_avg', 'vmap')[1]
+  assert vmap.execution == 'vmap' and vmap.jitted is not None and vmap.client_step is None
+
+
+@pytest.mark.parametrize('execution', ['vmap', 'loop'])
+def test_compiler_options_reach_every_compile(execution):
+  alg = algorithms.build(CONFIGS['fed_avg'])
+  round_fn = simulate.build_round(alg, mlp_loss, batch_size=4, local_epochs=1,
+                                  execution=execution,
+                                  compiler_options={'xla_no_such_option_11a': True})
+  trainable, frozen = mlp_params()
+  with pytest.raises(Exception, match='xla_no_such_option_11a'):
+    round_fn(*alg.init(trainable, 3), frozen, mlp_centers(), ALL, jax.random.key(0), 0)
+
+
 # --- the classifier loss, predict, and a narrow VGG16 ---------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -350,7 +378,7 @@ def tiny_vgg():
       rng.normal(size=s.shape) * np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) > 1
       else np.zeros(s.shape), s.dtype), shapes)
   trainable, frozen = partition.split(params, partition.frozen_block_rules(3))
-  return model, params, trainable, frozen, simulate.make_predict(model, batch_size=3)
+  return model, params, trainable, frozen, classifier.make_predict(model, batch_size=3)
 
 
 def colour_centers(sizes=(6, 10, 4), seed=0):
@@ -377,7 +405,7 @@ def test_classifier_loss_counts_only_masked_in_rows():
   model, _, trainable, frozen, predict = tiny_vgg()
   centers = colour_centers()
   images, labels = centers.examples['image'][1, :6], centers.examples['label'][1, :6]
-  loss_fn = jax.jit(simulate.classifier_loss(model))
+  loss_fn = jax.jit(classifier.classifier_loss(model))
   mask = jnp.array([1.0, 1, 1, 1, 0, 0])
   rng = jax.random.key(0)
   loss, aux = loss_fn(trainable, frozen, dict(image=images, label=labels, mask=mask), rng)
@@ -397,7 +425,7 @@ def test_vgg16_smoke_round_every_algorithm(name):
   model, params, trainable, frozen, _ = tiny_vgg()
   cfg = dict(CONFIGS[name], lr=0.05, alpha=0.01)
   alg = algorithms.build(cfg)
-  round_fn = simulate.build_round(alg, simulate.classifier_loss(model), batch_size=4,
+  round_fn = simulate.build_round(alg, classifier.classifier_loss(model), batch_size=4,
                                   local_epochs=2, execution='loop')
   centers = colour_centers()
   server, clients = alg.init(trainable, 3)
@@ -425,7 +453,7 @@ def test_vgg16_vmap_equals_loop():
   results = {}
   for execution in ('vmap', 'loop'):
     alg = algorithms.build(dict(CONFIGS['fed_dyn'], lr=0.05))
-    round_fn = simulate.build_round(alg, simulate.classifier_loss(model), batch_size=4,
+    round_fn = simulate.build_round(alg, classifier.classifier_loss(model), batch_size=4,
                                     local_epochs=1, execution=execution)
     server, clients = alg.init(trainable, 3)
     for r, active in enumerate([ALL, np.array([True, False, True])]):

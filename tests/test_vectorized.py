@@ -68,7 +68,8 @@ def test_each_sweep_point_equals_its_own_run(name, execution):
   for r, active in enumerate(ACTIVES):
     server, clients, metrics = round_fn(server, clients, frozen, mlp_centers(), active, keys, r)
     history.append(metrics)
-  assert round_fn.execution == ('loop' if execution == 'auto' else execution)
+  want_execution = 'loop' if execution == 'auto' else execution
+  assert round_fn.resolved(mlp_centers()).execution == want_execution
   for i, (w_server, w_clients, w_history) in enumerate(want):
     got = (vectorized.unstack(server, K)[i], vectorized.unstack(clients, K)[i],
            [vectorized.unstack(m, K)[i] for m in history])

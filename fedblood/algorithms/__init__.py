@@ -4,49 +4,82 @@ Usage on any differentiable loss over any params pytree::
 
   alg = algorithms.fed_dyn(lr=0.05, alpha=0.1)
   server, clients = alg.init(params, num_clients=2)
-  outs = [alg.client_update(server, jax.tree.map(lambda c: c[k], clients), w[k], loss_fn,
-                            lambda step: data[k], num_steps=50, rng=jax.random.key(k))
+  outs = [alg.client_update(server, jax.tree.map(lambda c: c[k], clients), weight=w[k],
+                            loss_fn=loss_fn, batch_fn=lambda step: data[k], num_steps=50,
+                            rng=jax.random.key(k))
           for k in range(2)]
-  ...stack outs, then alg.server_update(server, local_params, w, active, new_clients)
+  ...stack outs (base.ClientUpdate), then
+  server, clients = alg.server_update(server, clients, local_params=..., new_client_states=...,
+                                      weights=w, active=active)
 
 or, with per-center arrays, :func:`fedblood.simulate.build_round`.
+
+From a config, :func:`build` looks ``fl.algorithm`` up in :data:`BUILDERS`, whose entry reads
+that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``).
 """
 
-import inspect
+from typing import Callable, Optional
 
 from fedblood.algorithms import dp
-from fedblood.algorithms.base import FedAlgorithm, client_weights
+from fedblood.algorithms.base import ClientUpdate, FedAlgorithm, client_weights
 from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
 from fedblood.algorithms.scaffold import scaffold
 
-NAMES = ('fed_dyn', 'fed_avg', 'fed_prox', 'scaffold')
+_LOCAL = ('weight_decay', 'max_grad_norm')  # optional keys of every algorithm's local step
+_SERVER = ('server_lr', 'server_momentum')  # optional keys of the FedAvg-type server rule
 
 
-def build(fl_cfg) -> FedAlgorithm:
-  """Builds the algorithm named by ``fl_cfg.algorithm``.
+def _required(fl_cfg, key: str):
+  if key not in fl_cfg:
+    raise ValueError(f'fl.{key} is required by fl.algorithm={fl_cfg["algorithm"]!r} but missing '
+                     'from the config')
+  return fl_cfg[key]
 
-  The builder's arguments are read from ``fl_cfg`` by name (``lr``, ``alpha``, ``mu``,
-  ``weight_decay``, ``max_grad_norm``, ``server_lr``, ``server_momentum``); keys the
-  algorithm does not use are ignored, so one config can sweep over algorithms.
+
+def _given(fl_cfg, keys) -> dict:
+  """The keys of ``fl_cfg`` among ``keys`` (the builder's defaults stand for the others)."""
+  return {k: fl_cfg[k] for k in keys if k in fl_cfg}
+
+
+def _fed_dyn(fl_cfg, **backend) -> FedAlgorithm:
+  return fed_dyn(lr=_required(fl_cfg, 'lr'), alpha=_required(fl_cfg, 'alpha'),
+                 **_given(fl_cfg, _LOCAL), **backend)
+
+
+def _fed_avg(fl_cfg, **backend) -> FedAlgorithm:
+  return fed_avg(lr=_required(fl_cfg, 'lr'), **_given(fl_cfg, _LOCAL + _SERVER), **backend)
+
+
+def _fed_prox(fl_cfg, **backend) -> FedAlgorithm:
+  return fed_prox(lr=_required(fl_cfg, 'lr'), mu=_required(fl_cfg, 'mu'),
+                  **_given(fl_cfg, _LOCAL + _SERVER), **backend)
+
+
+def _scaffold(fl_cfg, **backend) -> FedAlgorithm:
+  return scaffold(lr=_required(fl_cfg, 'lr'), **_given(fl_cfg, _LOCAL + _SERVER), **backend)
+
+
+# fl.algorithm -> the builder reading its keys of ``fl`` (``backend``: ``dp`` and ``rewrite``).
+BUILDERS: dict = {'fed_dyn': _fed_dyn, 'fed_avg': _fed_avg, 'fed_prox': _fed_prox,
+                  'scaffold': _scaffold}
+NAMES = tuple(BUILDERS)
+
+
+def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
+  """Builds the algorithm named by ``fl_cfg.algorithm`` (see :data:`BUILDERS`).
+
+  Keys the algorithm does not use are ignored, so one config can sweep over algorithms.
   ``fl_cfg.dp`` (optional, :mod:`fedblood.algorithms.dp`): ``mode='example'`` passes DP-SGD to
   the local step, ``mode='client'`` wraps the algorithm in DP-FedAvg.
+  ``rewrite``: the local gradient's backend rewrite (default
+  :func:`fedblood.platform.gradient_rewrite`).
   """
   name = fl_cfg['algorithm']
-  if name not in NAMES:
+  if name not in BUILDERS:
     raise ValueError(f'fl.algorithm must be one of {NAMES}, got {name!r}')
-  builder = globals()[name]
   dp.check_config(fl_cfg)
-  kwargs = {}
-  for arg in inspect.signature(builder).parameters.values():
-    if arg.name == 'dp':
-      kwargs['dp'] = dp.from_config(fl_cfg)
-    elif arg.name in fl_cfg:
-      kwargs[arg.name] = fl_cfg[arg.name]
-    elif arg.default is inspect.Parameter.empty:
-      raise ValueError(f'fl.{arg.name} is required by fl.algorithm={name!r} but missing from '
-                       'the config')
-  algorithm = builder(**kwargs)
+  algorithm = BUILDERS[name](fl_cfg, dp=dp.from_config(fl_cfg), rewrite=rewrite)
   if 'dp' in fl_cfg and fl_cfg['dp']['mode'] == 'client':
     cfg = fl_cfg['dp']
     algorithm = dp.client_level(algorithm, float(cfg['clip']), float(cfg['noise_multiplier']),
@@ -54,5 +87,5 @@ def build(fl_cfg) -> FedAlgorithm:
   return algorithm
 
 
-__all__ = ['FedAlgorithm', 'build', 'client_weights', 'fed_avg', 'fed_dyn', 'fed_prox', 'scaffold',
-           'NAMES']
+__all__ = ['BUILDERS', 'ClientUpdate', 'FedAlgorithm', 'NAMES', 'build', 'client_weights',
+           'fed_avg', 'fed_dyn', 'fed_prox', 'scaffold']

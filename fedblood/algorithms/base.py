@@ -6,62 +6,124 @@ An algorithm is a builder that closes over its hyper-parameters and returns a
 never reach an algorithm). Per-client state is ONE pytree whose leaves carry a
 leading client axis ``[C, ...]``; an algorithm without client state uses ``()``.
 
+The four functions' contracts are the Protocols below (:class:`InitFn`, :class:`ClientUpdateFn`,
+:class:`ServerUpdateFn`, :class:`EvalParamsFn`), in the style of optax's ``TransformInitFn``:
+
 * ``init(params, num_clients) -> (server_state, client_states)``
-* ``client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng)
-  -> (local_params, new_client_state, metrics)``: one client's local training
+* ``client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng)
+  -> ClientUpdate(local_params, client_state, metrics)``: one client's local training
   (``client_state`` without the client axis; ``vmap`` it for many clients).
-
-  - ``weight``: the client's training size normalised to mean 1 over ALL clients,
-    ``w_k = n_k / sum(n) * C`` (:func:`client_weights`); FedDyn derives
-    ``alpha_k = alpha / w_k`` from it.
-  - ``loss_fn(params, batch, rng) -> (loss, aux)``, ``aux`` a dict of scalars.
-  - ``batch_fn(step) -> batch`` for ``step`` an int32 scalar in ``[0, num_steps)``.
-  - ``num_steps``: int32 scalar, may be traced. Local training is a
-    ``lax.fori_loop`` with this trip count: run alone a client takes exactly its
-    own number of steps; under ``vmap`` the loop runs to the largest count and
-    the clients already done keep their carry (params, optimizer state, metric
-    sums) untouched, i.e. their padded steps are no-ops.
-  - ``rng``: the client's key for this round; step ``s`` uses ``fold_in(rng, s)``.
-  - ``metrics``: ``{'loss', **aux}`` averaged over the real steps, and ``num_steps``.
-
-* ``server_update(server_state, local_params, weights, active, client_states) -> server_state``:
-  ``local_params`` and ``client_states`` stacked over ALL ``C`` clients, ``weights``
-  float ``[C]`` as above, ``active`` bool ``[C]``. ``client_states`` are the states
-  after the round (inactive clients' unchanged); inactive clients' ``local_params``
-  are ignored whatever they hold (selected out with ``jnp.where``, never multiplied).
-  With no active client the server state is returned unchanged.
+* ``server_update(server_state, client_states, *, local_params, new_client_states, weights,
+  active) -> (server_state, client_states)``: the round's end, over ALL ``C`` clients; inactive
+  clients keep their states (the algorithm selects them itself).
 * ``eval_params(server_state) -> {name: params}``: the models worth evaluating.
-  Every algorithm has ``'server'``, the model clients start the next round from.
 
 Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md)::
 
   g = clip_by_global_norm(grad(loss + penalty), max_grad_norm)
   params <- params - lr * (g + weight_decay * params)
 
-On CPU the gradient is re-emitted in the forms XLA:CPU runs fast (:func:`gradient`,
-:mod:`fedblood.algorithms.xla_cpu`): inside the ``fori_loop`` XLA:CPU would otherwise run
-the backward convolutions ~25x slower than in a single step.
+The gradient goes through ``rewrite`` (a parameter of every builder and of :func:`local_sgd`):
+:func:`fedblood.platform.gradient_rewrite` decides it per backend (on CPU
+:func:`fedblood.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would otherwise run
+the backward convolutions ~25x slower than in a single step).
 
 Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
 ``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
 """
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from fedblood import platform
 from fedblood.algorithms import dp as dp_lib
-from fedblood.algorithms import xla_cpu
+
+Params = Any  # a pytree of trainable parameters
+State = Any   # a pytree; client states carry a leading client axis [C, ...] where stacked
+
+
+class ClientUpdate(NamedTuple):
+  """What one client's local training returns.
+
+  Attributes:
+    local_params: the client's model after its local steps.
+    client_state: its new state (``()`` for algorithms without client state).
+    metrics: ``{'loss', **aux}`` averaged over the real steps, and ``num_steps``.
+  """
+  local_params: Params
+  client_state: State
+  metrics: dict
+
+
+class InitFn(Protocol):
+  """``(params, num_clients) -> (server_state, client_states)``; client leaves ``[C, ...]``."""
+
+  def __call__(self, params: Params, num_clients: int) -> tuple[State, State]:
+    ...
+
+
+class ClientUpdateFn(Protocol):
+  """One client's local training from the server state.
+
+  Args:
+    server_state: the server's state (the model the client starts from, and more).
+    client_state: this client's state, without the client axis.
+    weight: the client's training size normalised to mean 1 over ALL clients,
+      ``w_k = n_k / sum(n) * C`` (:func:`client_weights`); FedDyn derives
+      ``alpha_k = alpha / w_k`` from it.
+    loss_fn: ``(params, batch, rng) -> (loss, aux)``, ``aux`` a dict of scalars.
+    batch_fn: ``step -> batch`` for ``step`` an int32 scalar in ``[0, num_steps)``.
+    num_steps: int32 scalar, may be traced. Local training is a ``lax.fori_loop`` with this
+      trip count: run alone a client takes exactly its own number of steps; under ``vmap``
+      the loop runs to the largest count and the clients already done keep their carry
+      (params, optimizer state, metric sums) untouched, i.e. their padded steps are no-ops.
+    rng: the client's key for this round; step ``s`` uses ``fold_in(rng, s)``.
+  """
+
+  def __call__(self, server_state: State, client_state: State, *, weight, loss_fn: Callable,
+               batch_fn: Callable, num_steps, rng: jax.Array) -> ClientUpdate:
+    ...
+
+
+class ServerUpdateFn(Protocol):
+  """The server's rule at the end of a round, over ALL ``C`` clients.
+
+  Args:
+    server_state: the server state the round started from.
+    client_states: the clients' states before the round, stacked ``[C, ...]``.
+    local_params: the clients' models after the round, stacked; inactive clients' entries
+      are ignored whatever they hold (selected out with ``jnp.where``, never multiplied).
+    new_client_states: the clients' states as their updates returned them, stacked; only
+      active clients' entries are kept (:func:`select_clients`).
+    weights: float ``[C]``, as :class:`ClientUpdateFn`'s ``weight``.
+    active: bool ``[C]``, the clients that took part.
+
+  Returns:
+    ``(server_state, client_states)``: with no active client the server state is unchanged.
+  """
+
+  def __call__(self, server_state: State, client_states: State, *, local_params: Params,
+               new_client_states: State, weights, active) -> tuple[State, State]:
+    ...
+
+
+class EvalParamsFn(Protocol):
+  """``server_state -> {name: params}``; every algorithm has ``'server'``, the model clients
+  start the next round from."""
+
+  def __call__(self, server_state: State) -> dict:
+    ...
 
 
 class FedAlgorithm(NamedTuple):
-  """A federated algorithm as pure functions; see the module docstring for signatures."""
-  init: Callable
-  client_update: Callable
-  server_update: Callable
-  eval_params: Callable
+  """A federated algorithm as pure functions (see the Protocols of its fields)."""
+  init: InitFn
+  client_update: ClientUpdateFn
+  server_update: ServerUpdateFn
+  eval_params: EvalParamsFn
 
 
 class ServerState(NamedTuple):
@@ -92,18 +154,14 @@ def local_tx(lr, max_grad_norm: Optional[float], weight_decay) -> optax.Gradient
   return optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(lr))
 
 
-def gradient(objective: Callable) -> Callable:
-  """``jax.grad(objective, has_aux=True)``, on CPU re-emitted by ``xla_cpu.fast_gradients``.
-
-  The local steps run inside a ``fori_loop``, where XLA:CPU would run the convolutions'
-  gradients as naive loops (~25x slower) and max-pool gradients serially (docs/performance.md).
-  """
-  grad_fn = jax.grad(objective, has_aux=True)
-  return xla_cpu.fast_gradients(grad_fn) if jax.default_backend() == 'cpu' else grad_fn
+def gradient(objective: Callable, rewrite: Callable) -> Callable:
+  """``rewrite(jax.grad(objective, has_aux=True))``: the gradient as local SGD takes it."""
+  return rewrite(jax.grad(objective, has_aux=True))
 
 
 def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, weight_decay,
-              penalty_fn: Optional[Callable] = None, dp: Optional[dp_lib.DpSgd] = None):
+              penalty_fn: Optional[Callable] = None, dp: Optional[dp_lib.DpSgd] = None,
+              rewrite: Optional[Callable] = None):
   """Runs ``num_steps`` steps of clipped SGD on ``loss_fn + penalty_fn`` from ``params``.
 
   Args:
@@ -117,12 +175,15 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     dp: DP-SGD (:mod:`fedblood.algorithms.dp`): ``batch_fn(step)`` then returns a
       ``dp.PoissonSample``; the loss's gradient is the private one and ``penalty_fn``'s
       gradient (data-independent) is added after the noise.
+    rewrite: ``grad_fn -> grad_fn`` applied to the gradient (and DP-SGD's clipped sums)
+      before tracing; default :func:`fedblood.platform.gradient_rewrite` of this backend.
 
   Returns:
     ``(params, metrics)``, metrics ``{'loss', **aux}`` averaged over the steps taken
     (zero when none) and ``'num_steps'``.
   """
   tx = local_tx(lr, max_grad_norm, weight_decay)
+  rewrite = platform.gradient_rewrite() if rewrite is None else rewrite
 
   def objective(p, batch, step_rng):
     loss, aux = loss_fn(p, batch, step_rng)
@@ -130,10 +191,10 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     return total, dict(loss=loss, **aux)
 
   if dp is None:
-    grad_fn = gradient(objective)
+    grad_fn = gradient(objective, rewrite)
     probe = jax.eval_shape(lambda: objective(params, batch_fn(jnp.int32(0)), rng)[1])
   else:
-    grad_fn = _dp_gradient(dp, loss_fn, penalty_fn)
+    grad_fn = _dp_gradient(dp, loss_fn, penalty_fn, rewrite)
     probe = jax.eval_shape(lambda: grad_fn(params, batch_fn(jnp.int32(0)), rng)[1])
   sums = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), probe)
 
@@ -151,9 +212,9 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
   return params, metrics
 
 
-def _dp_gradient(dp, loss_fn, penalty_fn):
+def _dp_gradient(dp, loss_fn, penalty_fn, rewrite):
   """DP-SGD's ``(params, sample, rng) -> (grads, stats)``: private loss gradient + penalty's."""
-  private = dp_lib.private_gradient(dp, loss_fn)
+  private = dp_lib.private_gradient(dp, loss_fn, rewrite)
 
   def grad_fn(p, sample, step_rng):
     grads, stats = private(p, sample, step_rng)

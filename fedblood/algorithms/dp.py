@@ -4,7 +4,7 @@ Record level, ``fl.dp.mode='example'`` (DP-SGD, Abadi et al. 2016), per center a
 
 * the sample: every training example of center k is in the step's sample independently with
   probability ``q_k = B / n_k`` (Poisson sampling, ``B = fl.batch_size``: the expected size);
-  :func:`fedblood.simulate.make_poisson_fn` draws it as a fixed-shape mask, the sampled rows
+  :func:`fedblood.batches.make_poisson_fn` draws it as a fixed-shape mask, the sampled rows
   first, so no step recompiles whatever its size;
 * each sampled example's gradient of the loss alone (``vmap`` over the examples, in chunks of
   ``microbatch`` examples, as many chunks as the sample needs) is clipped to L2 norm ``clip``;
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedblood.algorithms import xla_cpu
+from fedblood import platform
 
 MODES = ('off', 'example', 'client')
 
@@ -98,13 +98,14 @@ def check_config(fl_cfg):
                      f"fl.participation=1.0 (got {fl_cfg['participation']})")
 
 
-def clipped_sum(loss_fn: Callable, clip: float) -> Callable:
+def clipped_sum(loss_fn: Callable, clip: float, rewrite: Optional[Callable] = None) -> Callable:
   """``(params, batch, rngs) -> (sum_i clip(grad_i), stats sums)`` over a batch's rows.
 
   Row ``i`` is differentiated alone (a batch of one, ``rngs[i]`` its key); its gradient
   is scaled by ``clip / max(|g_i|, clip)`` and by its mask (masked rows add exactly zero).
-  ``stats``: ``{'loss', **aux}`` summed over the masked-in rows. On CPU the computation is
-  re-emitted by :func:`xla_cpu.fast_gradients`, as local SGD's plain gradient is.
+  ``stats``: ``{'loss', **aux}`` summed over the masked-in rows. The computation goes through
+  ``rewrite`` (default :func:`fedblood.platform.gradient_rewrite`: on CPU
+  :func:`fedblood.xla_cpu.fast_gradients`), as local SGD's plain gradient does.
   """
   def one(params, example, rng):
     batch = jax.tree.map(lambda x: x[None], example)
@@ -122,16 +123,17 @@ def clipped_sum(loss_fn: Callable, clip: float) -> Callable:
     grads, stats = jax.vmap(one, in_axes=(None, 0, 0))(params, batch, rngs)
     return jax.tree.map(lambda x: jnp.sum(x, axis=0), (grads, stats))
 
-  return xla_cpu.fast_gradients(total) if jax.default_backend() == 'cpu' else total
+  return (platform.gradient_rewrite() if rewrite is None else rewrite)(total)
 
 
-def private_gradient(dp: DpSgd, loss_fn: Callable) -> Callable:
+def private_gradient(dp: DpSgd, loss_fn: Callable,
+                     rewrite: Optional[Callable] = None) -> Callable:
   """``(params, sample, rng) -> (noisy mean gradient, stats)`` of one DP-SGD step.
 
   ``stats``: ``{'loss', **aux}`` averaged over the sampled examples (training metrics for
   monitoring; NOT covered by the privacy guarantee).
   """
-  chunk = clipped_sum(loss_fn, dp.clip)
+  chunk = clipped_sum(loss_fn, dp.clip, rewrite)
   std = dp.noise_multiplier * dp.clip
 
   def grad_fn(params, sample: PoissonSample, rng):
@@ -178,11 +180,11 @@ def client_level(algorithm, clip: float, noise_multiplier: float, seed: int = 0)
     server, clients = algorithm.init(params, num_clients)
     return ClientDpServerState(server, jax.random.key_data(jax.random.key(seed))), clients
 
-  def client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng):
-    return algorithm.client_update(server_state.inner, client_state, weight, loss_fn, batch_fn,
-                                   num_steps, rng)
+  def client_update(server_state, client_state, **local):
+    return algorithm.client_update(server_state.inner, client_state, **local)
 
-  def server_update(server_state, local_params, weights, active, client_states):
+  def server_update(server_state, client_states, *, local_params, new_client_states, weights,
+                    active):
     theta = algorithm.eval_params(server_state.inner)['server']
     active = jnp.asarray(active, bool)
     num = active.shape[0]
@@ -199,8 +201,10 @@ def client_level(algorithm, clip: float, noise_multiplier: float, seed: int = 0)
             for s, k in zip(leaves, keys)]
     noisy = jax.tree.map(lambda t, m: jnp.broadcast_to(t + m, (num,) + t.shape), theta,
                          jax.tree.unflatten(tree, mean))
-    inner = algorithm.server_update(server_state.inner, noisy, weights, active, client_states)
-    return ClientDpServerState(inner, jax.random.key_data(key))
+    inner, client_states = algorithm.server_update(
+        server_state.inner, client_states, local_params=noisy, new_client_states=new_client_states,
+        weights=weights, active=active)
+    return ClientDpServerState(inner, jax.random.key_data(key)), client_states
 
   def eval_params(server_state):
     return algorithm.eval_params(server_state.inner)

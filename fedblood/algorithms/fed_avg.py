@@ -7,7 +7,7 @@ FedProx is FedAvg with the proximal term ``mu/2 |p - theta_s|^2`` in the local
 loss; ``mu = 0`` gives FedAvg's updates exactly.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import optax
 
@@ -15,7 +15,8 @@ from fedblood.algorithms import base
 
 
 def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], server_lr: float,
-           server_momentum: float, mu: Optional[float], dp=None) -> base.FedAlgorithm:
+           server_momentum: float, mu: Optional[float], dp=None,
+           rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
 
   def init(params, num_clients):
@@ -23,7 +24,7 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
     params = base.copy_tree(params)
     return base.ServerState(params, server_tx.init(params)), ()
 
-  def client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng):
+  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng):
     del weight  # FedAvg weighs clients only on the server
     theta_s = server_state.params
     penalty_fn = None
@@ -31,12 +32,13 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
       penalty_fn = lambda p: 0.5 * mu * optax.tree.norm(optax.tree.sub(p, theta_s), squared=True)
     local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                     max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                    penalty_fn=penalty_fn, dp=dp)
-    return local, client_state, metrics
+                                    penalty_fn=penalty_fn, dp=dp, rewrite=rewrite)
+    return base.ClientUpdate(local, client_state, metrics)
 
-  def server_update(server_state, local_params, weights, active, client_states):
-    del client_states
-    return base.server_step(server_state, local_params, weights, active, server_tx)
+  def server_update(server_state, client_states, *, local_params, new_client_states, weights,
+                    active):
+    del new_client_states  # stateless clients
+    return base.server_step(server_state, local_params, weights, active, server_tx), client_states
 
   def eval_params(server_state):
     return {'server': server_state.params}
@@ -46,7 +48,8 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
 
 def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
             server_lr: float = 1.0, server_momentum: float = 0.0,
-            dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
+            dp: Optional[base.dp_lib.DpSgd] = None,
+            rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedAvg with sample-weighted averaging.
 
   Args:
@@ -56,15 +59,18 @@ def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[flo
     server_lr: server learning rate on the averaged update (1.0: plain averaging).
     server_momentum: server heavy-ball momentum (0: none).
     dp: DP-SGD in the local step (``base.local_sgd``).
+    rewrite: the local gradient's backend rewrite (``base.local_sgd``; default the platform's).
   """
-  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None, dp=dp)
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None, dp=dp,
+                rewrite=rewrite)
 
 
 def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
              max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
-             server_momentum: float = 0.0,
-             dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
+             server_momentum: float = 0.0, dp: Optional[base.dp_lib.DpSgd] = None,
+             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in each client's loss (see :func:`fed_avg`)."""
   if mu < 0:
     raise ValueError(f'fl.mu must be >= 0, got {mu}')
-  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu), dp=dp)
+  return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu), dp=dp,
+                rewrite=rewrite)

@@ -20,7 +20,7 @@ paper's ``h`` works under partial participation (``mean(lambda) = -h / alpha``).
 clients start from) and ``'active_mean'`` (what the paper reports accuracy on).
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ class FedDynClientState(NamedTuple):
 
 def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
             max_grad_norm: Optional[float] = 10.0,
-            dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
+            dp: Optional[base.dp_lib.DpSgd] = None,
+            rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedDyn.
 
   Args:
@@ -54,6 +55,7 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     weight_decay: ordinary weight decay on top of ``alpha_k`` (1e-3 in the paper's CIFAR runs).
     max_grad_norm: global-norm clipping of the regularised gradient (10 in the authors' code).
     dp: DP-SGD in the local step (``base.local_sgd``); the regulariser is added after the noise.
+    rewrite: the local gradient's backend rewrite (``base.local_sgd``; default the platform's).
   """
   if alpha <= 0:
     raise ValueError(f'fl.alpha must be > 0 for fed_dyn, got {alpha}')
@@ -63,7 +65,7 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     lam = jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params)
     return FedDynServerState(params, base.copy_tree(params)), FedDynClientState(lam)
 
-  def client_update(server_state, client_state, weight, loss_fn, batch_fn, num_steps, rng):
+  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng):
     theta_s = server_state.params
     alpha_k = alpha / jnp.asarray(weight, jnp.float32)
     direction = optax.tree.sub(client_state.lam, theta_s)
@@ -71,18 +73,21 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                     max_grad_norm=max_grad_norm,
                                     weight_decay=alpha_k + weight_decay, penalty_fn=penalty_fn,
-                                    dp=dp)
+                                    dp=dp, rewrite=rewrite)
     lam = jax.tree.map(lambda l, t, s: l + (t - s), client_state.lam, local, theta_s)
-    return local, FedDynClientState(lam), metrics
+    return base.ClientUpdate(local, FedDynClientState(lam), metrics)
 
-  def server_update(server_state, local_params, weights, active, client_states):
+  def server_update(server_state, client_states, *, local_params, new_client_states, weights,
+                    active):
     del weights  # FedDyn averages unweighted; sizes enter through alpha_k
+    client_states = base.select_clients(active, new_client_states, client_states)
     active = jnp.asarray(active, bool)
     active_mean, any_active = base.masked_mean(local_params, jnp.ones(active.shape), active)
     lam_mean, _ = base.masked_mean(client_states.lam, jnp.ones(active.shape),
                                    jnp.ones(active.shape, bool))
     theta = jax.tree.map(jnp.add, active_mean, lam_mean)
-    return base.keep_if(any_active, FedDynServerState(theta, active_mean), server_state)
+    new = base.keep_if(any_active, FedDynServerState(theta, active_mean), server_state)
+    return new, client_states
 
   def eval_params(server_state):
     return {'server': server_state.params, 'active_mean': server_state.active_mean}

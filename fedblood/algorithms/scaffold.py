@@ -10,7 +10,7 @@ matching the sample-weighted objective; inactive clients keep their stale
 ``c_k``), which equals the paper's running update ``c += sum_{k active} p_k dc_k``.
 """
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,8 @@ class ScaffoldServerState(NamedTuple):
 
 def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
              server_lr: float = 1.0, server_momentum: float = 0.0,
-             dp: Optional[base.dp_lib.DpSgd] = None) -> base.FedAlgorithm:
+             dp: Optional[base.dp_lib.DpSgd] = None,
+             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """SCAFFOLD; client state is the control variate ``c_k`` (args as :func:`fed_avg`).
 
   With ``dp`` (DP-SGD), the correction ``<c - c_k, p>`` is added after the noise.
@@ -41,26 +42,29 @@ def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[fl
     clients = jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params)
     return ScaffoldServerState(params, server_tx.init(params), control), clients
 
-  def client_update(server_state, client_control, weight, loss_fn, batch_fn, num_steps, rng):
+  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng):
     del weight
+    client_control = client_state
     x, c = server_state.params, server_state.control
     correction = optax.tree.sub(c, client_control)
     penalty_fn = lambda p: optax.tree.vdot(correction, p)
     y, metrics = base.local_sgd(x, loss_fn, batch_fn, num_steps, rng, lr=lr,
                                 max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                penalty_fn=penalty_fn, dp=dp)
+                                penalty_fn=penalty_fn, dp=dp, rewrite=rewrite)
     steps = jnp.maximum(metrics['num_steps'], 1).astype(jnp.float32)
     new_control = jax.tree.map(lambda ck, ci, xi, yi: ck - ci + (xi - yi) / (steps * lr),
                                client_control, c, x, y)
     new_control = base.keep_if(metrics['num_steps'] > 0, new_control, client_control)
-    return y, new_control, metrics
+    return base.ClientUpdate(y, new_control, metrics)
 
-  def server_update(server_state, local_params, weights, active, client_states):
+  def server_update(server_state, client_states, *, local_params, new_client_states, weights,
+                    active):
+    client_states = base.select_clients(active, new_client_states, client_states)
     moved = base.server_step(base.ServerState(server_state.params, server_state.opt_state),
                              local_params, weights, active, server_tx)
     everyone = jnp.ones(jnp.shape(active), bool)
     control, _ = base.masked_mean(client_states, weights, everyone)
-    return ScaffoldServerState(moved.params, moved.opt_state, control)
+    return ScaffoldServerState(moved.params, moved.opt_state, control), client_states
 
   def eval_params(server_state):
     return {'server': server_state.params}

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import algorithms, data, models, partition, simulate, train
+from fedblood import algorithms, classifier, data, models, partition, simulate, train
 from fedblood.algorithms import base
 from fedblood.data import loader
 
@@ -94,7 +94,7 @@ def client_step(study: Study):
 @functools.lru_cache(maxsize=4)
 def _client_step(model, fl_json: str, augment):
   fl = ml_collections.ConfigDict(json.loads(fl_json))
-  client = simulate.client_fn(algorithms.build(fl), simulate.classifier_loss(model, augment),
+  client = simulate.client_fn(algorithms.build(fl), classifier.classifier_loss(model, augment),
                               batch_size=fl.batch_size, local_epochs=fl.local_epochs)
 
   @jax.jit
@@ -110,7 +110,7 @@ def server_step(study: Study):
   ``(server_state, client_states, outs, sizes, active) -> (server_state, client_states,
   metrics)``; ``outs``: one ``(local_params, client_state, metrics)`` per center.
   """
-  loss_fn = simulate.classifier_loss(study.model, train.augment_fn(study.config))
+  loss_fn = classifier.classifier_loss(study.model, train.augment_fn(study.config))
   return simulate.build_round(study.algorithm, loss_fn, batch_size=study.config.fl.batch_size,
                               local_epochs=study.config.fl.local_epochs,
                               execution='loop').server_step

@@ -1,0 +1,80 @@
+"""Each center's local batches, drawn inside the jitted round from its padded examples.
+
+* Each epoch, center k visits its ``n_k`` examples in a fresh random order, in
+  ``ceil(n_k / batch_size)`` batches; the last batch is partial: ``batch['mask']``
+  (float32[B], 1 for real examples) tells the loss which rows count. So center k
+  runs exactly ``local_epochs * ceil(n_k / batch_size)`` steps (:func:`local_steps`).
+* With DP-SGD, each step's batch is a Poisson sample (:func:`make_poisson_fn`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedblood.algorithms import dp as dp_lib
+
+
+def ceil_div(a, b):
+  return (a + b - 1) // b
+
+
+def epoch_orders(rng, size, nmax: int, epochs: int):
+  """``[epochs, nmax]`` visiting orders: a permutation of ``0..size-1``, then the padding rows."""
+  # One sort of uniform keys, with the padding rows' keys above every real one.
+  keys = jax.random.uniform(rng, (epochs, nmax))
+  keys = jnp.where(jnp.arange(nmax) < size, keys, 2.0)
+  return jnp.argsort(keys, axis=-1).astype(jnp.int32)
+
+
+def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: int):
+  """``step -> batch`` of center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``)."""
+  nmax = jax.tree.leaves(examples)[0].shape[1]
+  steps_per_epoch = jnp.maximum(ceil_div(size, batch_size), 1)
+  if batch_size >= nmax:  # full-batch steps: visiting order is irrelevant, skip the sorts
+    orders = jnp.broadcast_to(jnp.arange(nmax, dtype=jnp.int32), (local_epochs, nmax))
+  else:
+    orders = epoch_orders(rng, size, nmax, local_epochs)
+
+  def batch_fn(step):
+    epoch = jnp.minimum(step // steps_per_epoch, local_epochs - 1)
+    pos = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
+    idx = orders[epoch, jnp.minimum(pos, nmax - 1)]
+    batch = {name: x[center, idx] for name, x in examples.items()}
+    batch['mask'] = (pos < size).astype(jnp.float32)
+    return batch
+
+  return batch_fn
+
+
+def make_poisson_fn(examples, center, size, rng, batch_size: int, microbatch: int):
+  """DP-SGD's ``step -> dp.PoissonSample`` of center ``center`` (Poisson rate ``B / n_k``).
+
+  Each step every real row is sampled independently with probability ``batch_size / size``
+  (drawn from ``fold_in(rng, step)``); the sampled rows' indices come first in a fixed-shape
+  array, so the sample's size is data, not shape. Rows are gathered per chunk.
+  """
+  nmax = jax.tree.leaves(examples)[0].shape[1]
+  rate = batch_size / jnp.maximum(size, 1).astype(jnp.float32)
+  padded = ceil_div(nmax, microbatch) * microbatch
+
+  def batch_fn(step):
+    real = jnp.arange(nmax) < size
+    chosen = real & (jax.random.uniform(jax.random.fold_in(rng, step), (nmax,)) < rate)
+    count = jnp.sum(chosen, dtype=jnp.int32)
+    order = jnp.nonzero(chosen, size=padded, fill_value=0)[0].astype(jnp.int32)
+
+    def fetch(j):
+      pos = j * microbatch + jnp.arange(microbatch)
+      idx = jax.lax.dynamic_slice(order, (j * microbatch,), (microbatch,))
+      batch = {name: x[center, idx] for name, x in examples.items()}
+      batch['mask'] = (pos < count).astype(jnp.float32)
+      return batch
+
+    return dp_lib.PoissonSample(count, fetch)
+
+  return batch_fn
+
+
+def local_steps(sizes, batch_size: int, local_epochs: int) -> list:
+  """Each center's number of local steps per round: ``local_epochs * ceil(n_k / batch_size)``."""
+  return [local_epochs * ceil_div(int(n), batch_size) for n in np.asarray(sizes).tolist()]
