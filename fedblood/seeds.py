@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from fedblood import aggregate, algorithms, data, models, runlog, simulate, sweep, train, vectorized
+from fedblood import workdir as workdir_lib
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -72,7 +73,7 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
   for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
-    runlog.check_config(cfg, d)
+    workdir_lib.check_config(cfg, d)
   todo = [i for i, d in enumerate(dirs) if not (d / 'results.json').exists()]
   timing = {'vectorize': bool(vectorize), 'seeds': list(seeds)}
   if vectorize and len(todo) > 1:
@@ -108,7 +109,7 @@ def fl_vectorized(configs, workdirs) -> None:
   model = models.build(config.model)
   runs, servers, clients, logs = [], [], [], []
   for cfg, workdir in zip(configs, workdirs):
-    runlog.check_config(cfg, workdir)
+    workdir_lib.check_config(cfg, workdir)
     logs.append(runlog.logger(workdir))
     key = jax.random.key(cfg.seed)
     reference, _ = train.reference_stage(cfg, model, centers[0], key, workdir, logs[-1])

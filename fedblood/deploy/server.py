@@ -32,6 +32,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedblood import checkpoint, data, metrics, partition, report, runlog, train
+from fedblood import workdir as workdir_lib
 from fedblood.algorithms import base
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
@@ -154,7 +155,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
       answered a round within ``round_timeout`` (the last checkpoint stays; rerun to resume).
   """
   workdir = Path(workdir)
-  runlog.check_config(config, workdir)
+  workdir_lib.check_config(config, workdir)
   started = time.time()
   st = study_lib.build(config)
   names, num = st.centers, len(st.centers)
