@@ -56,8 +56,8 @@ def main(argv):
 def _run(mode, workdir):
   # Imports per mode: inspect and bad command lines answer without loading JAX's whole stack.
   if mode == 'inspect':
-    from fedblood import checkpoint  # pylint: disable=g-import-not-at-top
-    print(checkpoint.inspect(workdir))
+    from fedblood import checkpoint_listing  # pylint: disable=g-import-not-at-top
+    print(checkpoint_listing.inspect(workdir))
   elif mode == 'evaluate':
     from fedblood import inference  # pylint: disable=g-import-not-at-top
     if not _EVAL_DIR.value:

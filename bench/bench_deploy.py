@@ -3,7 +3,7 @@ r"""Wall time per FL round deployed on Flower (localhost) against the simulation
   python bench/bench_deploy.py               # demo smoke study (3 centers, 32 px), 3 rounds x 2
   python bench/bench_deploy.py --rounds 4 --reps 1 --width 0.125
 
-Same config, model and data on both sides: the simulated round is ``train.fl_stage``'s (the
+Same config, model and data on both sides: the simulated round is ``fl_stage``'s (the
 jitted round, every center evaluated, a checkpoint); the deployed round is the ServerApp's
 (train requests, the server step, every site evaluating, a checkpoint) with one SuperLink and
 one SuperNode per center on 127.0.0.1, insecure (TLS costs are not the point here). The two
@@ -24,16 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedblood import checkpoint, data, models, runlog, train  # pylint: disable=g-import-not-at-top
+from fedblood import checkpoint, data, experiment, runlog  # pylint: disable=g-import-not-at-top
+from fedblood.stages.fl import fl_stage  # pylint: disable=g-import-not-at-top
+from fedblood.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
 from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
 
 
 def simulated_rounds(config, centers, workdir: Path) -> list[float]:
-  """Per-round wall times of ``train.fl_stage`` (each round ends with its last center's row)."""
-  model = models.build(config.model)
-  ref, _ = train.load_reference(config.reference.restore, train.param_shapes(config, model), model)
+  """Per-round wall times of ``fl_stage`` (each round ends with its last center's row)."""
+  exp = experiment.build(config)
+  ref, _ = load_reference(config.reference.restore, exp)
   workdir.mkdir(parents=True)
   log, marks = runlog.logger(workdir, tensorboard=False), [time.time()]
 
@@ -42,8 +44,7 @@ def simulated_rounds(config, centers, workdir: Path) -> list[float]:
     if row['center'] == centers[-1].name:
       marks.append(time.time())
 
-  train.fl_stage(config, model, ref, centers, __import__('jax').random.key(config.seed), workdir,
-                 timed)
+  fl_stage(exp, config.fl, config.checkpoint, ref, centers, workdir, timed)
   return [b - a for a, b in zip(marks, marks[1:])]
 
 
@@ -68,7 +69,7 @@ def main():
                f"baselines.pooled=False reference.restore='{root / 'ref'}'")
   config = wire.load_config(CONFIG, overrides)
   mngr = checkpoint.manager(root / 'ref')
-  checkpoint.save(mngr, 0, {'params': train.init_params(config, models.build(config.model))},
+  checkpoint.save(mngr, 0, {'params': experiment.build(config).init()},
                   {'kind': 'reference model'})
   mngr.close()
   centers = data.load_centers(config.data)

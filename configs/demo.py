@@ -20,7 +20,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.title = 'fedblood demo: synthetic centers'
   config.data.source = 'synthetic'     # no download: images generated from data.synthetic.seed
   config.data.image_size = 32          # the smallest size VGG's five poolings allow; CPU-fast
-  # 8..64 channels: ~0.23M params, ~700 img/s training on 2 cores.
+  # 8..64 channels, ~0.23M params: CPU-fast (docs/performance.md).
   config.model.width = 0.125
   config.reference.epochs = 30         # early stopping ends it sooner
   # External centers still gain at round 15 (measured), little after 20.

@@ -28,7 +28,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.data.source = 'folder'        # <root>/<center>/<class>/<images>
   config.data.root = os.environ.get('FEDBLOOD_WBC_ROOT', str(DEFAULT_ROOT))  # read-only images
   config.data.reference = 'pbc_barcelona'  # the study's reference center (CellaVision, Barcelona)
-  config.data.image_size = 64          # CPU scale: cells stay recognisable, ~4x cheaper than 128 px
+  config.data.image_size = 64          # CPU scale: cells stay recognisable (docs/performance.md)
   # Whole image: crops of very different sizes keep the whole cell.
   config.data.resize = 'resize'
   # Per-class shares; tiny classes (1-3 basophils) stay in train.
@@ -65,7 +65,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   config.baselines.stop_below_lr = 0.5
   config.baselines.scratch = dict(epochs=30, lr=1e-3, warmup_epochs=2, patience=8)
   # Mean validation accuracy over the 4 centers (seed 0) still rose after round 20 (66.0%) and
-  # levelled off from round ~50 (77.5% at 50, 79.6% at 100); a round takes ~2.5 s here.
+  # levelled off from round ~50 (77.5% at 50, 79.6% at 100).
   config.fl.rounds = 100
   # Picked on the validation splits (mean over centers after 15 rounds, seed 0): 0.01 -> 62.7%,
   # 0.03 -> 64.9%; 0.1 cost the reference center 96.7 -> 77% in round 1.

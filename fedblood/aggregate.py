@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from fedblood import report
+from fedblood import workdir as workdir_lib
 
 METRICS = tuple(k for k, _ in report.COLUMNS)
 EXTERNAL, ALL = 'mean, external centers', 'mean, all centers'
@@ -191,15 +192,16 @@ def write(workdir, seeds: Sequence[int], dirs: Sequence) -> Path:
   workdir = Path(workdir)
   results_list = []
   for d in dirs:
-    path = Path(d) / 'results.json'
+    path = workdir_lib.path(d, workdir_lib.RESULTS)
     if not path.exists():
       raise FileNotFoundError(f'seed sweep: {path} is missing (that seed has not finished)')
-    results_list.append(json.loads(path.read_text()))
+    results_list.append(workdir_lib.read_results(d))
   first = results_list[0]
   centers, reference = first['centers'], first.get('reference')
   agg = tables(results_list)
-  rounds = per_round([report.read_history(d) for d in dirs], [r['before'] for r in results_list])
-  figure = plot_band(rounds, workdir / 'figures' / 'accuracy_per_round_seeds.png', reference)
+  rounds = per_round([workdir_lib.read_rows(d) for d in dirs], [r['before'] for r in results_list])
+  figure = plot_band(rounds, workdir_lib.path(workdir, workdir_lib.FIGURES)
+                     / 'accuracy_per_round_seeds.png', reference)
 
   buf = io.StringIO()
   writer = csv.writer(buf)

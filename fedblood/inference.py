@@ -15,26 +15,33 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 
-from fedblood import centralized, checkpoint, data, metrics, models, partition, runlog, train
+from fedblood import checkpoint, data, experiment, metrics, partition
+from fedblood import workdir as workdir_lib
+from fedblood.stages import fl
 
 
 class Loaded(NamedTuple):
   """Attributes:
     config: the workdir's config.
-    model: the Flax module.
+    experiment: its :class:`fedblood.experiment.Experiment` (the model, its partition, ...).
     params: the full parameter tree.
     round: the FL round (0 = reference model).
     name: which model, e.g. 'fl round 3 (active_mean)'.
   """
   config: Any
-  model: Any
+  experiment: experiment.Experiment
   params: Any
   round: int
   name: str
 
+  @property
+  def model(self):
+    """The Flax module."""
+    return self.experiment.model
+
 
 def load_config(workdir) -> ml_collections.ConfigDict:
-  config = runlog.read_config(workdir)  # an unreadable config.json: named, with the remedy
+  config = workdir_lib.read_config(workdir)  # an unreadable config.json: named, with the remedy
   if config is None:
     raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir '
                             '(train into it first)')
@@ -45,21 +52,20 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   """The model of FL round ``round_index`` (None: latest; 0: the reference model)."""
   workdir = Path(workdir)
   config = load_config(workdir)
-  model = models.build(config.model)
-  template = train.param_shapes(config, model)
-  ref_dir = workdir / 'checkpoints' / 'reference_model'
+  exp = experiment.build(config)
+  ref_dir = workdir_lib.checkpoints(workdir, workdir_lib.REFERENCE_MODEL)
   if not ref_dir.exists():
     raise FileNotFoundError(f'{workdir} holds no reference model yet (checkpoints/reference_model)')
   mngr = checkpoint.manager(ref_dir)
   with _named_damage(mngr, mngr.latest_step()):
-    state, _ = checkpoint.restore(mngr, {'params': template})
+    state, _ = checkpoint.restore(mngr, {'params': exp.shapes})
   mngr.close()
   reference = state['params']
-  fl_dir = workdir / 'checkpoints' / 'fl'
+  fl_dir = workdir_lib.checkpoints(workdir, workdir_lib.FL)
   mngr = checkpoint.manager(fl_dir) if fl_dir.exists() else None
   steps = list(mngr.all_steps()) if mngr else []
   if round_index == 0 or (round_index is None and not steps):
-    return Loaded(config, model, reference, 0, 'reference model')
+    return Loaded(config, exp, reference, 0, 'reference model')
   if round_index is None:
     round_index = steps[-1]
   if round_index not in steps:
@@ -68,14 +74,14 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
                             '(0 = the reference model)')
   with _named_damage(mngr, round_index):
     meta = checkpoint.read_meta(mngr, round_index)
-  algorithm, _, state_template, frozen = train.fl_template(config, model, reference,
-                                                           len(meta['centers']))
+  algorithm, _, state_template, frozen = fl.fl_template(exp, config.fl, reference,
+                                                        len(meta['centers']))
   with _named_damage(mngr, round_index):
     state, meta = checkpoint.restore(mngr, state_template, step=round_index)
   mngr.close()
   name = meta['eval_model']
   params = partition.merge(algorithm.eval_params(state['server'])[name], frozen)
-  return Loaded(config, model, params, round_index, f'fl round {round_index} ({name})')
+  return Loaded(config, exp, params, round_index, f'fl round {round_index} ({name})')
 
 
 @contextlib.contextmanager
@@ -92,9 +98,7 @@ def _named_damage(mngr, step):
 
 
 def _probs(loaded: Loaded, images) -> np.ndarray:
-  trainable, frozen = partition.split(loaded.params, train.fl_rules(loaded.config))
-  return centralized.predict_probs(loaded.model, trainable, frozen, images,
-                                   loaded.config.eval.batch_size)
+  return loaded.experiment.predict(*loaded.experiment.split(loaded.params), images)
 
 
 def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None) -> dict:
@@ -124,7 +128,7 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
             'metrics': metrics.classify(split.labels, probs.argmax(-1))}
   if output is None:
     name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
-    output = Path(workdir) / 'evaluation' / name
+    output = workdir_lib.path(workdir, workdir_lib.EVALUATION) / name
   output = Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(result, indent=1))

@@ -15,7 +15,7 @@ import socket
 
 from absl import logging
 
-LOCK_NAME = 'run.lock'
+from fedblood import workdir as workdir_lib
 
 
 class WorkdirBusy(RuntimeError):
@@ -35,7 +35,7 @@ def hold(workdir):
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / LOCK_NAME
+  path = workdir_lib.path(workdir, workdir_lib.LOCK)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:

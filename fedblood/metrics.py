@@ -32,9 +32,7 @@ from typing import Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-# The five leukocyte classes in label order. fedblood.data defines the same tuple;
-# repeated here so metrics (and `--mode inspect`) need no data package import.
-CLASSES = ('basophil', 'eosinophil', 'lymphocyte', 'monocyte', 'neutrophil')
+from fedblood.labels import CLASSES
 
 # Keys of a center's summary that the tables show, in table order.
 HEADLINE = ('accuracy', 'balanced_accuracy', 'precision', 'recall', 'specificity', 'f1')

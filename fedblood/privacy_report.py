@@ -15,12 +15,12 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from fedblood import runlog
+from fedblood import workdir as workdir_lib
 
 
 def read_point(workdir, round_index: Optional[int] = None) -> dict:
   """``{'round', 'centers': {center: {'accuracy', 'epsilon'}}}`` of a run's FL rows."""
-  rows = [r for r in runlog.read_rows(workdir) if r.get('stage') == 'fl']
+  rows = [r for r in workdir_lib.read_rows(workdir) if r.get('stage') == 'fl']
   if not rows:
     raise ValueError(f'{workdir}: no FL rounds in metrics.jsonl')
   last = max(r['round'] for r in rows)

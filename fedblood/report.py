@@ -16,7 +16,6 @@ Figures use matplotlib's Agg backend (no display needed).
 
 import csv
 import io
-import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from fedblood import names as center_names  # pylint: disable=wrong-import-position
+from fedblood import workdir as workdir_lib  # pylint: disable=wrong-import-position
 from fedblood.metrics import CLASSES  # pylint: disable=wrong-import-position
 
 # Column titles of the per-center tables, in the study's order.
@@ -161,14 +161,6 @@ def plot_confusion(confusion, path, title: str, class_names: Sequence[str] = CLA
   return _save(fig, path)
 
 
-def read_history(workdir) -> list[dict]:
-  """The rows of ``metrics.jsonl`` (empty if absent)."""
-  path = Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def write_report(workdir, results: dict | None = None,
                  history: Sequence[dict] | None = None) -> Path:
   """Writes figures/ and report.md for a workdir; returns the report's path.
@@ -176,15 +168,15 @@ def write_report(workdir, results: dict | None = None,
   Args:
     workdir: the run's directory.
     results: the results dict (default: read ``results.json``).
-    history: the per-round rows (default: read ``metrics.jsonl``).
+    history: the per-round rows (default: :func:`fedblood.workdir.read_rows`).
   """
   workdir = Path(workdir)
   if results is None:
-    results = json.loads((workdir / 'results.json').read_text())
+    results = workdir_lib.read_results(workdir)
   if history is None:
-    history = read_history(workdir)
+    history = workdir_lib.read_rows(workdir)
   centers, reference = results['centers'], results.get('reference')
-  figures = workdir / 'figures'
+  figures = workdir_lib.path(workdir, workdir_lib.FIGURES)
   plot_accuracy_per_round(history, figures / 'accuracy_per_round.png', reference, results['before'])
   confusion_md = []
   class_names = results.get('classes', CLASSES)
@@ -239,7 +231,7 @@ def write_report(workdir, results: dict | None = None,
             '![accuracy per round](figures/accuracy_per_round.png)', '']
   if confusion_md:
     parts += ['## Confusion matrices (test splits)', '', '\n\n'.join(confusion_md), '']
-  path = workdir / 'report.md'
+  path = workdir_lib.path(workdir, workdir_lib.REPORT)
   path.write_text('\n'.join(parts))
   return path
 

@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import aggregate, algorithms, classifier, data, models, runlog, sweep, train
-from fedblood import vectorized
+from fedblood import aggregate, algorithms, data, experiment, runlog, sweep, train, vectorized
+from fedblood import workdir as workdir_lib
+from fedblood.stages import fl as fl_lib
+from fedblood.stages.reference import reference_stage
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -73,8 +75,8 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   configs = [sweep.apply(config, {'seed': s}) for s in seeds]
   dirs = [seed_dir(workdir, s) for s in seeds]
   for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
-    runlog.check_config(cfg, d)
-  todo = [i for i, d in enumerate(dirs) if not (d / 'results.json').exists()]
+    workdir_lib.check_config(cfg, d)
+  todo = [i for i, d in enumerate(dirs) if not workdir_lib.path(d, workdir_lib.RESULTS).exists()]
   timing = {'vectorize': bool(vectorize), 'seeds': list(seeds)}
   if vectorize and len(todo) > 1:
     started = time.time()
@@ -90,10 +92,9 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _sweep_round(model, fl_json: str, augment):
-  fl = ml_collections.ConfigDict(json.loads(fl_json))
-  loss_fn = classifier.classifier_loss(model, augment)
-  return vectorized.build_sweep_round(algorithms.build(fl), loss_fn, batch_size=fl.batch_size,
+def _sweep_round(loss, settings: ml_collections.FrozenConfigDict):
+  fl = settings.as_configdict()
+  return vectorized.build_sweep_round(algorithms.build(fl), loss, batch_size=fl.batch_size,
                                       local_epochs=fl.local_epochs,
                                       execution=fl.get('execution', 'auto'))
 
@@ -106,38 +107,38 @@ def fl_vectorized(configs, workdirs) -> None:
   """
   config = configs[0]
   centers = data.load_centers(config.data)
-  model = models.build(config.model)
-  runs, servers, clients, logs = [], [], [], []
+  exps, runs, servers, clients, logs = [], [], [], [], []
   for cfg, workdir in zip(configs, workdirs):
-    runlog.check_config(cfg, workdir)
+    workdir_lib.check_config(cfg, workdir)
     logs.append(runlog.logger(workdir))
-    key = jax.random.key(cfg.seed)
-    reference, _ = train.reference_stage(cfg, model, centers[0], key, workdir, logs[-1])
-    fl_run, server, client = train.fl_setup(cfg, model, reference, centers, key, workdir)
+    exps.append(experiment.build(cfg))
+    reference, _ = reference_stage(exps[-1], cfg.reference, centers[0], workdir, logs[-1])
+    fl_run, server, client = fl_lib.fl_setup(exps[-1], cfg.fl, cfg.checkpoint, reference, centers,
+                                             workdir)
     runs.append(fl_run)
     servers.append(server)
     clients.append(client)
-  sim = train.stack_centers(centers)
+  sim = fl_lib.stack_centers(centers)
   top = max(r.start for r in runs)
-  for i, (cfg, fl_run) in enumerate(zip(configs, runs)):  # resumed at different rounds: catch up
+  for i, (exp, fl_run) in enumerate(zip(exps, runs)):  # resumed at different rounds: catch up
     for r in range(fl_run.start + 1, top + 1):
-      servers[i], clients[i], _ = train.fl_round(cfg, model, fl_run, centers, sim, r, servers[i],
-                                                 clients[i], logs[i])
-  round_fn = _sweep_round(model, train.fl_json(config), train.augment_fn(config))
+      servers[i], clients[i], _ = fl_lib.fl_round(exp, fl_run, centers, sim, r, servers[i],
+                                                  clients[i], logs[i])
+  round_fn = _sweep_round(exps[0].loss, fl_lib.round_settings(config.fl))
   num = len(runs)
   server, client = vectorized.stack(servers), vectorized.stack(clients)
   frozen = vectorized.stack([r.frozen for r in runs])
   keys = jnp.stack([r.fl_key for r in runs])
   for r in range(top + 1, config.fl.rounds + 1):
-    active = np.stack([train.participation(cfg, fl_run.part_key, r, len(centers))
-                       for cfg, fl_run in zip(configs, runs)])
+    active = np.stack([fl_lib.participation(fl_run.fl, fl_run.part_key, r, len(centers))
+                       for fl_run in runs])
     server, client, round_metrics = round_fn(server, client, frozen, sim, active, keys,
                                              jnp.int32(r))
     per_server, per_client = vectorized.unstack(server, num), vectorized.unstack(client, num)
     per_metrics = vectorized.unstack(round_metrics, num)
-    for i, (cfg, fl_run) in enumerate(zip(configs, runs)):
-      train.fl_after_round(cfg, model, fl_run, centers, r, active[i], per_server[i],
-                           per_client[i], per_metrics[i], logs[i])
+    for i, (exp, fl_run) in enumerate(zip(exps, runs)):
+      fl_lib.fl_after_round(exp, fl_run, centers, r, active[i], per_server[i], per_client[i],
+                            per_metrics[i], logs[i])
   for fl_run, workdir in zip(runs, workdirs):
     fl_run.mngr.close()
     runlog.close(workdir)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedblood import checkpoint, models, partition
+from fedblood import checkpoint, checkpoint_listing, models, partition
 
 
 def _state(seed, width=0.125):
@@ -79,7 +79,7 @@ def test_inspect_lists_steps_metrics_and_counts(tmp_path):
     checkpoint.save(mngr, step, state, {'kind': 'round', 'metrics': {'val_accuracy': v},
                                         'best_metric': 'val_accuracy', 'params': summary},
                     metrics={'val_accuracy': v})
-  text = checkpoint.inspect(tmp_path)
+  text = checkpoint_listing.inspect(tmp_path)
   # Width 1/8 VGG16: blocks 1-3 = 8,16,32 channels; trainable = blocks 4-5 (64 ch) + head.
   frozen_count = (3 * 3 * 3 * 8 + 8 + 3 * 3 * 8 * 8 + 8 + 3 * 3 * 8 * 16 + 16 + 3 * 3 * 16 * 16 + 16
                   + 3 * 3 * 16 * 32 + 32 + 2 * (3 * 3 * 32 * 32 + 32))
@@ -91,4 +91,4 @@ def test_inspect_lists_steps_metrics_and_counts(tmp_path):
           f'frozen {frozen_count:,} in 14 leaves') in text
   assert f'clients {3 * trainable_count:,} scalars / 14 leaves' in text
   with pytest.raises(FileNotFoundError, match='no checkpoints/ directory'):
-    checkpoint.inspect(tmp_path / 'nope')
+    checkpoint_listing.inspect(tmp_path / 'nope')

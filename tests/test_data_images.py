@@ -7,7 +7,7 @@ from PIL import Image
 import pytest
 
 from fedblood.data import images
-from test_data_fakes import write_image, write_png16_rgb
+from fake_images import write_image, write_png16_rgb
 
 
 def _decode_full(path):

@@ -8,7 +8,7 @@ import pytest
 
 from fedblood.data import layouts
 from fedblood.data.layouts import CLASSES
-from test_data_fakes import make_class_tree, make_named, NAMED_COUNTS, write_image
+from fake_images import make_class_tree, make_named, NAMED_COUNTS, write_image
 
 
 @pytest.mark.parametrize('folder, cls', [

@@ -15,7 +15,7 @@ from fedblood.data import images as images_lib
 from fedblood.data import layouts
 from fedblood.data import splits
 from fedblood.data import synthetic
-from test_data_fakes import make_class_tree, make_named, NAMED_COUNTS, write_image, write_png16_rgb
+from fake_images import make_class_tree, make_named, NAMED_COUNTS, write_image, write_png16_rgb
 
 
 def _cfg(tmp_path, **overrides):

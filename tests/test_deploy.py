@@ -14,8 +14,11 @@ import pytest
 
 pytest.importorskip('flwr')
 
-from fedblood import checkpoint, models, train  # pylint: disable=g-import-not-at-top
+from fedblood import checkpoint, experiment, train  # pylint: disable=g-import-not-at-top
 from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
+from fedblood.experiment import STAGE  # pylint: disable=g-import-not-at-top
+from fedblood.stages import fl  # pylint: disable=g-import-not-at-top
+from fedblood.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
 # 3 tiny centers (44 / 26 / 20 training images), VGG16 at width 1/16, 32 px, 2 rounds.
@@ -29,7 +32,7 @@ def _reference(root: Path, overrides: str) -> str:
   overrides = f"{overrides} reference.restore='{ref}'"
   config = wire.load_config(CONFIG, overrides)
   mngr = checkpoint.manager(ref)
-  checkpoint.save(mngr, 0, {'params': train.init_params(config, models.build(config.model))},
+  checkpoint.save(mngr, 0, {'params': experiment.build(config).init()},
                   {'kind': 'reference model'})
   mngr.close()
   return overrides
@@ -122,12 +125,12 @@ def _replay(overrides, masks):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from fedblood import data  # pylint: disable=g-import-not-at-top
   config = wire.load_config(CONFIG, overrides)
-  model = models.build(config.model)
-  ref, _ = train.load_reference(config.reference.restore, train.param_shapes(config, model), model)
+  exp = experiment.build(config)
+  ref, _ = load_reference(config.reference.restore, exp)
   centers = data.load_centers(config.data)
-  _, round_fn, state, frozen = train.fl_template(config, model, ref, len(centers))
-  sim = train.stack_centers(centers)
-  fl_key = jax.random.fold_in(jax.random.key(config.seed), train.STAGE['fl'])
+  _, round_fn, state, frozen = fl.fl_template(exp, config.fl, ref, len(centers))
+  sim = fl.stack_centers(centers)
+  fl_key = jax.random.fold_in(exp.key, STAGE['fl'])
   server, clients = state['server'], state['clients']
   for r, active in enumerate(masks, 1):
     server, clients, _ = round_fn(server, clients, frozen, sim, jnp.asarray(active), fl_key,

@@ -1,7 +1,7 @@
 """DP-SGD in the local step, DP-FedAvg, Poisson sampling and the accounting, on tiny problems.
 
 The model is a bare linear least-squares problem (params a small pytree) or the tiny MLP of
-test_simulate; everything runs in seconds.
+mlp_federation.py; everything runs in seconds.
 """
 
 import jax
@@ -12,7 +12,7 @@ import pytest
 
 from fedblood import algorithms, batches, privacy, simulate
 from fedblood.algorithms import dp
-from test_simulate import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
+from mlp_federation import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
 
 dp_accounting = pytest.importorskip('dp_accounting')
 

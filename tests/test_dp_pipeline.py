@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fedblood import checkpoint, privacy, train
-from test_train import interrupt_saves, smoke, smoke_config  # pylint: disable=unused-import
+from study_helpers import interrupt_saves, smoke_config
 
 dp_accounting = pytest.importorskip('dp_accounting')
 

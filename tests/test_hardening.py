@@ -19,11 +19,13 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import checkpoint, data, inference, lock, names, report, runlog, sweep, train
+from fedblood import checkpoint, checkpoint_listing, data, inference, lock, names, report, sweep
+from fedblood import train
+from fedblood import workdir as workdir_lib
 from fedblood import validate
 from fedblood.data import checks
-from test_report import _history, _results
-from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
+from report_samples import sample_history, sample_results
+from study_helpers import smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -77,7 +79,7 @@ def test_corrected_setting_runs_in_the_same_workdir(tmp_path):
     train.run(config, tmp_path / 'run')
   _set(config, 'fl.algorithm', 'fed_avg')
   validate.check(config)
-  runlog.check_config(config, tmp_path / 'run')  # not "a run of a different config"
+  workdir_lib.check_config(config, tmp_path / 'run')  # not "a run of a different config"
   assert json.loads((tmp_path / 'run' / 'config.json').read_text())['fl']['algorithm'] == 'fed_avg'
 
 
@@ -118,11 +120,11 @@ def test_config_json_written_atomically(tmp_path, monkeypatch):
   monkeypatch.setattr(os, 'fsync', disk_full)
   config = smoke_config(tmp_path / 'tfds')
   with pytest.raises(OSError, match='No space left'):
-    runlog.write_config(config, tmp_path)
+    workdir_lib.write_config(config, tmp_path)
   assert list(tmp_path.iterdir()) == []  # no 0-byte config.json, no temporary file
   monkeypatch.undo()
-  runlog.write_config(config, tmp_path)
-  assert json.loads((tmp_path / 'config.json').read_text()) == runlog.config_dict(config)
+  workdir_lib.write_config(config, tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text()) == workdir_lib.config_dict(config)
 
 
 # ------------------------------------------------------------------------------ 2. workdir lock
@@ -221,9 +223,9 @@ def test_corrupt_latest_step_is_set_aside_and_resume_is_identical(smoke, stopped
     assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
   # The same steps (and best) as the uninterrupted run, plus the set-aside listing.
   aside = f"\n\n[{stage}.corrupt] set aside (unrestorable): ['{step}']"
-  listing = checkpoint.inspect(workdir).split('\n', 1)[1]
+  listing = checkpoint_listing.inspect(workdir).split('\n', 1)[1]
   assert aside in listing
-  assert listing.replace(aside, '') == checkpoint.inspect(reference_dir).split('\n', 1)[1]
+  assert listing.replace(aside, '') == checkpoint_listing.inspect(reference_dir).split('\n', 1)[1]
 
 
 def test_unparsable_metrics_file_sets_its_step_aside_when_the_manager_opens(smoke, tmp_path,
@@ -253,7 +255,7 @@ def test_evaluate_on_a_damaged_step_names_it_in_one_line(smoke, tmp_path):
                                        r'Pass --round with an intact round'):
     inference.load_model(workdir)
   assert inference.load_model(workdir, 1).round == 1  # the intact round still loads
-  listing = checkpoint.inspect(workdir)
+  listing = checkpoint_listing.inspect(workdir)
   assert f'  step 3: DAMAGED, checkpoint step 3 of {bad.parents[2]} cannot be restored' in listing
   assert '  round 1 (best): ' in listing
   assert bad.exists()  # evaluate/predict move nothing
@@ -289,7 +291,7 @@ HOSTILE = ('ref', 'a|b\nc', '<img src=x onerror=alert(1)>', 'with space')
 
 
 def test_center_names_escaped_in_report_and_slugged_in_file_names(tmp_path):
-  res = _results()
+  res = sample_results()
   rename = dict(zip(res['centers'], HOSTILE))
   rename['ext_c'] = HOSTILE[3]
   res = json.loads(json.dumps(res))
@@ -301,7 +303,7 @@ def test_center_names_escaped_in_report_and_slugged_in_file_names(tmp_path):
   for old, new in rename.items():
     text = text.replace(f'"{old}"', json.dumps(new))
   res = json.loads(text)
-  history = [dict(r, center=rename[r['center']]) for r in _history()]
+  history = [dict(r, center=rename[r['center']]) for r in sample_history()]
   md = report.write_report(tmp_path, res, history).read_text()
   assert '<img' not in md and '&lt;img src=x onerror=alert(1)&gt;' in md
   tables = [l for l in md.splitlines() if l.startswith('|')]

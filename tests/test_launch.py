@@ -16,7 +16,6 @@ from PIL import Image
 import pytest
 
 from fedblood import data, inference, metrics, sweep, train
-from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 

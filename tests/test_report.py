@@ -7,42 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedblood import metrics, report
-
-CENTERS = ('ref', 'ext_a', 'ext_b')
-
-
-def _results():
-  # Hand-made predictions: the reference model is perfect at 'ref', poor elsewhere; FL fixes ext_a.
-  y = [0, 1, 2, 3, 4, 4, 3, 2]
-  before = {'ref': metrics.classify(y, y),
-            'ext_a': metrics.classify(y, [4] * 8),
-            'ext_b': metrics.classify([1, 1, 4, 4], [1, 4, 4, 4])}   # ext_b lacks three classes
-  after = {'ref': metrics.classify(y, y),
-           'ext_a': metrics.classify(y, [0, 1, 2, 3, 4, 4, 3, 1]),
-           'ext_b': metrics.classify([1, 1, 4, 4], [1, 1, 4, 4])}
-  return {
-      'title': 'test run', 'centers': list(CENTERS), 'reference': 'ref', 'algorithm': 'fed_dyn',
-      'rounds': 2, 'eval_model': 'average',
-      'before': {c: metrics.summary(m) for c, m in before.items()},
-      'after': {c: metrics.summary(m) for c, m in after.items()},
-      'baselines': {'local_only': {c: metrics.summary(m) for c, m in before.items()},
-                    'pooled': {c: metrics.summary(m) for c, m in after.items()}},
-      'confusion': {'before': {c: m['confusion'] for c, m in before.items()},
-                    'after': {c: m['confusion'] for c, m in after.items()}},
-  }
-
-
-def _history():
-  rows = []
-  for r, accs in ((1, (1.0, 0.5, 0.75)), (2, (1.0, 0.875, 1.0))):
-    for c, a in zip(CENTERS, accs):
-      rows.append({'stage': 'fl', 'round': r, 'center': c, 'accuracy': a})
-  return rows
+from fedblood import report
+from report_samples import CENTERS, sample_history, sample_results
 
 
 def test_center_table_rows_and_means():
-  res = _results()
+  res = sample_results()
   table = report.center_table(res['before'], CENTERS, 'ref').splitlines()
   assert table[0] == '| Center | n | Accuracy | Bal. acc. | Precision | Recall | Specificity | F1 |'
   assert table[2].startswith('| ref (reference) | 8 | 100.0 | 100.0 |')
@@ -55,7 +25,7 @@ def test_center_table_rows_and_means():
 
 
 def test_comparison_table_side_by_side():
-  table = report.comparison_table(_results()).splitlines()
+  table = report.comparison_table(sample_results()).splitlines()
   assert table[0] == ('| Center | Reference model (Table 1) | FL (Table 2) | Local-only | '
                       'Pooled (centralized) |')
   assert table[3] == '| ext_a | 25.0 | 87.5 | 25.0 | 87.5 |'
@@ -63,10 +33,10 @@ def test_comparison_table_side_by_side():
 
 
 def test_write_report_figures_and_markdown(tmp_path):
-  res = _results()
+  res = sample_results()
   (tmp_path / 'results.json').write_text(json.dumps(res))
   with open(tmp_path / 'metrics.jsonl', 'w') as f:
-    for row in _history():
+    for row in sample_history():
       f.write(json.dumps(row) + '\n')
   path = report.write_report(tmp_path)
   text = path.read_text()
@@ -84,7 +54,7 @@ def test_write_report_figures_and_markdown(tmp_path):
 
 
 def test_headline_and_sweep_summary(tmp_path):
-  res = _results()
+  res = sample_results()
   h = report.headline(res)
   assert h['before_acc_external'] == pytest.approx(0.5)
   assert h['after_acc_external'] == pytest.approx((0.875 + 1.0) / 2)

@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import aggregate, checkpoint, report, seeds
-from test_train import _fl_state, smoke, smoke_config  # pylint: disable=unused-import
+from fedblood import aggregate, checkpoint, seeds
+from fedblood import workdir as workdir_lib
+from study_helpers import fl_state, smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,7 +170,7 @@ def test_vectorized_two_seed_smoke_equals_sequential_runs(smoke, tmp_path):
   assert json.loads((vec_dir / 'config.json').read_text()) == json.loads(
       (seq_dir / 'config.json').read_text())
   # The FL state after the last round: equal to float tolerance (batching changes rounding).
-  (vec, meta), (seq, _) = _fl_state(config, vec_dir), _fl_state(config, seq_dir)
+  (vec, meta), (seq, _) = fl_state(config, vec_dir), fl_state(config, seq_dir)
   assert meta['round'] == config.fl.rounds
   diffs, rel = [], []
   for a, b in zip(jax.tree.leaves(vec), jax.tree.leaves(seq), strict=True):
@@ -182,7 +183,7 @@ def test_vectorized_two_seed_smoke_equals_sequential_runs(smoke, tmp_path):
   # models; 2e-4 on the server model), losses to 2e-6 relative after 3 rounds.
   assert max(diffs) < 2e-3
   # The same rows, the same test metrics to tolerance.
-  rows = lambda d: [r for r in report.read_history(d) if r['stage'] == 'fl']
+  rows = lambda d: [r for r in workdir_lib.read_rows(d) if r['stage'] == 'fl']
   got, want = rows(vec_dir), rows(seq_dir)
   assert [(r['round'], r['center'], r['active']) for r in got] == [
       (r['round'], r['center'], r['active']) for r in want]

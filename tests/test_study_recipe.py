@@ -17,7 +17,7 @@ import pytest
 from configs import common, wbc
 from fedblood import centralized, data, metrics, models, numerics, partition, selection, train
 from fedblood import validate
-from test_train import smoke, smoke_config  # pylint: disable=unused-import  (session fixture)
+from study_helpers import smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

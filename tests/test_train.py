@@ -1,7 +1,7 @@
 """The study pipeline on the smoke config: outputs, exact resume, divergence, refusals.
 
-The smoke run happens ONCE per test session (the ``smoke`` fixture; test_launch.py
-imports it); everything else reuses its workdir and its compiled functions.
+The smoke run happens ONCE per test session (the ``smoke`` fixture of conftest.py);
+everything else reuses its workdir and its compiled functions.
 """
 
 import json
@@ -13,38 +13,10 @@ import numpy as np
 import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
-from fedblood import centralized, checkpoint, data, inference, metrics, sweep, train
-
-
-def smoke_config(cache_dir):
-  config = demo.get_config('smoke')
-  config.data.cache_dir = str(cache_dir)  # hermetic: synthetic centers built in the tmp dir
-  return config
-
-
-@pytest.fixture(scope='session')
-def smoke(tmp_path_factory):
-  """``(config, workdir)`` of one finished smoke run (3 centers, 3 rounds, baselines)."""
-  base = tmp_path_factory.getbasetemp()
-  config = smoke_config(base / 'tfds')
-  workdir = base / 'smoke'
-  if not (workdir / 'results.json').exists():
-    train.run(config, workdir)
-  return config, workdir
-
-
-def _fl_state(config, workdir, step=None):
-  loaded = inference.load_model(workdir, 0)
-  _, _, template, _ = train.fl_template(config, loaded.model, loaded.params, 3)
-  mngr = checkpoint.manager(Path(workdir) / 'checkpoints' / 'fl')
-  state, meta = checkpoint.restore(mngr, template, step)
-  mngr.close()
-  return state, meta
-
-
-def _assert_same_tree(a, b):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+from fedblood import centralized, checkpoint, checkpoint_listing, data, inference, metrics, sweep
+from fedblood import train
+from fedblood.stages import fl
+from study_helpers import assert_same_tree, fl_state, interrupt_saves, smoke_config
 
 
 def test_smoke_outputs(smoke):
@@ -69,8 +41,8 @@ def test_smoke_outputs(smoke):
   # Table 1 is exactly the reference model restored from its checkpoint, evaluated afresh.
   loaded = inference.load_model(workdir, 0)
   for c in centers:
-    assert train.evaluate_split(config, loaded.model, loaded.params, c.test) == results['details'][
-        'before'][c.name]
+    assert loaded.experiment.evaluate(*loaded.experiment.split(loaded.params), c.test) == results[
+        'details']['before'][c.name]
   # metrics.jsonl: a row per epoch of each fit, a row per round per center of FL.
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   fl_rows = [r for r in rows if r['stage'] == 'fl']
@@ -96,23 +68,6 @@ def test_rerun_changes_nothing(smoke):
   assert {n: (workdir / n).read_bytes() for n in before} == before
 
 
-def interrupt_saves(monkeypatch, stop_before_save: int):
-  """Makes ``checkpoint.save`` raise KeyboardInterrupt at its ``stop_before_save``-th call.
-
-  Returns the real ``checkpoint.save`` (to put back before resuming).
-  """
-  real_save, calls = checkpoint.save, []
-
-  def interrupted_save(*args, **kwargs):
-    calls.append(1)
-    if len(calls) == stop_before_save:
-      raise KeyboardInterrupt('simulated interruption')
-    return real_save(*args, **kwargs)
-
-  monkeypatch.setattr(checkpoint, 'save', interrupted_save)
-  return real_save
-
-
 # Saves in a smoke run, in order: reference epochs 1-2, reference model, FL rounds 1-3,
 # local_synth1, local_synth2, pooled. Interrupting before save k stops the run at that point.
 @pytest.mark.parametrize('stop_before_save', [2, 5, 8])
@@ -126,13 +81,13 @@ def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, sto
   train.run(config, workdir)
   for name in ('results.json', 'metrics.jsonl', 'config.json'):
     assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
-  state, meta = _fl_state(config, workdir)
-  expected, expected_meta = _fl_state(config, reference_dir)
+  state, meta = fl_state(config, workdir)
+  expected, expected_meta = fl_state(config, reference_dir)
   assert meta == expected_meta and meta['round'] == 3
-  _assert_same_tree(state, expected)
+  assert_same_tree(state, expected)
   # The best-by-validation step survives the restart: the same steps, and best, are kept.
-  listing = checkpoint.inspect(workdir).splitlines()
-  assert listing[1:] == checkpoint.inspect(reference_dir).splitlines()[1:]
+  listing = checkpoint_listing.inspect(workdir).splitlines()
+  assert listing[1:] == checkpoint_listing.inspect(reference_dir).splitlines()[1:]
   assert '[fl] steps [1, 3]' in listing and '  round 1 (best): ' in ''.join(listing)
 
 
@@ -186,7 +141,7 @@ def test_fl_divergence_names_round_and_center_and_keeps_checkpoint(smoke, tmp_pa
   with pytest.raises(FloatingPointError,
                      match=r"fl round 4, center 'synth0': the training loss is (nan|inf).*"
                            r'last good checkpoint is kept: round 3'):
-    train.fl_stage(bad, loaded.model, loaded.params, centers, jax.random.key(bad.seed), copy, log)
+    fl.fl_stage(loaded.experiment, bad.fl, bad.checkpoint, loaded.params, centers, copy, log)
   mngr = checkpoint.manager(copy / 'checkpoints' / 'fl')
   assert mngr.latest_step() == 3
   mngr.close()
@@ -199,9 +154,9 @@ def test_centralized_divergence_names_stage_and_epoch(smoke, tmp_path):
   recipe = config.baselines.copy_and_resolve_references()
   recipe.lr, recipe.warmup_epochs, recipe.epochs = 1e30, 0, 3
   with pytest.raises(FloatingPointError, match=r'local_test, epoch 1: the training loss is'):
-    centralized.fit('local_test', loaded.model, loaded.params, train.fl_rules(config), center.train,
-                    center.val, recipe, jax.random.key(0), tmp_path / 'ckpt',
-                    augment_fn=train.augment_fn(config))
+    centralized.fit('local_test', loaded.model, loaded.params, loaded.experiment.rules,
+                    center.train, center.val, recipe, jax.random.key(0), tmp_path / 'ckpt',
+                    augment_fn=loaded.experiment.augment)
 
 
 def test_participation_mask_is_deterministic():
@@ -209,12 +164,12 @@ def test_participation_mask_is_deterministic():
   key = jax.random.key(0)
   with config.unlocked():
     config.fl.participation = 0.5
-  masks = [train.participation(config, key, r, 4) for r in range(1, 6)]
+  masks = [fl.participation(config.fl, key, r, 4) for r in range(1, 6)]
   assert all(m.sum() == 2 for m in masks)
   assert len({tuple(m) for m in masks}) > 1  # rounds draw different centers
-  np.testing.assert_array_equal(masks[2], train.participation(config, key, 3, 4))
+  np.testing.assert_array_equal(masks[2], fl.participation(config.fl, key, 3, 4))
   config.fl.participation = 1.0
-  assert train.participation(config, key, 1, 4).all()
+  assert fl.participation(config.fl, key, 1, 4).all()
 
 
 def test_sweep_runs_each_point_into_its_own_workdir(smoke, tmp_path):

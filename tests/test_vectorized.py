@@ -1,6 +1,6 @@
 """The vectorized sweep round: each point equals its own run of simulate's round.
 
-Tiny MLP of test_simulate.py (frozen first layer, noise from the step rng), 3 centers of
+Tiny MLP of mlp_federation.py (frozen first layer, noise from the step rng), 3 centers of
 different sizes, 3 sweep points with their own params, keys and participation.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fedblood import algorithms, vectorized
-from test_simulate import ALL, CONFIGS, cached_round, mlp_centers, mlp_loss, mlp_params
+from mlp_federation import ALL, CONFIGS, cached_round, mlp_centers, mlp_loss, mlp_params
 
 # Float tolerance of a point against its own run (batching changes the rounding).
 RTOL, ATOL = 1e-5, 1e-6

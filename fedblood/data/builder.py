@@ -124,7 +124,7 @@ class Leukocytes(tfds.core.GeneratorBasedBuilder):
     for i in indices:
       if kind == 'synthetic':
         buf = io.BytesIO()
-        # Uncompressed PNG: 3x faster to write and read, and noise compresses poorly anyway.
+        # Uncompressed PNG: faster to write and read (docs/performance.md); noise compresses poorly.
         Image.fromarray(data[i]).save(buf, format='PNG', compress_level=0)
         image = buf.getvalue()
       else:

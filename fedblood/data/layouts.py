@@ -26,7 +26,7 @@ from typing import NamedTuple
 from absl import logging
 import numpy as np
 
-CLASSES = ('basophil', 'eosinophil', 'lymphocyte', 'monocyte', 'neutrophil')
+from fedblood.labels import CLASSES
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff', '.webp')
 

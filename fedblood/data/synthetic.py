@@ -204,7 +204,7 @@ def _render(rng, labels, style: Style, size: int) -> np.ndarray:
   img = np.matmul(blur, img.reshape(n, size, size * 3)).reshape(n, size, size, 3)
   img = np.matmul(blur, img.transpose(0, 2, 1, 3).reshape(n, size, size * 3))
   img = img.reshape(n, size, size, 3).transpose(0, 2, 1, 3)
-  # Uniform sensor noise with the style's std (4x cheaper to draw than gaussian).
+  # Uniform sensor noise with the style's std (cheaper to draw than gaussian: docs/performance.md).
   img += (rng.random(img.shape, dtype=np.float32) - 0.5) * np.float32(style.noise * 12 ** 0.5)
   img *= 255
   np.rint(img, out=img)

@@ -1,12 +1,12 @@
 """The deployed study's server loop: the simulation's rounds, with sites answering over Flower.
 
-:func:`run` does what :func:`fedblood.train.fl_stage` does, with the centers' local updates
+:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, with the centers' local updates
 computed at the sites (:mod:`fedblood.deploy.site`) and every other step the simulation's:
 
 * the reference model comes from ``reference.restore`` (a deployed server has no images to
   train one; train it at the reference site with ``launch.py`` and pass its workdir);
   the sites evaluate it on their test splits when they connect (Table 1);
-* round ``r``: the centers ``train.participation`` draws are sent the server state; the
+* round ``r``: the centers ``fl.participation`` draws are sent the server state; the
   replies that arrive within ``round_timeout`` and pass :func:`fedblood.deploy.wire.check_tree`
   (shapes, dtypes, finite values) are the round's active clients; the simulation's own
   jitted server step (``execution='loop'``) aggregates them with weights ``n_k / sum(n) * C``
@@ -31,7 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedblood import checkpoint, data, metrics, partition, report, runlog, train
+from fedblood import checkpoint, data, metrics, report, runlog, train
+from fedblood import workdir as workdir_lib
+from fedblood.experiment import STAGE
+from fedblood.stages import fl as fl_lib
+from fedblood.stages.reference import reference_stage
 from fedblood.algorithms import base
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
@@ -113,13 +117,13 @@ class Sites:
     return evals
 
 
-def _reference(config, model, name: str, workdir: Path, key):
+def _reference(config, exp, name: str, workdir: Path):
   if not config.reference.get('restore'):
     raise ValueError('reference.restore is empty: a deployed server holds no images to train '
                      'the reference model on; train it at the reference site (python launch.py) '
                      'and set reference.restore to that workdir or a weights file')
   center = data.Center(name, None, None, None)
-  return train.reference_stage(config, model, center, key, workdir, log=None)
+  return reference_stage(exp, config.reference, center, workdir, log=None)
 
 
 def _check_reply(st, reply) -> str | None:
@@ -154,14 +158,14 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
       answered a round within ``round_timeout`` (the last checkpoint stays; rerun to resume).
   """
   workdir = Path(workdir)
-  runlog.check_config(config, workdir)
+  workdir_lib.check_config(config, workdir)
   started = time.time()
   st = study_lib.build(config)
   names, num = st.centers, len(st.centers)
-  key = jax.random.key(config.seed)
-  ref_params, ref_info = _reference(config, st.model, names[0], workdir, key)
-  algorithm, _, state, frozen = train.fl_template(config, st.model, ref_params, num)
-  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl', keep=config.checkpoint.keep)
+  ref_params, ref_info = _reference(config, st.experiment, names[0], workdir)
+  algorithm, _, state, frozen = fl_lib.fl_template(st.experiment, config.fl, ref_params, num)
+  mngr = checkpoint.manager(workdir_lib.checkpoints(workdir, workdir_lib.FL),
+                            keep=config.checkpoint.keep)
   start, fed = 0, {'committed': {n: 0 for n in names}, 'sizes': {}, 'before': {}}
   if mngr.latest_step() is not None:
     state, meta = checkpoint.restore(mngr, state)
@@ -171,7 +175,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
   log = runlog.logger(workdir)
   server_step = study_lib.server_step(st)
   server, clients = state['server'], state['clients']
-  eval_name = train.eval_model_name(config, algorithm.eval_params(server))
+  eval_name = fl_lib.eval_model_name(config.fl, algorithm.eval_params(server))
   all_models = sorted(algorithm.eval_params(server))
   sites = Sites(grid, st, {'config': wire.config_json(config),
                            'study': wire.study_id(config, workdir)}, workdir, round_timeout)
@@ -197,14 +201,13 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
   sizes = jnp.asarray([fed['sizes'][c] for c in names], jnp.int32)
   weights = np.asarray(base.client_weights(sizes))
   nmax = int(max(fed['sizes'].values()))
-  part_key = jax.random.fold_in(key, train.STAGE['participation'])
-  summary = checkpoint.param_summary(*partition.split(ref_params, train.fl_rules(config)),
-                                     config.model.name)
+  part_key = jax.random.fold_in(st.experiment.key, STAGE['participation'])
+  summary = st.experiment.summary(ref_params)
   final = None
   for r in range(start + 1, config.fl.rounds + 1):
     round_started = time.time()
     sites.refresh()
-    chosen = train.participation(config, part_key, r, num)
+    chosen = fl_lib.participation(config.fl, part_key, r, num)
     requests = {sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
                                    'committed': fed['committed'][c], 'weight': float(weights[k]),
                                    'evaluate': '[]'}
@@ -242,7 +245,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
     for k, c in enumerate(names):
       if c in evals:
         ev = evals[c][eval_name]
-        rows.append(train.fl_row(r, c, eval_name, active[k], losses[k], accs[k],
+        rows.append(fl_lib.fl_row(r, c, eval_name, active[k], losses[k], accs[k],
                                  metrics.summary(ev['test']),
                                  metrics.summary(ev['val']) if 'val' in ev else {}))
     for row in rows:
@@ -267,8 +270,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
   results = train.study_results(config, list(names), fed['before'], after_models, eval_name, {},
                                 ref_info, fed['sizes'])
   results['deployment'] = {'nodes': {c: int(n) for c, n in sites.node_of.items()}}
-  (workdir / 'results.json').write_text(json.dumps(results, indent=1))
-  (workdir / 'timing.json').write_text(json.dumps({'total_s': time.time() - started}, indent=1))
+  workdir_lib.write_results(workdir, results, {'total_s': time.time() - started})
   report.write_report(workdir, {**results, 'wall_time_s': time.time() - started})
   runlog.close(workdir)
   note(workdir, f'done: {workdir / "report.md"}')

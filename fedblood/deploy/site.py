@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import checkpoint, partition, train
+from fedblood import checkpoint
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 
@@ -68,8 +68,7 @@ def _evaluate(st, center, server_state, frozen, request) -> dict:
   for name in wanted:
     if name not in models:
       raise SiteError(f'evaluate: no model {name!r} (have {sorted(models)})')
-    full = partition.merge(models[name], frozen)
-    out[name] = {s: train.evaluate_split(st.config, st.model, full, getattr(center, s))
+    out[name] = {s: st.experiment.evaluate(models[name], frozen, getattr(center, s))
                  for s in ('val', 'test') if len(getattr(center, s).labels)}
   return out
 

@@ -6,7 +6,6 @@ receiver's own template and a site's update is the simulation's to the bit.
 """
 
 import functools
-import json
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fedblood import algorithms, classifier, data, models, partition, simulate, train
+from fedblood import algorithms, data, simulate
+from fedblood import experiment as experiment_lib
+from fedblood.stages import fl as fl_lib
 from fedblood.algorithms import base
 from fedblood.data import loader
 
@@ -22,7 +23,7 @@ from fedblood.data import loader
 class Study(NamedTuple):
   """Attributes:
     config: the fedblood config.
-    model: the Flax module.
+    experiment: its :class:`fedblood.experiment.Experiment` (model, partition, loss, ...).
     algorithm: the :class:`fedblood.algorithms.FedAlgorithm` of ``config.fl``.
     centers: center names in the simulation's order (reference first): center ``k`` is
       client ``k`` everywhere (its weight, its key ``fold_in(fold_in(key, r), k)``).
@@ -32,13 +33,18 @@ class Study(NamedTuple):
     client: ShapeDtypeStructs of ONE client's state (no client axis).
   """
   config: Any
-  model: Any
+  experiment: experiment_lib.Experiment
   algorithm: base.FedAlgorithm
   centers: tuple
   trainable: Any
   frozen: Any
   server: Any
   client: Any
+
+  @property
+  def model(self):
+    """The Flax module."""
+    return self.experiment.model
 
 
 def center_names(data_cfg) -> tuple:
@@ -67,18 +73,18 @@ def build(config) -> Study:
     # epsilon; neither travels over the wire yet.
     raise ValueError(f'fl.dp.mode={config.fl.dp.mode!r}: differential privacy runs in the '
                      'simulation only; a deployed run needs fl.dp.mode=\'off\'')
-  model = models.build(config.model)
+  exp = experiment_lib.build(config)
   algorithm = algorithms.build(config.fl)
-  trainable, frozen = partition.split(train.param_shapes(config, model), train.fl_rules(config))
+  trainable, frozen = exp.split(exp.shapes)
   names = center_names(config.data)
   server, clients = jax.eval_shape(lambda p: algorithm.init(p, len(names)), trainable)
   client = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), clients)
-  return Study(config, model, algorithm, names, trainable, frozen, server, client)
+  return Study(config, exp, algorithm, names, trainable, frozen, server, client)
 
 
 def rng(config, round_index: int, k: int) -> jax.Array:
   """Center ``k``'s key for round ``round_index``: the simulation's ``fl_stage`` derivation."""
-  fl_key = jax.random.fold_in(jax.random.key(config.seed), train.STAGE['fl'])
+  fl_key = jax.random.fold_in(jax.random.key(config.seed), experiment_lib.STAGE['fl'])
   return jax.random.fold_in(jax.random.fold_in(fl_key, round_index), k)
 
 
@@ -86,16 +92,16 @@ def client_step(study: Study):
   """Jitted ``(server_state, client_state, weight, frozen, examples, size, rng) -> update``.
 
   ``examples``: the site's training split padded to the federation's ``Nmax``
-  (leaves ``[1, Nmax, ...]``), as :func:`fedblood.train.stack_centers` pads it.
+  (leaves ``[1, Nmax, ...]``), as :func:`fedblood.stages.fl.stack_centers` pads it.
   """
-  return _client_step(study.model, train.fl_json(study.config), train.augment_fn(study.config))
+  return _client_step(study.experiment.loss, fl_lib.round_settings(study.config.fl))
 
 
 @functools.lru_cache(maxsize=4)
-def _client_step(model, fl_json: str, augment):
-  fl = ml_collections.ConfigDict(json.loads(fl_json))
-  client = simulate.client_fn(algorithms.build(fl), classifier.classifier_loss(model, augment),
-                              batch_size=fl.batch_size, local_epochs=fl.local_epochs)
+def _client_step(loss, settings: ml_collections.FrozenConfigDict):
+  fl = settings.as_configdict()
+  client = simulate.client_fn(algorithms.build(fl), loss, batch_size=fl.batch_size,
+                              local_epochs=fl.local_epochs)
 
   @jax.jit
   def step(server_state, client_state, weight, frozen, examples, size, rng_key):
@@ -110,8 +116,8 @@ def server_step(study: Study):
   ``(server_state, client_states, outs, sizes, active) -> (server_state, client_states,
   metrics)``; ``outs``: one ``(local_params, client_state, metrics)`` per center.
   """
-  loss_fn = classifier.classifier_loss(study.model, train.augment_fn(study.config))
-  return simulate.build_round(study.algorithm, loss_fn, batch_size=study.config.fl.batch_size,
+  return simulate.build_round(study.algorithm, study.experiment.loss,
+                              batch_size=study.config.fl.batch_size,
                               local_epochs=study.config.fl.local_epochs,
                               execution='loop').server_step
 

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedblood import runlog
+from fedblood import workdir as workdir_lib
 
 
 def leaf_names(tree) -> list[str]:
@@ -80,7 +80,7 @@ def from_record(record, template):
 
 # ------------------------------------------------------------------------------------ config
 def config_json(config) -> str:
-  return json.dumps(runlog.config_dict(config), sort_keys=True)
+  return json.dumps(workdir_lib.config_dict(config), sort_keys=True)
 
 
 def config_from_json(text: str) -> ml_collections.ConfigDict:

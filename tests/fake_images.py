@@ -1,4 +1,4 @@
-"""Tiny fake image trees in the layouts of the real data sets (helpers for tests/test_data_*.py)."""
+"""Tiny fake image trees in the layouts of the real data sets (helpers of tests/test_data_*.py)."""
 
 import os
 import struct

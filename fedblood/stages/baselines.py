@@ -1,0 +1,91 @@
+"""The baselines: local-only training per center, and pooled (centralized) training."""
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedblood import centralized, data, names, partition, runlog
+from fedblood import workdir as workdir_lib
+from fedblood.experiment import STAGE, Experiment
+
+
+def _concat(splits) -> data.Split:
+  return data.Split(*[np.concatenate([getattr(s, f) for s in splits]) for f in data.Split._fields])
+
+
+def baselines_stage(exp: Experiment, cfg, reference_cfg, reference_params, centers,
+                    workdir: Path, log, holdout=()) -> dict:
+  """Local-only training per center and pooled training: ``{name: {center: metrics}}``.
+
+  Args:
+    exp: the run's experiment.
+    cfg: ``config.baselines``. ``init='both'`` trains each baseline from the reference and
+      from scratch, named ``<baseline>_reference`` / ``<baseline>_scratch``; one init keeps
+      the plain names.
+    reference_cfg: ``config.reference`` (from scratch, its ``frozen_blocks`` stay frozen).
+    reference_params: the reference model.
+    centers: every center, the reference first.
+    workdir: the run's workdir.
+    log: ``log(row)`` for the epoch rows.
+    holdout: ``fl.holdout``: centers that stay out of the pooled training set (they never
+      joined).
+  """
+  if cfg.init not in ('reference', 'scratch', 'both'):
+    raise ValueError(f"baselines.init must be 'reference', 'scratch' or 'both', got {cfg.init!r}")
+  fit = lambda init, prefix: _baselines_from(exp, cfg, reference_cfg, init, prefix,
+                                             reference_params, centers, workdir, log, holdout)
+  if cfg.init != 'both':
+    return fit(cfg.init, '')
+  out = {}
+  for init, prefix in (('scratch', 'scratch_'), ('reference', '')):
+    for name, per in fit(init, prefix).items():
+      out[f'{name}_{init}'] = per
+  order = [f'{b}_{i}' for b in ('local_only', 'pooled') for i in ('scratch', 'reference')]
+  return {name: out[name] for name in order if name in out}
+
+
+def _baselines_from(exp: Experiment, cfg, reference_cfg, init, prefix, reference_params,
+                    centers, workdir, log, holdout) -> dict:
+  """The baselines from one init; stage names ``local_<prefix><center>``, ``pooled_<prefix>``.
+
+  From scratch, fields of ``baselines.scratch`` (when the config has it) override the recipe.
+  """
+  out = {}
+  if init == 'reference':
+    start, rules = reference_params, exp.rules
+  else:
+    if 'scratch' in cfg:
+      cfg = ml_collections.ConfigDict({**{k: v for k, v in cfg.to_dict().items() if k != 'scratch'},
+                                      **cfg.scratch.to_dict()})
+    start, rules = exp.init(), partition.frozen_block_rules(reference_cfg.frozen_blocks)
+
+  def run_fit(stage, train, val, stage_key, groups=None):
+    return centralized.fit(stage, exp.model, start, rules, train, val, cfg, stage_key,
+                           workdir_lib.checkpoints(workdir, names.slug(stage)),
+                           augment_fn=exp.augment, log=log, eval_batch=exp.eval_batch,
+                           progress=exp.progress,
+                           on_resume=lambda epoch: runlog.truncate(workdir, stage, epoch),
+                           groups=groups).params
+
+  if cfg.local_only:
+    out['local_only'] = {}
+    for k, center in enumerate(centers):
+      if init == 'reference' and k == 0:
+        params = reference_params  # the reference model IS local-only training at its center
+      else:
+        params = run_fit(f'local_{prefix}{center.name}', center.train, center.val,
+                         jax.random.fold_in(exp.key, STAGE['local'] + k))
+      out['local_only'][center.name] = exp.evaluate(*exp.split(params), center.test)
+  if cfg.pooled:
+    joined = [c for c in centers if c.name not in holdout]
+    groups = (np.concatenate([np.full(len(c.train.labels), k) for k, c in enumerate(joined)])
+              if cfg.get('balance', 'none') == 'centers' else None)
+    val = ([c.val for c in joined] if cfg.get('pooled_val', 'pooled') == 'center_mean'
+           else _concat([c.val for c in joined]))
+    params = run_fit('pooled' + ('_' + prefix.rstrip('_') if prefix else ''),
+                     _concat([c.train for c in joined]), val,
+                     jax.random.fold_in(exp.key, STAGE['pooled']), groups)
+    out['pooled'] = exp.evaluate_splits(params, {c.name: c.test for c in centers})
+  return out
