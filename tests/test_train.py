@@ -70,14 +70,29 @@ def test_rerun_changes_nothing(smoke):
 
 # Saves in a smoke run, in order: reference epochs 1-2, reference model, FL rounds 1-3,
 # local_synth1, local_synth2, pooled. Interrupting before save k stops the run at that point.
-@pytest.mark.parametrize('stop_before_save', [2, 5, 8])
-def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, stop_before_save):
+# One run is interrupted at each of these (in the reference stage, in FL, in the baselines) and
+# resumed each time: every resume is exercised, for the price of one run instead of three.
+STOPS = {2: ('reference', [1]), 5: ('fl', [1]), 8: ('local_synth1', [1])}
+
+
+def _steps(stage_dir: Path) -> list:
+  return sorted(int(p.name) for p in stage_dir.glob('*') if p.name.isdigit())
+
+
+def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch):
   config, reference_dir = smoke
   workdir = tmp_path / 'run'
-  real_save = interrupt_saves(monkeypatch, stop_before_save)
-  with pytest.raises(KeyboardInterrupt):
-    train.run(config, workdir)
-  monkeypatch.setattr(checkpoint, 'save', real_save)
+  done = 0  # saves committed so far; a resumed run makes only the saves still missing
+  for stop_before_save, (stage, steps) in STOPS.items():
+    real_save = interrupt_saves(monkeypatch, stop_before_save - done)
+    with pytest.raises(KeyboardInterrupt):
+      train.run(config, workdir)
+    monkeypatch.setattr(checkpoint, 'save', real_save)
+    done = stop_before_save - 1
+    # Stopped where intended: the last committed save is ``stage``'s, nothing after it.
+    assert _steps(workdir / 'checkpoints' / stage) == steps, stop_before_save
+    assert not (workdir / 'results.json').exists()
+  assert _steps(workdir / 'checkpoints' / 'local_synth2') == []
   train.run(config, workdir)
   for name in ('results.json', 'metrics.jsonl', 'config.json'):
     assert (workdir / name).read_bytes() == (reference_dir / name).read_bytes(), name
@@ -85,7 +100,7 @@ def test_interrupted_run_resumes_bit_identical(smoke, tmp_path, monkeypatch, sto
   expected, expected_meta = fl_state(config, reference_dir)
   assert meta == expected_meta and meta['round'] == 3
   assert_same_tree(state, expected)
-  # The best-by-validation step survives the restart: the same steps, and best, are kept.
+  # The best-by-validation step survives the restarts: the same steps, and best, are kept.
   listing = checkpoint_listing.inspect(workdir).splitlines()
   assert listing[1:] == checkpoint_listing.inspect(reference_dir).splitlines()[1:]
   assert '[fl] steps [1, 3]' in listing and '  round 1 (best): ' in ''.join(listing)
@@ -129,17 +144,24 @@ def test_reference_restored_from_workdir(smoke, tmp_path):
 
 
 def test_fl_divergence_names_round_and_center_and_keeps_checkpoint(smoke, tmp_path):
+  """A non-finite round loss names its round and center and keeps the last good checkpoint.
+
+  synth1's training labels are put outside the classes (its cross-entropy is NaN, the others'
+  stay finite), so the message must name synth1, not merely the first center. The FL settings
+  are the smoke run's (one more round): the compiled round is reused, none is compiled anew.
+  """
   config, workdir = smoke
   copy = tmp_path / 'copy'
   shutil.copytree(workdir, copy)
   bad = smoke_config(Path(config.data.cache_dir))
   bad.fl.rounds = 4
-  bad.fl.lr = 1e30
   loaded = inference.load_model(copy, 0)
-  centers = data.load_centers(bad.data)
+  centers = list(data.load_centers(bad.data))
+  broken = centers[1].train._replace(labels=np.full_like(centers[1].train.labels, 99))
+  centers[1] = centers[1]._replace(train=broken)
   log = lambda row: None
   with pytest.raises(FloatingPointError,
-                     match=r"fl round 4, center 'synth0': the training loss is (nan|inf).*"
+                     match=r"fl round 4, center 'synth1': the training loss is nan.*"
                            r'last good checkpoint is kept: round 3'):
     fl.fl_stage(loaded.experiment, bad.fl, bad.checkpoint, loaded.params, centers, copy, log)
   mngr = checkpoint.manager(copy / 'checkpoints' / 'fl')
@@ -175,17 +197,26 @@ def test_participation_mask_is_deterministic():
 def test_sweep_runs_each_point_into_its_own_workdir(smoke, tmp_path):
   config, workdir = smoke
   config_file = tmp_path / 'sweep_config.py'
-  config_file.write_text('def get_sweep():\n  return [{"seed": 0}, {"fl.eval_model": "server"}]\n')
+  # The second point trains FL only (the smoke run's reference restored, no baselines): enough
+  # to show that it ran into its own workdir, with its own eval model.
+  other = {'fl.eval_model': 'server', 'reference.restore': str(workdir),
+           'baselines.local_only': False, 'baselines.pooled': False}
+  config_file.write_text(f'def get_sweep():\n  return [{{"seed": 0}}, {other!r}]\n')
   # The first point IS the smoke run: copied in, it is recognised as finished and not rerun.
   shutil.copytree(workdir, tmp_path / 'sweep' / 'seed=0')
   summary = sweep.run(config, str(config_file), tmp_path / 'sweep')
-  server = json.loads((tmp_path / 'sweep' / 'fl.eval_model=server' / 'results.json').read_text())
+  name = sweep.point_name(other)
+  assert name.startswith('baselines.local_only=False,baselines.pooled=False,fl.eval_model=server,'
+                         'reference.restore=')
+  server = json.loads((tmp_path / 'sweep' / name / 'results.json').read_text())
   smoke_results = json.loads((workdir / 'results.json').read_text())
   # Same training, Table 2 on the other FedDyn model.
   assert server['after'] == smoke_results['after_models']['server']
-  assert '| seed=0 |' in summary and '| fl.eval_model=server |' in summary
+  assert server['before'] == smoke_results['before'] and server['baselines'] == {}
+  assert '| seed=0 |' in summary and f'| {name} |' in summary
   csv_text = (tmp_path / 'sweep' / 'sweep_summary.csv').read_text().splitlines()
-  assert csv_text[0].startswith('name,fl.eval_model,seed,before_acc_external')
+  assert csv_text[0].startswith('name,baselines.local_only,baselines.pooled,fl.eval_model,'
+                                'reference.restore,seed,before_acc_external')
   with pytest.raises(ValueError, match="sweep override 'fl.alfa': no config field 'alfa'"):
     sweep.apply(config, {'fl.alfa': 0.1})
 
