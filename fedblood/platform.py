@@ -23,10 +23,9 @@ import jax.numpy as jnp
 from fedblood import xla_cpu
 
 # XLA flags fedblood adds on every backend, each only when the user's XLA_FLAGS does not set
-# that flag (importing fedblood applies them: fedblood/__init__.py). Measured on 2 AMD EPYC
-# cores, jax 0.10.2, in one process (bench/bench_round.py --xla_options, docs/performance.md):
-# YNN's 'dot' fusion instead of XLA:CPU's default YNN convolutions ran the CPU study's FL round
-# 1.1-1.3x faster and VGG16 steps 1.0-1.4x faster (64-224 px, widths 0.25-1), never slower.
+# that flag (importing fedblood applies them: fedblood/__init__.py). YNN's 'dot' fusion instead
+# of XLA:CPU's default YNN convolutions: faster FL rounds and VGG16 steps, never slower where
+# measured (bench/bench_round.py --xla_options; the numbers are in docs/performance.md).
 # A CPU-compiler flag: GPU and TPU programs are unaffected.
 XLA_FLAGS: tuple = ('--xla_cpu_experimental_ynn_fusion_type=dot',)
 
@@ -95,7 +94,7 @@ def gradient_rewrite(backend: Optional[str] = None) -> Callable:
   """How local training re-emits its gradients on ``backend`` (default: JAX's default backend).
 
   CPU: :func:`fedblood.xla_cpu.fast_gradients`. Inside the ``fori_loop`` of local steps XLA:CPU
-  would run convolution gradients as naive loops (~25x slower) and max-pool gradients serially
+  would run convolution gradients as naive loops and max-pool gradients serially
   (docs/performance.md). Other backends: :func:`no_rewrite`.
   """
   return xla_cpu.fast_gradients if (backend or jax.default_backend()) == 'cpu' else no_rewrite

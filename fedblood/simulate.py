@@ -81,8 +81,8 @@ def choose_execution(sizes, *, batch_size: int, local_epochs: int, backend: str,
                      num_devices: int = 1) -> str:
   """The execution ``'auto'`` runs for centers of ``sizes`` on ``num_devices`` of ``backend``.
 
-  * CPU: ``'loop'``. Measured on 2 cores (docs/performance.md): as fast as 'unroll',
-    which compiles C client programs instead of one, and 1.3-1.7x 'vmap';
+  * CPU: ``'loop'``. As fast as 'unroll', which compiles C client programs instead
+    of one, and faster than 'vmap' (measured: docs/performance.md);
     'shard' needs forced host devices, and that process's 'loop' was slower still.
   * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k``
     (each device runs its centers in lock-step to the longest one) is at most 3/4

@@ -9,10 +9,9 @@ docs/performance.md):
   ``f01b_i01o->01bf`` for the kernel gradient). XLA's ConvCanonicalization pass adds the
   transposes that fix them, but only in a program's entry computation: inside a while loop
   -- every ``lax.fori_loop`` of local steps -- they fall back to a naive loop nest, and a
-  VGG16 step ran ~25x slower than alone (jax-ml/jax#12868).
+  VGG16 step runs many times slower than alone (jax-ml/jax#12868; docs/performance.md).
 * The gradient of a max-pool is a ``select_and_scatter_add``, which XLA:CPU runs as a serial
-  loop nest: 10-13x slower than torch's for VGG's 2x2 pools (27 ms against 2 ms for a
-  32x64x64x16 block-1 pool).
+  loop nest, several times slower than torch's for VGG's 2x2 pools (docs/performance.md).
 
 :func:`fast_gradients` traces a function and re-emits it with every convolution transposed
 into the canonical layout (explicit transposes of its operands and result, as the XLA pass

@@ -26,7 +26,7 @@ Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md):
 The gradient goes through ``rewrite`` (a parameter of every builder and of :func:`local_sgd`):
 :func:`fedblood.platform.gradient_rewrite` decides it per backend (on CPU
 :func:`fedblood.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would otherwise run
-the backward convolutions ~25x slower than in a single step).
+the backward convolutions as naive loops; docs/performance.md).
 
 Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
 ``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
