@@ -117,8 +117,17 @@ def fl_row(round_index, center, eval_name, active, loss, train_accuracy, test, v
   """
   return {'stage': 'fl', 'round': round_index, 'center': center, 'model': eval_name,
           'active': bool(active), 'loss': float(loss), 'train_accuracy': float(train_accuracy),
-          **test, **{f'val_{m}': v for m, v in val.items()},
-          **({'epsilon': epsilon} if epsilon is not None else {})}
+          **_metric_columns(test, val), **({'epsilon': epsilon} if epsilon is not None else {})}
+
+
+def held_row(round_index, center, eval_name, test, val) -> dict:
+  """The row of a center that never joined (``fl.holdout``): its metrics, no training columns."""
+  return {'stage': 'fl', 'round': round_index, 'center': center, 'model': eval_name,
+          'held_out': True, **_metric_columns(test, val)}
+
+
+def _metric_columns(test, val) -> dict:
+  return {**test, **{f'val_{m}': v for m, v in val.items()}}
 
 
 class FLRun(NamedTuple):
@@ -198,8 +207,7 @@ def fl_after_round(exp: Experiment, run: FLRun, centers, r: int, active, server,
       val_accs.append(val['accuracy'])
   for center in held:
     test, val = _evaluated(exp, params, run.frozen, center)
-    rows.append({'stage': 'fl', 'round': r, 'center': center.name, 'model': run.eval_name,
-                 'held_out': True, **test, **{f'val_{m}': v for m, v in val.items()}})
+    rows.append(held_row(r, center.name, run.eval_name, test, val))
   for row in rows:
     log(row)
   mean_val = float(np.mean(val_accs)) if val_accs else None
