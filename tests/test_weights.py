@@ -3,7 +3,6 @@
 import sys
 
 import flax.traverse_util as traverse_util
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +140,7 @@ def write_keras_h5(path, layers, style='keras2', wrap=False):
     order += [f'block{b}_conv{c}' for c in range(1, n + 1)] + [f'block{b}_pool']
   if 'fc1' in layers:
     order += ['flatten', 'fc1', 'fc2', 'predictions']
+  h5py = pytest.importorskip('h5py')  # the `keras-weights` extra: its tests skip without it
   with h5py.File(path, 'w') as f:
     root = f.create_group('model_weights') if wrap else f
     root.attrs['layer_names'] = np.array([n.encode() for n in order])
@@ -389,6 +389,7 @@ def test_missing_torch_or_h5py_says_how_to_install(tmp_path, monkeypatch, gap_pa
 
 def test_h5_that_is_not_keras_weights(tmp_path):
   path = tmp_path / 'other.h5'
+  h5py = pytest.importorskip('h5py')
   with h5py.File(path, 'w') as f:
     f.create_dataset('x', data=np.zeros(3))
   with pytest.raises(ValueError, match=r'other\.h5: no layer_names'):
