@@ -39,6 +39,10 @@ _ROUND = flags.DEFINE_integer('round', None,
                               'evaluate/predict: FL round (default latest; 0 = reference).')
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image or a folder of images.')
 _OUTPUT = flags.DEFINE_string('output', None, 'evaluate: JSON path; predict: CSV path.')
+_CROP = flags.DEFINE_float('crop', None,
+                           'evaluate / predict: the central fraction of each image side to keep '
+                           "(that site's scale normalisation, as data.crop); default: the run's "
+                           'data.crop of the center named like the folder, else 1 (all of it).')
 
 
 def main(argv):
@@ -62,14 +66,16 @@ def _run(mode, workdir):
     from fedblood import inference  # pylint: disable=g-import-not-at-top
     if not _EVAL_DIR.value:
       raise app.UsageError('--mode evaluate needs --eval_dir')
-    result = inference.evaluate_folder(workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value)
+    result = inference.evaluate_folder(workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value,
+                                       crop=_CROP.value)
     print(inference.format_metrics(result))
     print(f'written: {result["output"]}')
   elif mode == 'predict':
     from fedblood import inference  # pylint: disable=g-import-not-at-top
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError('--mode predict needs --input and --output')
-    count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value)
+    count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value,
+                                     crop=_CROP.value)
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')

@@ -101,7 +101,15 @@ def _probs(loaded: Loaded, images) -> np.ndarray:
   return loaded.experiment.predict(*loaded.experiment.split(loaded.params), images)
 
 
-def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None) -> dict:
+def _crop(cfg, path, crop) -> float:
+  """``crop`` if given, else the run's ``data.crop`` of the center named like ``path``, else 1."""
+  if crop is not None:
+    return data.check_crop(crop, '--crop')
+  return data.crop_of(cfg, Path(path).resolve().name)
+
+
+def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
+                    crop: float | None = None) -> dict:
   """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON.
 
   Args:
@@ -109,6 +117,8 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
     eval_dir: a folder of class folders (may be a center never seen in training).
     round_index: FL round (None = latest, 0 = reference model).
     output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
+    crop: the folder's central crop fraction (see ``data.crop``); None: the run's ``data.crop``
+      of the center named like the folder, else 1.0.
 
   Returns:
     ``{'model', 'round', 'eval_dir', 'metrics'}`` (metrics as :func:`fedblood.metrics.classify`).
@@ -116,7 +126,8 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
-    split = data.load_folder(str(eval_dir), cfg.image_size, cfg.resize)
+    split = data.load_folder(str(eval_dir), cfg.image_size, cfg.resize,
+                             _crop(cfg, eval_dir, crop))
   except (ValueError, FileNotFoundError) as e:
     raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
                      f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
@@ -150,12 +161,13 @@ def format_metrics(result: dict) -> str:
   return '\n'.join(lines)
 
 
-def predict_folder(workdir, input_path, output, round_index: int | None = None) -> int:
+def predict_folder(workdir, input_path, output, round_index: int | None = None,
+                   crop: float | None = None) -> int:
   """Classifies every image under ``input_path`` into a CSV: file, predicted class, probabilities.
 
   Returns the number of images classified. Files without an image extension are
   skipped with a warning; a file with an image extension that cannot be decoded
-  is an error naming it (nothing is written then).
+  is an error naming it (nothing is written then). ``crop`` as in :func:`evaluate_folder`.
   """
   output = Path(output)
   if output.is_dir():
@@ -164,7 +176,8 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None) 
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
-    images, files = data.load_images(str(input_path), cfg.image_size, cfg.resize)
+    images, files = data.load_images(str(input_path), cfg.image_size, cfg.resize,
+                                     _crop(cfg, input_path, crop))
   except ValueError as e:
     raise ValueError(f'--input {input_path}: {e}') from e
   probs = _probs(loaded, images)

@@ -98,6 +98,37 @@ def test_fit_policies():
     images.fit(img, 30, 'squash')
 
 
+def test_crop_keeps_the_central_fraction_before_resizing():
+  # Concentric squares: a 40 px frame of 1s, a 20 px ring of 2s, the central 20 px of 3s.
+  arr = np.ones((80, 80, 3), np.uint8)
+  arr[20:60, 20:60] = 2
+  arr[30:50, 30:50] = 3
+  img = Image.fromarray(arr)
+  np.testing.assert_array_equal(images.fit(img, 40, 'resize', crop=0.5), arr[20:60, 20:60])
+  np.testing.assert_array_equal(images.fit(img, 20, 'resize', crop=0.25), arr[30:50, 30:50])
+  np.testing.assert_array_equal(images.fit(img, 80, crop=1.0), arr)  # 1.0: nothing cut
+  # After the policy: a wide image is squared first, then cropped.
+  wide = np.concatenate([np.zeros((80, 40, 3), np.uint8), arr, np.zeros((80, 40, 3), np.uint8)], 1)
+  np.testing.assert_array_equal(images.fit(Image.fromarray(wide), 40, 'center_crop', crop=0.5),
+                                arr[20:60, 20:60])
+  for bad in (0, 1.5, -0.2, True, '0.5'):
+    with pytest.raises(ValueError, match='crop'):
+      images.fit(img, 40, crop=bad)
+
+
+def test_cropped_jpeg_decodes_at_the_resolution_the_crop_needs():
+  y, x = np.mgrid[:320, :320] / 320
+  smooth = np.uint8(127.5 + 120 * np.stack([np.sin(9 * x), np.cos(11 * y), np.sin(7 * x + 5 * y)],
+                                           -1))
+  buf = io.BytesIO()
+  Image.fromarray(smooth).save(buf, 'JPEG', quality=95)
+  fast = images.decode(buf.getvalue(), 'x.jpg', 40, crop=0.25)  # 80 px kept of 320: draft 1/2
+  slow = images.fit(images.open_rgb(buf.getvalue(), 'x.jpg'), 40, crop=0.25)
+  assert np.abs(fast.astype(int) - slow.astype(int)).mean() < 2
+  with pytest.raises(ValueError, match='crop'):
+    images.decode(buf.getvalue(), 'x.jpg', 40, crop=0)
+
+
 def test_decode_of_a_large_jpeg_to_a_small_size_matches_a_full_decode():
   y, x = np.mgrid[:320, :320] / 320
   smooth = np.stack([np.sin(3 * x + 1), np.cos(4 * y), np.sin(2 * x + 3 * y)], -1)

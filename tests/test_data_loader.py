@@ -260,6 +260,32 @@ def test_cache_is_never_inside_the_image_tree(tmp_path):
   assert not (tmp_path / 'wbc' / 'cache').exists()
 
 
+def test_crop_is_per_center_and_cached_apart(tmp_path, caplog):
+  for lab in ('far', 'near'):
+    make_class_tree(str(tmp_path / 'wbc' / lab), {'neutrophil': 6, 'eosinophil': 6})
+  cfg = _cfg(tmp_path, source='folder', root=str(tmp_path / 'wbc'))
+  whole = {c.name: c for c in data.load_centers(cfg)}
+  cfg.crop = dict(far=0.5, elsewhere=0.7)  # a center of another tree: warned about, not used
+  with caplog.at_level(logging.WARNING):
+    cropped = {c.name: c for c in data.load_centers(cfg)}
+  assert any("['elsewhere']" in r.getMessage() for r in caplog.records)
+  root = str(tmp_path / 'wbc' / 'far')
+  for split in ('train', 'test'):
+    got = getattr(cropped['far'], split)
+    for image, f in zip(got.images, got.files):
+      np.testing.assert_array_equal(image, images_lib.read(os.path.join(root, f), 32, crop=0.5))
+    np.testing.assert_array_equal(got.files, getattr(whole['far'], split).files)  # same split
+    np.testing.assert_array_equal(getattr(cropped['near'], split).images,
+                                  getattr(whole['near'], split).images)
+  assert not np.array_equal(cropped['far'].train.images, whole['far'].train.images)
+  caches = sorted(os.listdir(tmp_path / 'cache' / 'fedblood'))
+  assert sum(n.startswith('far-') for n in caches) == 2 and any('_crop0.5' in n for n in caches)
+  assert data.crop_of(cfg, 'far') == 0.5 and data.crop_of(cfg, 'near') == 1.0
+  cfg.crop = dict(far=0.0)
+  with pytest.raises(ValueError, match=r'data\.crop\.far'):
+    data.load_centers(cfg)
+
+
 def test_load_folder(tmp_path):
   make_class_tree(str(tmp_path / 'unseen'), {'Neutrophils': 3, 'EOS': 2, 'platelet': 2})
   split = data.load_folder(str(tmp_path / 'unseen'), 32, 'center_crop')
@@ -272,6 +298,9 @@ def test_load_folder(tmp_path):
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='empty'):
     data.load_folder(str(tmp_path / 'empty'), 32)
+  zoomed = data.load_folder(str(tmp_path / 'unseen'), 32, 'center_crop', crop=0.5)
+  path = os.path.join(tmp_path / 'unseen', zoomed.files[0])
+  np.testing.assert_array_equal(zoomed.images[0], images_lib.read(path, 32, 'center_crop', 0.5))
 
 
 def test_load_images(tmp_path, caplog):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from configs import wbc
-from fedblood import data, train
+from fedblood import data, inference, train
 
 WBC = Path(os.environ.get('FEDBLOOD_WBC_ROOT')
            or Path(__file__).resolve().parents[1].parent / 'shared/data/wbc')
@@ -64,6 +64,25 @@ def test_results_cover_every_center(study):
           == on_disk['before']['pbc_barcelona'])
   assert on_disk['train_sizes'] == {c.name: len(c.train.labels) for c in centers}
   assert results['after'] == on_disk['after']
+
+
+def test_a_site_folder_is_read_with_its_own_crop(study, tmp_path):
+  config, workdir, _, centers = study
+  assert data.crop_of(config.data, 'lisc_tehran') == 0.5  # configs/wbc.py's scale normalisation
+  lisc = centers[CENTERS.index('lisc_tehran')]
+  # --mode evaluate on a center's folder reads it as training did: the same pixels as the
+  # TFDS-cached split, through the site's crop, found by the folder's name.
+  whole = data.load_folder(str(WBC / 'lisc_tehran'), config.data.image_size, config.data.resize,
+                           data.crop_of(config.data, 'lisc_tehran'))
+  index = {f: i for i, f in enumerate(whole.files)}
+  for image, f in zip(lisc.test.images, lisc.test.files):
+    assert (image == whole.images[index[f]]).all(), f
+  found = inference.evaluate_folder(workdir, WBC / 'lisc_tehran', output=tmp_path / 'a.json')
+  given = inference.evaluate_folder(workdir, WBC / 'lisc_tehran', output=tmp_path / 'b.json',
+                                    crop=0.5)
+  assert found['metrics'] == given['metrics']
+  with pytest.raises(ValueError, match='--crop'):
+    inference.evaluate_folder(workdir, WBC / 'lisc_tehran', crop=1.5)
 
 
 def test_confusion_matrices_count_each_test_split(study):

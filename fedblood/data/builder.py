@@ -132,11 +132,11 @@ class Leukocytes(tfds.core.GeneratorBasedBuilder):
       yield files[i], {'image': image, 'label': int(labels[i]), 'file_name': files[i]}
 
 
-def read_split(builder: Leukocytes, split: str, size: int, policy: str):
+def read_split(builder: Leukocytes, split: str, size: int, policy: str, crop: float = 1.0):
   """Reads one prepared split back (array_record, no TF) as (uint8 [N,S,S,3], int32 [N], files).
 
   Images are decoded from their stored bytes straight to the target size (JPEGs decode at a
-  reduced scale), sorted by file name so the order never depends on TFDS' shuffling.
+  reduced scale), central ``crop`` fraction first (see ``images.fit``), sorted by file name so the order never depends on TFDS' shuffling.
   """
   if split not in builder.info.splits:
     return (np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32),
@@ -148,6 +148,6 @@ def read_split(builder: Leukocytes, split: str, size: int, policy: str):
   images = np.zeros((len(records), size, size, 3), np.uint8)
   for i, r in enumerate(records):
     images[i] = images_lib.decode(r['image'], f'{builder.builder_config.name}:{files[i]}',
-                                  size, policy)
+                                  size, policy, crop)
   labels = np.array([r['label'] for r in records], np.int32)
   return images, labels, files

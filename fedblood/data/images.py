@@ -57,7 +57,14 @@ def open_rgb(data: bytes, name: str, draft_size: int = 0) -> Image.Image:
     raise ValueError(f'Cannot decode image file {name!r}: {e}') from e
 
 
-def fit(img: Image.Image, size: int, policy: str = 'resize') -> np.ndarray:
+def check_crop(crop, what: str = 'crop') -> float:
+  """``crop`` as a float in (0, 1]; otherwise a ValueError naming ``what``."""
+  if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+    raise ValueError(f'{what}={crop!r} must be a fraction in (0, 1] (1 = the whole image)')
+  return float(crop)
+
+
+def fit(img: Image.Image, size: int, policy: str = 'resize', crop: float = 1.0) -> np.ndarray:
   """Fits an RGB image into ``size`` x ``size`` pixels.
 
   Args:
@@ -66,12 +73,16 @@ def fit(img: Image.Image, size: int, policy: str = 'resize') -> np.ndarray:
     policy: 'resize' (stretch the whole image; cell crops are nearly square), 'center_crop'
       (the central square, then resize: keeps the aspect ratio, loses the borders) or 'pad'
       (pad to a square with the median border colour, then resize: keeps everything).
+    crop: after ``policy``, keep the central ``crop`` fraction of each side before resizing
+      (1.0: all of it). A center whose optics show the cell small in the frame zooms in so the
+      cell fills about as much of the input as at the other centers, at full resolution.
 
   Returns:
     uint8 [size, size, 3].
   """
   if policy not in RESIZE_POLICIES:
     raise ValueError(f'Unknown resize policy {policy!r}: expected one of {RESIZE_POLICIES}')
+  crop = check_crop(crop)
   w, h = img.size
   if policy == 'center_crop' and w != h:
     side = min(w, h)
@@ -85,20 +96,29 @@ def fit(img: Image.Image, size: int, policy: str = 'resize') -> np.ndarray:
     canvas = Image.new('RGB', (side, side), colour)
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))
     img = canvas
+  if crop < 1.0:
+    w, h = img.size
+    cw, ch = max(1, round(w * crop)), max(1, round(h * crop))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    img = img.crop((left, top, left + cw, top + ch))
   if img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BILINEAR)  # antialiased when shrinking
   return np.asarray(img, np.uint8)
 
 
-def decode(data: bytes, name: str, size: int, policy: str = 'resize') -> np.ndarray:
+def decode(data: bytes, name: str, size: int, policy: str = 'resize',
+           crop: float = 1.0) -> np.ndarray:
   """Encoded bytes -> uint8 [size, size, 3]; errors name the file."""
-  return fit(open_rgb(data, name, draft_size=size), size, policy)
+  crop = check_crop(crop)
+  # JPEG draft scaling may only shrink to what the crop still needs at full resolution.
+  draft = int(np.ceil(size / crop)) if crop < 1.0 else size
+  return fit(open_rgb(data, name, draft_size=draft), size, policy, crop)
 
 
-def read(path: str, size: int, policy: str = 'resize') -> np.ndarray:
+def read(path: str, size: int, policy: str = 'resize', crop: float = 1.0) -> np.ndarray:
   """An image file -> uint8 [size, size, 3]; errors name the file."""
   with open(path, 'rb') as f:
-    return decode(f.read(), path, size, policy)
+    return decode(f.read(), path, size, policy, crop)
 
 
 def storage_bytes(path: str) -> bytes:

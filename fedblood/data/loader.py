@@ -3,8 +3,8 @@
 ``load_centers(config.data)`` returns one :class:`Center` per hospital, the reference first. The
 first run lists each center's files, builds its TFDS dataset (array_record, the original images
 validated and stored once, split into train / validation / test), reads it back resized to
-``image_size`` and writes the arrays to
-``<cache_dir>/fedblood/<center>-<digest>_<size>px_<policy>.npz``.
+``image_size`` (after the center's ``data.crop``, if any) and writes the arrays to
+``<cache_dir>/fedblood/<center>-<digest>_<size>px_<policy>[_crop<f>].npz``.
 Later runs with the same files and settings load that .npz and decode nothing. The digest covers
 the file list (names, sizes, mtimes), the split settings and, for synthetic centers, the
 generator settings, so a changed folder or setting is rebuilt, never served stale.
@@ -67,6 +67,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.image_size = 64
   # 'resize' (whole image, stretched), 'center_crop' (central square) or 'pad' (to a square).
   c.resize = 'resize'
+  # Per-center scale normalisation, done at each center on its own images: center name -> the
+  # central fraction of each image side to keep before resizing (1.0 or absent: all of it).
+  # Optics differ: a cell spans ~1/3 of a PBC or LISC frame and most of a JTSC or BCCD one, so
+  # those two zoom in and every center shows the network cells of similar size.
+  c.crop = ml_collections.ConfigDict()
   # Per-class shares held out for validation and test (stratified, deterministic).
   c.val_fraction = 0.15
   c.test_fraction = 0.15
@@ -116,6 +121,8 @@ def _check(data_cfg):
   if data_cfg.resize not in images_lib.RESIZE_POLICIES:
     raise ValueError(f'data.resize={data_cfg.resize!r} is not one of {images_lib.RESIZE_POLICIES}')
   splits_lib.check_fractions(data_cfg.val_fraction, data_cfg.test_fraction)
+  for name, fraction in _crops(data_cfg).items():
+    images_lib.check_crop(fraction, f'data.crop.{name}')
   if data_cfg.source != 'synthetic' and data_cfg.root:
     root, cache = os.path.realpath(data_cfg.root), os.path.realpath(cache_dir(data_cfg))
     # (The reverse, images inside the cache dir, is TFDS' own manual-download convention.)
@@ -169,7 +176,21 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
   if reference not in names:
     raise ValueError(f'data.reference={reference!r} is not one of the centers {names}')
   names = (reference,) + tuple(n for n in names if n != reference)
+  stray = [n for n in _crops(data_cfg) if n not in names]
+  if stray:  # a config written for one tree, run on another (e.g. wbc.py on your own root)
+    logging.warning('data.crop names %s, which are not centers of this run %s: not used', stray,
+                    names)
   return [(n, by_name[n]) for n in names]
+
+
+def _crops(data_cfg) -> dict:
+  crop = data_cfg.get('crop', None)
+  return dict(crop.items()) if crop else {}
+
+
+def crop_of(data_cfg, center: str) -> float:
+  """The central fraction center ``center`` keeps (``data.crop``; 1.0 when not set)."""
+  return float(_crops(data_cfg).get(center, 1.0))
 
 
 def _digest(fields: dict, data_cfg) -> str:
@@ -183,10 +204,12 @@ def _digest(fields: dict, data_cfg) -> str:
 
 
 def _load_center(name: str, fields: dict, data_cfg) -> Center:
-  size, policy = data_cfg.image_size, data_cfg.resize
+  size, policy, crop = data_cfg.image_size, data_cfg.resize, crop_of(data_cfg, name)
   safe = ''.join(ch if ch.isalnum() or ch == '_' else '_' for ch in name)
   config_name = f'{safe}-{_digest(fields, data_cfg)}'
-  path = os.path.join(cache_dir(data_cfg), 'fedblood', f'{config_name}_{size}px_{policy}.npz')
+  suffix = f'_crop{crop:g}' if crop < 1.0 else ''
+  path = os.path.join(cache_dir(data_cfg), 'fedblood',
+                      f'{config_name}_{size}px_{policy}{suffix}.npz')
   if os.path.exists(path):
     try:
       with np.load(path, allow_pickle=False) as z:
@@ -205,7 +228,7 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
     builder = builder_lib.Leukocytes(config=config, data_dir=cache_dir(data_cfg),
                                      file_format='array_record')
     builder.download_and_prepare()
-  splits = [Split(*builder_lib.read_split(builder, s, size, policy))
+  splits = [Split(*builder_lib.read_split(builder, s, size, policy, crop))
             for s in splits_lib.SPLIT_NAMES]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f'{path}.tmp{os.getpid()}.npz'
@@ -232,8 +255,10 @@ def load_centers(data_cfg) -> list[Center]:
   return centers
 
 
-def load_folder(path: str, image_size: int, resize: str = 'resize') -> Split:
+def load_folder(path: str, image_size: int, resize: str = 'resize', crop: float = 1.0) -> Split:
   """Loads one ``<class>/<images>`` folder whole (e.g. an unseen center to evaluate); no cache.
+
+  ``crop``: the central fraction of each image side to keep first (that center's ``data.crop``).
 
   Raises:
     ValueError: an unknown class folder, no image of a known class, or an undecodable image.
@@ -241,16 +266,16 @@ def load_folder(path: str, image_size: int, resize: str = 'resize') -> Split:
   listing = layouts.list_center('folder', path)
   images = np.zeros((len(listing.files), image_size, image_size, 3), np.uint8)
   for i, f in enumerate(listing.files):
-    images[i] = images_lib.read(os.path.join(path, f), image_size, resize)
+    images[i] = images_lib.read(os.path.join(path, f), image_size, resize, crop)
   return Split(images, listing.labels, np.array(listing.files, dtype=str))
 
 
-def load_images(path: str, image_size: int, resize: str = 'resize'):
+def load_images(path: str, image_size: int, resize: str = 'resize', crop: float = 1.0):
   """Loads unlabelled images to classify: an image file, or every image under a folder.
 
   Files whose extension is not an image extension (.jpg, .png, .bmp, .tif, ...) are skipped
   with a warning naming them; a file with an image extension that cannot be decoded is an error
-  naming it.
+  naming it. ``crop`` as in :func:`load_folder`.
 
   Returns:
     (uint8 [N, S, S, 3], [N] relative file names, sorted).
@@ -265,7 +290,7 @@ def load_images(path: str, image_size: int, resize: str = 'resize'):
     raise ValueError(f'No image files ({", ".join(layouts.IMAGE_EXTENSIONS)}) under {path!r}')
   images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
   for i, f in enumerate(files):
-    images[i] = images_lib.read(os.path.join(root, f), image_size, resize)
+    images[i] = images_lib.read(os.path.join(root, f), image_size, resize, crop)
   return images, files
 
 
