@@ -91,3 +91,21 @@ def test_center_names_follow_the_simulation_and_need_data_centers_for_real_data(
     study.center_names(config.data)
   config.data.centers, config.data.reference = ('a', 'b', 'pbc'), 'pbc'
   assert study.center_names(config.data) == ('pbc', 'a', 'b')
+
+
+def test_a_site_reads_its_center_with_its_own_crop(tmp_path, caplog):
+  import logging  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fake_images import make_class_tree  # pylint: disable=g-import-not-at-top
+  from fedblood import data  # pylint: disable=g-import-not-at-top
+  for lab in ('far', 'near'):
+    make_class_tree(str(tmp_path / 'wbc' / lab), {'neutrophil': 6, 'eosinophil': 6})
+  config = ml_collections.ConfigDict({'data': data.default_config()})
+  config.data.update(source='folder', root=str(tmp_path / 'wbc'), image_size=32,
+                     cache_dir=str(tmp_path / 'cache'), crop={'far': 0.5, 'near': 1.0})
+  together = {c.name: c for c in data.load_centers(config.data)}
+  for name in ('far', 'near'):
+    with caplog.at_level(logging.WARNING):
+      site = study.load_site_center(config, name, {'cache-dir': str(tmp_path / 'site_cache')})
+    np.testing.assert_array_equal(site.train.images, together[name].train.images)
+    assert not [r for r in caplog.records if 'data.crop' in r.getMessage()]  # no other sites'
