@@ -136,7 +136,8 @@ def read_split(builder: Leukocytes, split: str, size: int, policy: str, crop: fl
   """Reads one prepared split back (array_record, no TF) as (uint8 [N,S,S,3], int32 [N], files).
 
   Images are decoded from their stored bytes straight to the target size (JPEGs decode at a
-  reduced scale), central ``crop`` fraction first (see ``images.fit``), sorted by file name so the order never depends on TFDS' shuffling.
+  reduced scale), central ``crop`` fraction first (see ``images.fit``), sorted by file name so
+  the order never depends on TFDS' shuffling.
   """
   if split not in builder.info.splits:
     return (np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.int32),

@@ -176,10 +176,6 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
   if reference not in names:
     raise ValueError(f'data.reference={reference!r} is not one of the centers {names}')
   names = (reference,) + tuple(n for n in names if n != reference)
-  stray = [n for n in _crops(data_cfg) if n not in names]
-  if stray:  # a config written for one tree, run on another (e.g. wbc.py on your own root)
-    logging.warning('data.crop names %s, which are not centers of this run %s: not used', stray,
-                    names)
   return [(n, by_name[n]) for n in names]
 
 
@@ -250,7 +246,13 @@ def load_centers(data_cfg) -> list[Center]:
       set that was not downloaded (with what to download and where to put it).
   """
   _check(data_cfg)
-  centers = [_load_center(name, fields, data_cfg) for name, fields in _center_specs(data_cfg)]
+  specs = _center_specs(data_cfg)
+  names = [name for name, _ in specs]
+  stray = [n for n in _crops(data_cfg) if n not in names]
+  if stray:  # a config written for one tree, run on another (e.g. wbc.py on your own root)
+    logging.warning('data.crop names %s, which are not centers of this run %s: not used', stray,
+                    names)
+  centers = [_load_center(name, fields, data_cfg) for name, fields in specs]
   checks.warn_duplicates(centers)
   return centers
 

@@ -148,8 +148,7 @@ def load_site_center(config, name: str, node_config: dict) -> data.Center:
     cfg.cache_dir = str(node_config['cache-dir'])
   cfg.centers, cfg.reference = (name,), ''
   # The site's own scale normalisation only (the other sites' entries name no center here).
-  own = name in (config.data.get('crop') or {})
-  cfg.crop = {name: data.crop_of(config.data, name)} if own else {}
+  cfg.crop = {name: data.crop_of(config.data, name)}
   if cfg.source not in ('synthetic', 'folder'):
     cfg.centers = ()  # a named public set is one center, named after the set
   (center,) = data.load_centers(cfg)
