@@ -101,11 +101,14 @@ def _probs(loaded: Loaded, images) -> np.ndarray:
   return loaded.experiment.predict(*loaded.experiment.split(loaded.params), images)
 
 
-def _crop(cfg, path, crop) -> float:
+def _check_crop(crop: float | None) -> float | None:
+  """A given ``--crop``, checked before any work (None: found later by :func:`_crop`)."""
+  return None if crop is None else data.check_crop(crop, '--crop')
+
+
+def _crop(cfg, path, crop: float | None) -> float:
   """``crop`` if given, else the run's ``data.crop`` of the center named like ``path``, else 1."""
-  if crop is not None:
-    return data.check_crop(crop, '--crop')
-  return data.crop_of(cfg, Path(path).resolve().name)
+  return crop if crop is not None else data.crop_of(cfg, Path(path).resolve().name)
 
 
 def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
@@ -123,6 +126,7 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   Returns:
     ``{'model', 'round', 'eval_dir', 'metrics'}`` (metrics as :func:`fedblood.metrics.classify`).
   """
+  crop = _check_crop(crop)
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
@@ -173,6 +177,7 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None,
   if output.is_dir():
     raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '
                      f'e.g. {output / "predictions.csv"}')
+  crop = _check_crop(crop)
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:

@@ -81,8 +81,8 @@ def test_a_site_folder_is_read_with_its_own_crop(study, tmp_path):
   given = inference.evaluate_folder(workdir, WBC / 'lisc_tehran', output=tmp_path / 'b.json',
                                     crop=0.5)
   assert found['metrics'] == given['metrics']
-  with pytest.raises(ValueError, match='--crop'):
-    inference.evaluate_folder(workdir, WBC / 'lisc_tehran', crop=1.5)
+  with pytest.raises(ValueError, match=r'^--crop=1\.5 must be a fraction in \(0, 1\]'):
+    inference.evaluate_folder(workdir, WBC / 'lisc_tehran', crop=1.5)  # checked before loading
 
 
 def test_confusion_matrices_count_each_test_split(study):
