@@ -17,16 +17,37 @@ Client state (FedDyn's lambda_k, SCAFFOLD's c_k) lives in an Orbax directory
 reply leaves; a state the server never accepted (the reply was lost, refused, or the
 server restarted) is replaced when that round is trained again from ``committed``. So a
 SuperNode killed at any instant and restarted with the same state dir resumes exactly.
+
+A site trusts nothing the server sends beyond the study's numbers:
+
+* every file or folder it reads or writes comes from its own node config: the config
+  fields naming one (:data:`PATH_FIELDS`: ``data.root``, ``data.cache_dir``,
+  ``model.pretrained``, ``reference.restore``) are replaced by the node config's value or
+  emptied, whatever the server sent (logged when they differed). Overriding rather than
+  refusing is what lets the server's config name its own machine's folders and the
+  deployed run still equal the simulated one; ``data.source`` (a format, not a folder) is
+  the node config's ``data-source`` when set, else the study's;
+* the study id names a folder in the state dir only if it is a study id
+  (:data:`fedblood.deploy.wire.STUDY_ID`) that resolves to a direct child of the state
+  dir; the folder records the digest of the config that made it (``study.json``), so a
+  request carrying another study's id with another config is refused and touches nothing;
+* the center index, round and ``committed`` are checked against the site's own study;
+* one process at a time holds the state dir (:func:`fedblood.lock.hold`, ``run.lock``),
+  and the state dir belongs to one center (``site.json``): a second SuperNode on the same
+  state dir is refused.
 """
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import checkpoint
+from fedblood import checkpoint, lock
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 
@@ -41,7 +62,77 @@ def settings(node_config) -> tuple[str, Path]:
   if missing:
     raise SiteError(f'node config is missing {missing} (flower-supernode --node-config '
                     '"center=\'<name>\' state-dir=\'<dir>\' [data-root=... data-source=...]")')
-  return str(node_config['center']), Path(str(node_config['state-dir'])).expanduser()
+  return str(node_config['center']), Path(str(node_config['state-dir'])).expanduser().absolute()
+
+
+# Config fields naming a file or folder: ``{field: the node config key a site takes it from}``
+# (None: never read on a site, always emptied there).
+PATH_FIELDS = {'data.root': 'data-root', 'data.cache_dir': 'cache-dir',
+               'model.pretrained': None, 'reference.restore': None}
+
+
+def site_config(config, node_config):
+  """The server's ``config`` with every :data:`PATH_FIELDS` entry the site's own (in place).
+
+  Each path field becomes the node config's value (``''``, the loaders' default, when the
+  node config has none); a server value that differs is logged and ignored. ``data.source``
+  is the node config's ``data-source`` when set.
+
+  Raises:
+    SiteError: ``data.source='folder'`` without a ``data-root`` in the node config.
+  """
+  for field, key in PATH_FIELDS.items():
+    group, name = field.split('.')
+    if group not in config or name not in config[group]:
+      continue
+    sent = str(config[group][name] or '')
+    own = str(node_config.get(key, '')) if key else ''
+    if sent and sent != own:
+      logging.warning('ignored the server\'s %s=%r: this site takes it from its node config '
+                      '(%s)', field, sent, f'{key}={own!r}' if key else 'never read here')
+    config[group][name] = own
+  if 'data-source' in node_config:
+    config.data.source = str(node_config['data-source'])
+  if config.data.source == 'folder' and not config.data.root:
+    raise SiteError('data.source=\'folder\': the node config needs data-root=\'<folder holding '
+                    '<center>/<class>/<images>>\' (a site never reads a folder the server names)')
+  return config
+
+
+def study_dir(state_dir: Path, study) -> Path:
+  """``<state-dir>/<study>``, resolved, if ``study`` is a study id naming a child of it.
+
+  Raises:
+    SiteError: naming the id, for anything else (``..``, a separator, an absolute path).
+  """
+  reason = wire.check_study_id(study)
+  root = state_dir.resolve()
+  path = None if reason else (root / study).resolve()
+  if path is not None and path.parent != root:  # (a symlink the site's admin made)
+    reason = f'study id {study!r} resolves to {path}, outside the state dir {root}'
+  if reason:
+    raise SiteError(f'refused the server\'s request: {reason}')
+  return path
+
+
+def _write_json(path: Path, data: dict) -> None:
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(data, sort_keys=True) + '\n')
+  os.replace(tmp, path)
+
+
+def _claim(path: Path, data: dict, what: str) -> None:
+  """Writes ``data`` to ``path`` on first use; refuses when ``path`` records other values."""
+  if path.exists():
+    held = json.loads(path.read_text())
+    differ = {k: (held.get(k), v) for k, v in data.items() if held.get(k) != v}
+    if differ:
+      raise SiteError(f'{what}: {path} records {({k: a for k, (a, _) in differ.items()})}, this '
+                      f'request has {({k: b for k, (_, b) in differ.items()})}; refused, nothing '
+                      'touched')
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _write_json(path, data)
 
 
 def enable_compile_cache(state_dir: Path) -> None:
@@ -73,8 +164,8 @@ def _evaluate(st, center, server_state, frozen, request) -> dict:
   return out
 
 
-def _state_manager(state_dir: Path, study_id: str):
-  return checkpoint.manager(state_dir / study_id / 'client_state', keep=3)
+def _state_manager(folder: Path):
+  return checkpoint.manager(folder / 'client_state', keep=3)
 
 
 def _restore_client_state(mngr, st, committed: int, center: str):
@@ -92,16 +183,36 @@ def _restore_client_state(mngr, st, committed: int, center: str):
 def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dict:
   """Answers one request; returns ``{'site': ..., 'eval': ..., ['params', 'state', 'train']}``.
 
+  Holds the state dir's lock throughout (:func:`fedblood.lock.hold`).
+
   Args:
     kind: 'query', 'train' or 'evaluate'.
     request: the request's fields (``config``, ``study``, ``center``, ``index``, ...).
     server_rec, frozen_rec: ArrayRecords of the server state and the frozen params
       (None for a bare query).
     node_config: the SuperNode's node config.
+
+  Raises:
+    SiteError: a request or node config this site refuses (Flower sends the server the
+      message as the reply's error), before anything on disk changed.
   """
   name, state_dir = settings(node_config)
+  if 'study' in request:
+    study_dir(state_dir, request['study'])  # refused before the state dir is even created
+  try:
+    with lock.hold(state_dir):
+      _claim(state_dir / 'site.json', {'center': name}, f'state-dir={str(state_dir)!r}')
+      return _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
+  except lock.WorkdirBusy as e:
+    raise SiteError(f'state-dir={str(state_dir)!r} is in use by another process (two '
+                    'SuperNodes on one state dir would overwrite each other\'s client state; '
+                    f'give each its own state-dir): {e}') from None
+
+
+def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir) -> dict:
   enable_compile_cache(state_dir)
-  st = study_lib.build(wire.config_from_json(request['config']))
+  config = site_config(wire.config_from_json(request['config']), node_config)
+  st = study_lib.build(config)
   if name not in st.centers:
     raise SiteError(f'node config center={name!r} is not a center of this study {st.centers}')
   center = study_lib.load_site_center(st.config, name, node_config)
@@ -118,11 +229,20 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
       raise SiteError(f'refused the server\'s {kind} request: {reason}')
   server_state = wire.from_record(server_rec, st.server)
   frozen = wire.from_record(frozen_rec, st.frozen)
-  reply['eval'] = _evaluate(st, center, server_state, frozen, request)
   if kind != 'train':
+    reply['eval'] = _evaluate(st, center, server_state, frozen, request)
     return reply
   r, k, committed = int(request['round']), int(request['index']), int(request['committed'])
-  mngr = _state_manager(state_dir, request['study'])
+  if k != st.centers.index(name) or not 0 <= committed < r:
+    raise SiteError(f'refused the server\'s train request: index {k}, round {r}, committed '
+                    f'{committed} (center {name!r} is index {st.centers.index(name)}; '
+                    'committed must be in [0, round))')
+  folder = study_dir(state_dir, request.get('study'))
+  digest = hashlib.sha256(request['config'].encode()).hexdigest()
+  _claim(folder / 'study.json', {'config_sha256': digest, 'center': name},
+         f'study {request["study"]!r}')
+  reply['eval'] = _evaluate(st, center, server_state, frozen, request)
+  mngr = _state_manager(folder)
   client_state = _restore_client_state(mngr, st, committed, name)
   examples = study_lib.padded_examples(center.train, int(request['nmax']))
   size = jnp.int32(len(center.train.labels))
@@ -139,4 +259,3 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
   reply.update(params=local, state=new_state,
                train={m: np.asarray(v).item() for m, v in metrics.items()})
   return reply
-
