@@ -8,6 +8,9 @@ Run config (``flower_app/pyproject.toml``, or ``flwr run ... --run-config``):
 * ``workdir``: the server's run directory (created; resumed when it holds a run);
 * ``connect-timeout`` / ``round-timeout``: seconds to wait for every center to connect /
   for a round's replies (a run never hangs on vanished sites).
+
+The run holds the workdir's lock (:func:`fedblood.lock.hold`): a second deployed server (or
+a simulated run) on the same workdir stops at once, naming the holder's PID.
 """
 
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedblood import lock
 from fedblood.deploy import server, wire
 
 app = ServerApp()
@@ -27,10 +31,11 @@ def main(grid: Grid, context: Context) -> None:
     raise ValueError("run config needs config='<config.py[:arg]>' and workdir='<dir>'")
   config = wire.load_config(str(rc['config']), str(rc.get('overrides', '')))
   workdir = Path(str(rc['workdir']))
-  try:
-    server.run(grid, config, workdir, connect_timeout=float(rc.get('connect-timeout', 600.0)),
-               round_timeout=float(rc.get('round-timeout', 600.0)))
-  except Exception as e:  # the run fails (Flower logs the traceback); deploy.log says why
-    if workdir.is_dir():
-      server.note(workdir, f'stopped: {type(e).__name__}: {e}')
-    raise
+  with lock.hold(workdir):  # before any write: a busy workdir's deploy.log is not ours
+    try:
+      server.run(grid, config, workdir, connect_timeout=float(rc.get('connect-timeout', 600.0)),
+                 round_timeout=float(rc.get('round-timeout', 600.0)))
+    except Exception as e:  # the run fails (Flower logs the traceback); deploy.log says why
+      if workdir.is_dir():
+        server.note(workdir, f'stopped: {type(e).__name__}: {e}')
+      raise
