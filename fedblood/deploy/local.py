@@ -5,6 +5,10 @@ picked at start, every process is killed on :meth:`Federation.close` (use it as 
 context manager). With ``tls=True`` the SuperLink serves HTTPS with a CA and server
 certificate made for ``127.0.0.1``; with ``auth=True`` Flower's SuperNode authentication
 is on and only the nodes registered with :meth:`Federation.register` may join.
+
+Every process runs with Flower's telemetry off (``FLWR_TELEMETRY_ENABLED=0``) and with this
+Python's scripts folder first on ``PATH`` (Flower starts ``flower-superexec`` by name), so
+a virtualenv's ``venv/bin/python`` works without activating it.
 """
 
 import datetime
@@ -92,6 +96,14 @@ class Federation:
     self.procs, self.runs = {}, []
     self.auth = auth
     self.env = dict(os.environ, **(env or {}))
+    # No process of the federation reports to Flower's telemetry service (a hospital's would
+    # not be allowed to); a caller's env may turn it on explicitly.
+    self.env['FLWR_TELEMETRY_ENABLED'] = (env or {}).get('FLWR_TELEMETRY_ENABLED', '0')
+    # Flower starts its own commands by name (the SuperLink runs `flower-superexec`): this
+    # Python's scripts first on PATH, so an un-activated virtualenv works.
+    self.env['PATH'] = os.pathsep.join(
+        [_bin_dir()] + [p for p in self.env.get('PATH', '').split(os.pathsep)
+                        if p and p != _bin_dir()])
     self.env['FLWR_HOME'] = str(self.root / 'flwr_home')
     self.env['PYTHONPATH'] = os.pathsep.join(
         [str(REPO)] + [p for p in self.env.get('PYTHONPATH', '').split(os.pathsep) if p])
@@ -252,8 +264,15 @@ def _descendants(pid: int) -> list[int]:
   return out
 
 
+def _bin_dir() -> str:
+  """The folder of this Python's scripts (``flwr``, ``flower-superexec``, ...)."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  scripts = Path(sysconfig.get_path('scripts'))
+  return str(scripts if (scripts / 'flower-superexec').exists() else Path(sys.executable).parent)
+
+
 def _bin(name: str) -> str:
-  return str(Path(sys.executable).parent / name)
+  return str(Path(_bin_dir()) / name)
 
 
 def main(argv) -> None:
