@@ -6,6 +6,9 @@ A site runs one SuperNode with its node config::
       --auth-supernode-private-key site.key --port 9094 \\
       --node-config "center='synth1' state-dir='/srv/fb' data-source='folder' data-root='/data'"
 
+Every folder the site reads or writes comes from that node config (``state-dir``,
+``data-root``, ``cache-dir``), never from the server's request (:func:`site.site_config`).
+
 Message contents (all typed records, nothing pickled):
 
 * request: ``ConfigRecord 'request'`` (config JSON, study id, center, index, round,

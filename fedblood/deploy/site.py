@@ -61,7 +61,8 @@ def settings(node_config) -> tuple[str, Path]:
   missing = [k for k in ('center', 'state-dir') if not str(node_config.get(k, ''))]
   if missing:
     raise SiteError(f'node config is missing {missing} (flower-supernode --node-config '
-                    '"center=\'<name>\' state-dir=\'<dir>\' [data-root=... data-source=...]")')
+                    '"center=\'<name>\' state-dir=\'<dir>\' [data-root=... data-source=... '
+                    'cache-dir=...]")')
   return str(node_config['center']), Path(str(node_config['state-dir'])).expanduser().absolute()
 
 
