@@ -109,6 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.hue = 0.02
   # Per-channel intensity jitter, 1 +- this (stain / white-balance casts).
   c.augment.stain = 0.05
+  # Stain concentration jitter in optical density (HED basis), 1 +- this per stain: survives
+  # model.input_norm='per_image', unlike brightness, contrast and stain (fedblood.data.augment).
+  c.augment.od_stain = 0.0
+  # Random magnification in [1, 1 + this] at a random position (cell-size differences).
+  c.augment.zoom = 0.0
   return c
 
 
