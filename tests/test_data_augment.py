@@ -1,5 +1,7 @@
 """Augmentation: jittable, per image, dihedral geometry exact, colour kept in [0, 1]."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,67 @@ def test_strong_jitter_stays_in_unit_range():
   y = _run(jax.random.key(8), x, _cfg(brightness=0.8, contrast=0.9, saturation=0.9,
                                          hue=0.5, stain=0.9))
   assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+# --- What survives model.input_norm='per_image' -----------------------------------------------
+
+_OFF = dict(flip=False, rot90=False, **_NO_COLOUR)
+# The module (the name fedblood.data.augment is the function).
+augment_lib = sys.modules['fedblood.data.augment']
+
+
+def _standardised(x):
+  from fedblood.models import normalize  # pylint: disable=g-import-not-at-top
+  return np.asarray(normalize(jnp.asarray(x), 'per_image'))
+
+
+def _cells(b=16, s=32):
+  """Synthetic cell images (a stained cell on a bright background), not uniform noise."""
+  from fedblood.data import synthetic  # pylint: disable=g-import-not-at-top
+  images, _ = synthetic.make_center(1, b, 0, s)
+  return jnp.asarray(images, jnp.float32) / 255.0
+
+
+def _change(cfg, x):
+  """Relative change of the standardised input that ``cfg``'s augmentation makes."""
+  a, b = _standardised(x), _standardised(augment(jax.random.key(3), x, cfg))
+  return float(np.linalg.norm(a - b) / np.linalg.norm(a))
+
+
+def test_per_channel_gain_is_cancelled_by_per_image_standardisation():
+  """Why od_stain exists: a stain gain that clips nothing leaves the network's input unchanged."""
+  x = _cells() * 0.5 + 0.25  # in [0.25, 0.75]: these ranges clip nothing
+  for knob, value in (('stain', 0.15), ('brightness', 0.1), ('contrast', 0.25)):
+    assert _change(_cfg(**{**_OFF, knob: value}), x) < 1e-4, knob
+
+
+@pytest.mark.parametrize('knob, value', [('od_stain', 0.3), ('zoom', 0.3)])
+def test_od_stain_and_zoom_change_the_standardised_input(knob, value):
+  x = _cells() * 0.5 + 0.25
+  assert _change(_cfg(**{**_OFF, knob: value}), x) > 0.05
+  assert _change(_cfg(**{**_OFF, knob: 0.0}), x) == 0.0
+
+
+def test_od_stain_identity_at_factor_one_and_range():
+  x = _cells()
+  np.testing.assert_allclose(augment_lib._od_stain(jax.random.key(0), x, 0.0),
+                             jnp.maximum(x, augment_lib._OD_FLOOR), rtol=1e-5, atol=1e-6)
+  y = augment(jax.random.key(1), x, _cfg(**{**_OFF, 'od_stain': 0.5}))
+  assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_zoom_magnifies_inside_the_frame():
+  """A constant image stays constant (no padding enters); an edge moves outwards."""
+  flat = jnp.full((16, 32, 32, 3), 0.4)
+  np.testing.assert_allclose(augment(jax.random.key(0), flat, _cfg(**{**_OFF, 'zoom': 0.5})),
+                             flat, atol=1e-6)
+  half = jnp.zeros((16, 32, 32, 3)).at[:, :, 16:].set(1.0)  # right half white
+  y = np.asarray(augment(jax.random.key(0), half, _cfg(**{**_OFF, 'zoom': 0.5})))
+  assert y.shape == half.shape and not np.allclose(y, half)
+
+
+def test_new_jitters_leave_the_other_draws_unchanged():
+  """Zoom has its own key: on a constant image (zoom changes nothing) the colours drawn match."""
+  flat = jnp.full((16, 32, 32, 3), 0.4)
+  base = augment(jax.random.key(5), flat, _cfg())
+  np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(zoom=0.4)), base, atol=1e-6)

@@ -229,6 +229,8 @@ def test_center_missing_a_class_and_tiny_classes_load(tmp_path, caplog):
     (dict(source='folder', root='/nonexistent/centers'), 'data.root'),
     (dict(source='manual'), 'data.centers'),
     (dict(source='manual', centers=('pbc', 'kaggle')), 'kaggle'),
+    (dict(folds=1), 'data.folds'),
+    (dict(folds=5, fold=5), 'data.fold'),
 ])
 def test_config_errors_name_the_key(tmp_path, overrides, match):
   with pytest.raises((ValueError, FileNotFoundError), match=match):
@@ -329,3 +331,21 @@ def test_summarize_lists_every_center_and_split(tmp_path):
   centers = data.load_centers(_synthetic_cfg(tmp_path))
   table = data.summarize(centers)
   assert table.count('| synth') == 9 and 'basophil' in table.splitlines()[0]
+
+
+def test_k_folds_through_the_builder_test_each_image_once(tmp_path):
+  """data.folds / data.fold reach the TFDS build: 3 folds of a center test every image once,
+  each fold cached apart, and folds=0 keeps the test_fraction split's cache."""
+  tested = []
+  for fold in range(3):
+    centers = data.load_centers(_synthetic_cfg(tmp_path, folds=3, fold=fold))
+    tested.append(set(centers[1].test.files))
+    assert len(_all(centers[1])) == 24
+  assert set.union(*tested) == set(centers[1].train.files) | set(centers[1].val.files) | \
+      set(centers[1].test.files)
+  assert sum(map(len, tested)) == 24  # disjoint
+  names = sorted(p.name for p in (tmp_path / 'cache' / 'fedblood').glob('synth1-*.npz'))
+  assert len(names) == 3
+  plain = data.load_centers(_synthetic_cfg(tmp_path))[1]
+  assert len(plain.test.labels) == len(
+      data.load_centers(_synthetic_cfg(tmp_path, folds=0, fold=0))[1].test.labels)

@@ -95,3 +95,43 @@ def test_duplicate_files_are_an_error():
 def test_class_counts():
   np.testing.assert_array_equal(splits.class_counts(np.array([4, 4, 0, 2])), [1, 0, 1, 0, 2])
   assert splits.class_counts(np.zeros(0, np.int32)).tolist() == [0, 0, 0, 0, 0]
+
+
+def test_k_folds_test_every_image_once_stratified():
+  counts = (3, 41, 17, 26, 58)
+  files, labels = _center(counts)
+  runs = [splits.assign(files, labels, 0.15, 0.15, seed=1, folds=5, fold=f) for f in range(5)]
+  tested = np.stack([w == TEST for w in runs])
+  assert (tested.sum(0) == 1).all()  # every image is a test image in exactly one fold
+  for c, n in enumerate(counts):
+    per_fold = tested[:, labels == c].sum(1)
+    assert per_fold.max() - per_fold.min() <= 1 and per_fold.sum() == n
+  for which in runs:
+    for c, n in enumerate(counts):
+      n_val = int(np.sum((labels == c) & (which == VAL)))
+      n_train = int(np.sum((labels == c) & (which == TRAIN)))
+      n_test = int(np.sum((labels == c) & (which == TEST)))
+      assert n_val == min(int(np.floor(n * 0.15 + 0.5)), n - n_test - 1)
+      assert n_train >= 1
+
+
+def test_k_folds_deterministic_and_seeded():
+  files, labels = _center((30, 30, 30, 30, 30))
+  a = splits.assign(files, labels, 0.15, 0.15, seed=0, folds=5, fold=2)
+  np.testing.assert_array_equal(a, splits.assign(files, labels, 0.15, 0.15, seed=0, folds=5,
+                                                 fold=2))
+  assert (a != splits.assign(files, labels, 0.15, 0.15, seed=1, folds=5, fold=2)).any()
+
+
+def test_no_folds_is_the_fraction_split():
+  files, labels = _center((175, 453, 177, 207, 485))
+  np.testing.assert_array_equal(splits.assign(files, labels, 0.15, 0.15, seed=0),
+                                splits.assign(files, labels, 0.15, 0.15, seed=0, folds=0, fold=0))
+
+
+@pytest.mark.parametrize('folds, fold, key', [(1, 0, 'data.folds'), (-2, 0, 'data.folds'),
+                                              (5, 5, 'data.fold'), (5, -1, 'data.fold'),
+                                              (0, 1, 'data.fold'), (2.0, 0, 'data.folds')])
+def test_bad_folds_refused(folds, fold, key):
+  with pytest.raises(ValueError, match=rf'^{key}='):
+    splits.check_folds(folds, fold)

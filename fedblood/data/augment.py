@@ -5,6 +5,16 @@ images of the same cell. Centers differ mostly in colour (stain, lamp, camera), 
 (brightness, contrast, saturation, hue, and per-channel stain intensity) makes a model see other
 centers' colours. Images stay float32 in [0, 1].
 
+What survives ``model.input_norm='per_image'`` (each image's channels standardised): a per-channel
+gain or offset is removed by it, so ``brightness``, ``contrast`` and ``stain`` act only through
+the clipping of bright background; ``hue`` and ``saturation`` mix the channels and survive. Two
+jitters are built to survive it: ``od_stain`` scales each stain's concentration in optical
+density (``-log I``, the Beer-Lambert space, in the HED basis of Ruifrok & Johnston 2001 as
+scikit-image's ``rgb2hed``; Tellez et al. 2018's HED jitter without its bias term, which is a
+per-channel gain in RGB), a non-linear change of every channel; and ``zoom``, a random
+magnification of up to ``1 + zoom`` at a random position, for the cell-size differences between
+optics. Each is drawn from its own key, so turning it on leaves the other draws unchanged.
+
 Usage::
 
   images = augment(jax.random.fold_in(rng, step), images, config.data.augment)  # inside jit
@@ -19,6 +29,15 @@ _RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114],
                         [0.596, -0.274, -0.322],
                         [0.211, -0.523, 0.312]], np.float32)
 _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ).astype(np.float32)
+# Optical density <-> stain concentrations (haematoxylin, eosin, DAB), rows the stains' OD
+# vectors: scikit-image's rgb_from_hed (Ruifrok & Johnston 2001).
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
+                          [0.07, 0.99, 0.11],
+                          [0.27, 0.57, 0.78]], np.float32)
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
+_OD_FLOOR = 1e-3  # intensity floor before -log: an optical density of at most ~6.9
+# Keys of the jitters added after the first draw (fold_in constants: never reuse one).
+_ZOOM_KEY, _OD_KEY = 1, 2
 
 
 def _uniform(u, spread):
@@ -34,8 +53,10 @@ def augment(rng, images, cfg):
     images: float32 [B, H, W, 3] in [0, 1]; H == W when ``cfg.rot90``.
     cfg: the ``data.augment`` ConfigDict: ``enabled``, ``flip``, ``rot90`` (bools) and the
       jitter ranges ``brightness`` (additive), ``contrast``, ``saturation``, ``stain``
-      (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel). Read at trace
-      time: a zero range costs nothing.
+      (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
+      (each stain's optical density times 1 +- value) and ``zoom`` (magnification in
+      [1, 1 + value]), absent in older configs: 0. Read at trace time: a zero range costs
+      nothing.
 
   Returns:
     float32 [B, H, W, 3] in [0, 1]; the input itself when ``cfg.enabled`` is False.
@@ -57,6 +78,10 @@ def augment(rng, images, cfg):
     x = turned
   if cfg.flip:
     x = jnp.where(per_image(u[:, 1] < 0.5), x[:, :, ::-1], x)
+  if cfg.get('zoom', 0.0):
+    x = _zoom(jax.random.fold_in(rng, _ZOOM_KEY), x, cfg.zoom)
+  if cfg.get('od_stain', 0.0):
+    x = _od_stain(jax.random.fold_in(rng, _OD_KEY), x, cfg.od_stain)
 
   if cfg.stain:  # per-channel intensity: a crude stain / white-balance change
     x = x * (1 + _uniform(u[:, None, None, 2:5], cfg.stain))
@@ -76,3 +101,26 @@ def augment(rng, images, cfg):
     mix = jnp.asarray(_YIQ_TO_RGB) @ chroma @ jnp.asarray(_RGB_TO_YIQ)         # [B, 3, 3]
     x = jnp.einsum('bhwc,bdc->bhwd', x, mix)
   return jnp.clip(x, 0.0, 1.0)
+
+
+def _zoom(rng, x, zoom: float):
+  """Each image magnified by a factor in [1, 1 + zoom] about a random point, bilinear, same size.
+
+  An output pixel p shows the input at ``(p - t) / s``, with ``t`` drawn in ``[S - S s, 0]`` so
+  the window stays inside the image (no padding).
+  """
+  size = jnp.asarray(x.shape[1:3], jnp.float32)
+  u = jax.random.uniform(rng, (x.shape[0], 3))
+  scale = 1 + u[:, 0] * zoom
+  shift = u[:, 1:] * (size - size * scale[:, None])
+  one = lambda image, s, t: jax.image.scale_and_translate(
+      image, image.shape, (0, 1), jnp.stack([s, s]), t, 'linear', antialias=False)
+  return jax.vmap(one)(x, scale, shift)
+
+
+def _od_stain(rng, x, spread: float):
+  """Each stain's concentration (optical density in the HED basis) scaled by 1 +- ``spread``."""
+  factors = 1 + _uniform(jax.random.uniform(rng, (x.shape[0], 1, 1, 3)), spread)
+  od = -jnp.log(jnp.maximum(x, _OD_FLOOR))
+  stains = od @ jnp.asarray(_HED_FROM_RGB)
+  return jnp.exp(-(stains * factors) @ jnp.asarray(_RGB_FROM_HED))

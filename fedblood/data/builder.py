@@ -44,7 +44,8 @@ class CenterConfig(tfds.core.BuilderConfig):
     layout: 'folder', 'synthetic' or a key of ``layouts.NAMED_SETS``.
     path: the center folder ('folder'), or the manual-download folder of a named set ('' = TFDS'
       manual dir).
-    val_fraction, test_fraction, split_seed: the stratified split.
+    val_fraction, test_fraction, split_seed, folds, fold: the stratified split
+      (:func:`fedblood.data.splits.assign`).
     synth_index, synth_images, synth_seed, image_size: a synthetic center (rendered at
       ``image_size``).
   """
@@ -53,6 +54,8 @@ class CenterConfig(tfds.core.BuilderConfig):
   val_fraction: float = VAL_FRACTION
   test_fraction: float = TEST_FRACTION
   split_seed: int = 0
+  folds: int = 0
+  fold: int = 0
   synth_index: int = 0
   synth_images: int = 0
   synth_seed: int = 0
@@ -108,7 +111,8 @@ class Leukocytes(tfds.core.GeneratorBasedBuilder):
       files, labels = listing.files, listing.labels
       source = ('files', listing.root)
     which = splits_lib.assign(files, labels, cfg.val_fraction, cfg.test_fraction,
-                              cfg.split_seed, center=cfg.name.rsplit('-', 1)[0])
+                              cfg.split_seed, center=cfg.name.rsplit('-', 1)[0],
+                              folds=cfg.folds, fold=cfg.fold)
     return {name: self._generate_examples(source, files, labels, np.flatnonzero(which == s))
             for s, name in enumerate(splits_lib.SPLIT_NAMES) if (which == s).any()}
 

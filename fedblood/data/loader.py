@@ -77,6 +77,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.test_fraction = 0.15
   # Changes which files fall in which split.
   c.split_seed = 0
+  # Stratified k-fold evaluation: with folds = k >= 2 the test split is fold `fold` (0..k-1) of
+  # each class's images instead of test_fraction; the k runs fold = 0..k-1 test every image once
+  # (`launch.py --folds 0-4`). 0: the test_fraction split.
+  c.folds = 0
+  c.fold = 0
   # TFDS builds and resized .npz caches; '' = TFDS' data dir ($TFDS_DATA_DIR or
   # ~/tensorflow_datasets). Never inside the image folders (they may be read-only or shared).
   c.cache_dir = ''
@@ -104,6 +109,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment.hue = 0.02
   # Per-channel intensity jitter, 1 +- this (stain / white-balance casts).
   c.augment.stain = 0.05
+  # Stain concentration jitter in optical density (HED basis), 1 +- this per stain: survives
+  # model.input_norm='per_image', unlike brightness, contrast and stain (fedblood.data.augment).
+  c.augment.od_stain = 0.0
+  # Random magnification in [1, 1 + this] at a random position (cell-size differences).
+  c.augment.zoom = 0.0
   return c
 
 
@@ -121,6 +131,7 @@ def _check(data_cfg):
   if data_cfg.resize not in images_lib.RESIZE_POLICIES:
     raise ValueError(f'data.resize={data_cfg.resize!r} is not one of {images_lib.RESIZE_POLICIES}')
   splits_lib.check_fractions(data_cfg.val_fraction, data_cfg.test_fraction)
+  splits_lib.check_folds(*_folds(data_cfg))
   for name, fraction in _crops(data_cfg).items():
     images_lib.check_crop(fraction, f'data.crop.{name}')
   if data_cfg.source != 'synthetic' and data_cfg.root:
@@ -189,10 +200,18 @@ def crop_of(data_cfg, center: str) -> float:
   return float(_crops(data_cfg).get(center, 1.0))
 
 
+def _folds(data_cfg) -> tuple[int, int]:
+  """``(data.folds, data.fold)``; ``(0, 0)`` for a config written before k-fold existed."""
+  return data_cfg.get('folds', 0), data_cfg.get('fold', 0)
+
+
 def _digest(fields: dict, data_cfg) -> str:
   key = dict(fields, code=_CODE_VERSION, tfds_version=str(builder_lib.Leukocytes.VERSION),
              val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction,
              split_seed=data_cfg.split_seed)
+  folds, fold = _folds(data_cfg)
+  if folds:  # only then: the caches of a test_fraction split keep their names
+    key.update(folds=folds, fold=fold)
   if fields['layout'] != 'synthetic':
     key['path'] = os.path.abspath(fields['path'])
     key['files'] = layouts.fingerprint(layouts.locate(fields['layout'], fields['path']))
@@ -219,7 +238,8 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
   start = time.time()
   config = builder_lib.CenterConfig(
       name=config_name, val_fraction=data_cfg.val_fraction,
-      test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed, **fields)
+      test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed,
+      folds=_folds(data_cfg)[0], fold=_folds(data_cfg)[1], **fields)
   with quiet.tfds_quiet():
     builder = builder_lib.Leukocytes(config=config, data_dir=cache_dir(data_cfg),
                                      file_format='array_record')

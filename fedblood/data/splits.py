@@ -4,6 +4,12 @@ Each file gets a score ``sha256(f'{seed}:{relative path}')``; within each class 
 lowest scores go to test, the next to validation, the rest to train. Hashes of names (instead of
 a seeded numpy permutation) make the split identical on every machine and numpy version, and
 stable when images are added: an existing file only moves if its class's split sizes change.
+
+With ``folds`` = k > 1 (``data.folds``), the test split is fold ``fold`` of a stratified k-fold
+partition instead of a ``test_fraction`` share: within each class, the file of rank i (in score
+order) is in fold ``i % k``, so the k runs ``fold = 0..k-1`` test every image exactly once and each
+fold holds a class's images to within one. Validation is then the ``val_fraction`` share of the
+class, taken in score order from the files outside the test fold; train keeps the rest.
 """
 
 import hashlib
@@ -15,6 +21,17 @@ from fedblood.data.layouts import CLASSES
 
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ('train', 'validation', 'test')
+
+
+def check_folds(folds: int, fold: int):
+  """``data.folds`` is 0 (no folds: ``data.test_fraction``) or k >= 2, and 0 <= ``data.fold`` < k."""
+  integer = lambda x: isinstance(x, int) and not isinstance(x, bool)
+  if not integer(folds) or folds < 0 or folds == 1:
+    raise ValueError(f'data.folds={folds!r} must be 0 (a test_fraction split) or an integer >= 2 '
+                     '(k-fold: the test split is one fold)')
+  if not integer(fold) or not 0 <= fold < max(folds, 1):
+    raise ValueError(f'data.fold={fold!r} must be an integer in [0, {max(folds - 1, 0)}] '
+                     f'(data.folds={folds})')
 
 
 def check_fractions(val_fraction: float, test_fraction: float):
@@ -39,7 +56,7 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
 
 
 def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
-           center: str = '') -> np.ndarray:
+           center: str = '', folds: int = 0, fold: int = 0) -> np.ndarray:
   """Assigns each file to TRAIN, VAL or TEST, stratified by class.
 
   Args:
@@ -48,12 +65,15 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
     val_fraction, test_fraction: shares of each class for validation and test.
     seed: changes the assignment.
     center: for the log line about classes too small to split.
+    folds, fold: with ``folds`` >= 2, the test split is fold ``fold`` of a stratified
+      ``folds``-fold partition and ``test_fraction`` is not used (module docstring).
 
   Returns:
     int8 [N] of TRAIN / VAL / TEST. A class whose validation or test share rounds to zero images
     (e.g. 1-3 basophils) keeps those images in train; this is logged, never an error.
   """
   check_fractions(val_fraction, test_fraction)
+  check_folds(folds, fold)
   labels = np.asarray(labels)
   if len(set(files)) != len(files):
     raise ValueError(f'Duplicate file names in center {center!r}')
@@ -62,9 +82,18 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     order = idx[np.argsort([_score(seed, files[i]) for i in idx], kind='stable')]
-    _, n_val, n_test = split_sizes(len(idx), val_fraction, test_fraction)
-    out[order[:n_test]] = TEST
-    out[order[n_test:n_test + n_val]] = VAL
+    if folds:
+      in_fold = np.arange(len(order)) % folds == fold
+      n_test = int(in_fold.sum())
+      rest = order[~in_fold]
+      n_val = max(0, min(int(np.floor(len(idx) * val_fraction + 0.5)), len(rest) - 1))
+      out[order[in_fold]] = TEST
+      out[rest[:n_val]] = VAL
+      test_fraction = 1 / folds
+    else:
+      _, n_val, n_test = split_sizes(len(idx), val_fraction, test_fraction)
+      out[order[:n_test]] = TEST
+      out[order[n_test:n_test + n_val]] = VAL
     if (val_fraction and not n_val) or (test_fraction and not n_test):
       small.append(f'{CLASSES[c]} ({len(idx)}: {len(idx) - n_val - n_test}/{n_val}/{n_test})')
   if small:
