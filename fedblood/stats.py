@@ -20,11 +20,8 @@ def accuracy_interval(correct: int, total: int, confidence: float = 0.95) -> tup
   """Wilson score interval of ``correct / total`` (``(nan, nan)`` for no image)."""
   if total <= 0:
     return float('nan'), float('nan')
-  z = scipy_stats.norm.ppf(0.5 + confidence / 2)
-  p = correct / total
-  centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-  half = z * np.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-  return float(centre - half), float(centre + half)
+  ci = scipy_stats.binomtest(correct, total).proportion_ci(confidence, method='wilson')
+  return float(ci.low), float(ci.high)
 
 
 class Paired(NamedTuple):
@@ -101,7 +98,7 @@ def em_priors(posteriors, train_priors, *, tol: float = 1e-6, max_iter: int = 10
   if np.any(train <= 0):
     raise ValueError(f'em_priors: every training prior must be > 0, got {train.tolist()}')
   train = train / train.sum()
-  priors, adjusted = train.copy(), p
+  priors = train.copy()
   for step in range(1, max_iter + 1):
     weighted = p * (priors / train)
     adjusted = weighted / weighted.sum(axis=1, keepdims=True)
