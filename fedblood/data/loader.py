@@ -236,10 +236,11 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
       logging.warning('Center %s: the cache %s cannot be read (%s: %s); rebuilding it from the '
                       'images', name, path, type(e).__name__, e)
   start = time.time()
+  folds, fold = _folds(data_cfg)
   config = builder_lib.CenterConfig(
       name=config_name, val_fraction=data_cfg.val_fraction,
-      test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed,
-      folds=_folds(data_cfg)[0], fold=_folds(data_cfg)[1], **fields)
+      test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed, folds=folds,
+      fold=fold, **fields)
   with quiet.tfds_quiet():
     builder = builder_lib.Leukocytes(config=config, data_dir=cache_dir(data_cfg),
                                      file_format='array_record')

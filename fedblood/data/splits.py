@@ -78,7 +78,7 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
   if len(set(files)) != len(files):
     raise ValueError(f'Duplicate file names in center {center!r}')
   out = np.full(len(files), TRAIN, np.int8)
-  small = []
+  small, wants_test = [], bool(folds or test_fraction)
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     order = idx[np.argsort([_score(seed, files[i]) for i in idx], kind='stable')]
@@ -89,12 +89,11 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
       n_val = max(0, min(int(np.floor(len(idx) * val_fraction + 0.5)), len(rest) - 1))
       out[order[in_fold]] = TEST
       out[rest[:n_val]] = VAL
-      test_fraction = 1 / folds
     else:
       _, n_val, n_test = split_sizes(len(idx), val_fraction, test_fraction)
       out[order[:n_test]] = TEST
       out[order[n_test:n_test + n_val]] = VAL
-    if (val_fraction and not n_val) or (test_fraction and not n_test):
+    if (val_fraction and not n_val) or (wants_test and not n_test):
       small.append(f'{CLASSES[c]} ({len(idx)}: {len(idx) - n_val - n_test}/{n_val}/{n_test})')
   if small:
     logging.warning('Center %s: too few images to split class(es) %s [train/val/test]; the '
