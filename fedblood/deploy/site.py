@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import checkpoint
+from fedblood import checkpoint, simulate
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 
@@ -104,7 +104,7 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
   st = study_lib.build(wire.config_from_json(request['config']))
   if name not in st.centers:
     raise SiteError(f'node config center={name!r} is not a center of this study {st.centers}')
-  center = study_lib.load_site_center(st.config, name, node_config)
+  center = study_lib.load_site_center(st.config.data, name, node_config)
   reply = {'site': _sizes(center)}
   if kind == 'query' and server_rec is None:
     return reply
@@ -124,11 +124,11 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
   r, k, committed = int(request['round']), int(request['index']), int(request['committed'])
   mngr = _state_manager(state_dir, request['study'])
   client_state = _restore_client_state(mngr, st, committed, name)
-  examples = study_lib.padded_examples(center.train, int(request['nmax']))
+  examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
   size = jnp.int32(len(center.train.labels))
   local, new_state, metrics = study_lib.client_step(st)(
       server_state, client_state, jnp.float32(request['weight']), frozen, examples, size,
-      study_lib.rng(st.config, r, k))
+      study_lib.rng(st.config.seed, r, k))
   for step in [s for s in mngr.all_steps() if s > committed]:
     mngr.delete(step)  # never accepted by the server: superseded by this round's state
   if jax.tree.leaves(new_state):
