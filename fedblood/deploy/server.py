@@ -1,7 +1,8 @@
 """The deployed study's server loop: the simulation's rounds, with sites answering over Flower.
 
-:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, with the centers' local updates
-computed at the sites (:mod:`fedblood.deploy.site`) and every other step the simulation's:
+:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, through the same round driver
+(:func:`fedblood.driver.drive`), with the centers' local updates computed at the sites
+(:mod:`fedblood.deploy.site`) and every other step the simulation's:
 
 * the reference model comes from ``reference.restore`` (a deployed server has no images to
   train one; train it at the reference site with ``launch.py`` and pass its workdir);
@@ -11,8 +12,9 @@ computed at the sites (:mod:`fedblood.deploy.site`) and every other step the sim
   (shapes, dtypes, finite values) are the round's active clients; the simulation's own
   jitted server step (``execution='loop'``) aggregates them with weights ``n_k / sum(n) * C``
   from the sizes the sites reported. Every connected site then evaluates the new model,
-  the rows go to ``metrics.jsonl`` and the round is checkpointed (Orbax, the simulation's
-  layout plus the sites' sizes, Table 1 and each center's last accepted round);
+  the rows go to ``metrics.jsonl`` and the round is checkpointed as a simulated one is (Orbax,
+  each ``checkpoint.every`` rounds and the last, the best-validation step kept; the
+  simulation's layout plus the sites' sizes, Table 1 and each center's last accepted round);
 * a restarted server resumes from its last checkpoint; a site that missed rounds rejoins
   (under any node id) and trains from its state of the round it was last accepted in.
 

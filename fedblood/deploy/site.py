@@ -73,8 +73,10 @@ def _evaluate(st, center, server_state, frozen, request) -> dict:
   return out
 
 
-def _state_manager(state_dir: Path, study_id: str):
-  return checkpoint.manager(state_dir / study_id / 'client_state', keep=3)
+def _state_manager(state_dir: Path, study_id: str, every: int):
+  # The server commits a round each `every` rounds (checkpoint.every): a restarted server asks
+  # for the state of a round up to `every` trained rounds back, plus one never accepted.
+  return checkpoint.manager(state_dir / study_id / 'client_state', keep=every + 2)
 
 
 def _restore_client_state(mngr, st, committed: int, center: str):
@@ -122,7 +124,7 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
   if kind != 'train':
     return reply
   r, k, committed = int(request['round']), int(request['index']), int(request['committed'])
-  mngr = _state_manager(state_dir, request['study'])
+  mngr = _state_manager(state_dir, request['study'], st.config.checkpoint.get('every', 1))
   client_state = _restore_client_state(mngr, st, committed, name)
   examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
   size = jnp.int32(len(center.train.labels))
