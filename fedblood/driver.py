@@ -145,7 +145,7 @@ def after_round(run: Run, r: int, trained, evaluate: Callable, log: Callable,
   for row in round_rows:
     log(row)
   trained_rows = [row for row in round_rows if not row.get('held_out')]
-  val = [row[f'{BEST_METRIC}'] for row in trained_rows if BEST_METRIC in row]
+  val = [row[BEST_METRIC] for row in trained_rows if BEST_METRIC in row]
   mean_val = float(np.mean(val)) if val else None
   summary = {'val_accuracy': mean_val,
              'test_accuracy': float(np.mean([row['accuracy'] for row in trained_rows])),

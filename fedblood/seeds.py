@@ -114,6 +114,7 @@ def fl_vectorized(configs, workdirs) -> None:
   _, sweep_fn = rounds.compiled(rounds.spec(exps[0].loss, configs[0].fl), 'sweep')
   stacked_frozen, stacked_keys = vectorized.stack(frozens), jnp.stack(keys)
 
+  # The seeds' configs differ in the seed only: one spec, so one (cached) round_fn for all.
   def train_round(r, members, actives, member_states):
     if len(members) < len(runs):  # catching up: each seed's own round
       return [fl_lib.single_round(round_fn, frozens[i], sim, keys[i])(r, [i], [a], [s])[0]
