@@ -19,7 +19,6 @@ batching changes the rounding of the convolutions). Seeds whose federated stage 
 interrupted at different rounds are first brought, one at a time, to the latest one.
 """
 
-import functools
 import json
 from pathlib import Path
 import re
@@ -27,10 +26,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from fedblood import aggregate, algorithms, data, experiment, runlog, sweep, train, vectorized
+from fedblood import aggregate, data, driver, experiment, rounds, runlog, simulate, sweep, train
+from fedblood import vectorized
 from fedblood import workdir as workdir_lib
 from fedblood.stages import fl as fl_lib
 from fedblood.stages.reference import reference_stage
@@ -91,54 +90,46 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   return aggregate.write(workdir, seeds, dirs)
 
 
-@functools.lru_cache(maxsize=4)
-def _sweep_round(loss, settings: ml_collections.FrozenConfigDict):
-  fl = settings.as_configdict()
-  return vectorized.build_sweep_round(algorithms.build(fl), loss, batch_size=fl.batch_size,
-                                      local_epochs=fl.local_epochs,
-                                      execution=fl.get('execution', 'auto'))
-
-
 def fl_vectorized(configs, workdirs) -> None:
   """Reference models seed by seed, then the federated rounds of all of them as one program.
 
   Leaves each workdir as :func:`fedblood.train.run` would at the end of its FL stage
-  (config.json, metrics.jsonl rows, reference and FL checkpoints).
+  (config.json, metrics.jsonl rows, reference and FL checkpoints). Seeds resumed at different
+  rounds first catch up, each with its own round, to the latest one.
   """
-  config = configs[0]
-  centers = data.load_centers(config.data)
-  exps, runs, servers, clients, logs = [], [], [], [], []
+  centers = data.load_centers(configs[0].data)
+  exps, runs, states, logs, frozens, keys = [], [], [], [], [], []
   for cfg, workdir in zip(configs, workdirs):
     workdir_lib.check_config(cfg, workdir)
     logs.append(runlog.logger(workdir))
     exps.append(experiment.build(cfg))
     reference, _ = reference_stage(exps[-1], cfg.reference, centers[0], workdir, logs[-1])
-    fl_run, server, client = fl_lib.fl_setup(exps[-1], cfg.fl, cfg.checkpoint, reference, centers,
-                                             workdir)
-    runs.append(fl_run)
-    servers.append(server)
-    clients.append(client)
-  sim = fl_lib.stack_centers(centers)
-  top = max(r.start for r in runs)
-  for i, (exp, fl_run) in enumerate(zip(exps, runs)):  # resumed at different rounds: catch up
-    for r in range(fl_run.start + 1, top + 1):
-      servers[i], clients[i], _ = fl_lib.fl_round(exp, fl_run, centers, sim, r, servers[i],
-                                                  clients[i], logs[i])
-  round_fn = _sweep_round(exps[0].loss, fl_lib.round_settings(config.fl))
-  num = len(runs)
-  server, client = vectorized.stack(servers), vectorized.stack(clients)
-  frozen = vectorized.stack([r.frozen for r in runs])
-  keys = jnp.stack([r.fl_key for r in runs])
-  for r in range(top + 1, config.fl.rounds + 1):
-    active = np.stack([fl_lib.participation(fl_run.fl, fl_run.part_key, r, len(centers))
-                       for fl_run in runs])
-    server, client, round_metrics = round_fn(server, client, frozen, sim, active, keys,
-                                             jnp.int32(r))
-    per_server, per_client = vectorized.unstack(server, num), vectorized.unstack(client, num)
-    per_metrics = vectorized.unstack(round_metrics, num)
-    for i, (exp, fl_run) in enumerate(zip(exps, runs)):
-      fl_lib.fl_after_round(exp, fl_run, centers, r, active[i], per_server[i], per_client[i],
-                            per_metrics[i], logs[i])
-  for fl_run, workdir in zip(runs, workdirs):
-    fl_run.mngr.close()
+    run, round_fn, frozen, state = fl_lib.fl_setup(exps[-1], cfg.fl, cfg.checkpoint, reference,
+                                                   centers, workdir)
+    runs.append(run)
+    states.append(state)
+    frozens.append(frozen)
+    keys.append(jax.random.fold_in(exps[-1].key, experiment.STAGE['fl']))
+  sim = simulate.pad_centers([c.train for c in centers])
+  _, sweep_fn = rounds.compiled(rounds.spec(exps[0].loss, configs[0].fl), 'sweep')
+  stacked_frozen, stacked_keys = vectorized.stack(frozens), jnp.stack(keys)
+
+  # The seeds' configs differ in the seed only: one spec, so one (cached) round_fn for all.
+  def train_round(r, members, actives, member_states):
+    if len(members) < len(runs):  # catching up: each seed's own round
+      return [fl_lib.single_round(round_fn, frozens[i], sim, keys[i])(r, [i], [a], [s])[0]
+              for i, a, s in zip(members, actives, member_states)]
+    server = vectorized.stack([s for s, _ in member_states])
+    clients = vectorized.stack([c for _, c in member_states])
+    server, clients, round_metrics = sweep_fn(server, clients, stacked_frozen, sim,
+                                              np.stack(actives), stacked_keys, jnp.int32(r))
+    num = len(runs)
+    return list(zip(vectorized.unstack(server, num), vectorized.unstack(clients, num),
+                    vectorized.unstack(round_metrics, num), actives))
+
+  evaluates = [fl_lib.evaluator(exp, run, frozen, centers)
+               for exp, run, frozen in zip(exps, runs, frozens)]
+  driver.drive(runs, states, train_round, evaluates, logs)
+  for run, workdir in zip(runs, workdirs):
+    run.ckpt.mngr.close()
     runlog.close(workdir)

@@ -43,6 +43,7 @@ import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedblood import algorithms, batches, executions
@@ -61,6 +62,28 @@ class Centers(NamedTuple):
   """
   examples: dict
   sizes: Any
+
+
+def pad_centers(splits, nmax: Optional[int] = None) -> Centers:
+  """:class:`Centers` of training splits (``images``, ``labels``), each padded to ``nmax``.
+
+  ``nmax`` defaults to the longest split. The simulation pads every center's split; a deployed
+  site pads its own one to the federation's ``Nmax`` with this same function, so both see the
+  same ``[C, Nmax, ...]`` rows (``C = 1`` at a site).
+  """
+  sizes = [len(s.labels) for s in splits]
+  nmax = max(sizes) if nmax is None else nmax
+  if max(sizes) > nmax:
+    raise ValueError(f'a center has {max(sizes)} training images, more than the federation\'s '
+                     f'Nmax={nmax}')
+
+  def pad(x):
+    return np.concatenate([x, np.zeros((nmax - len(x),) + x.shape[1:], x.dtype)])
+
+  return Centers(
+      examples={'image': jnp.asarray(np.stack([pad(s.images) for s in splits])),
+                'label': jnp.asarray(np.stack([pad(s.labels.astype(np.int32)) for s in splits]))},
+      sizes=jnp.asarray(sizes, jnp.int32))
 
 
 def check_centers(centers: Centers):

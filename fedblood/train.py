@@ -35,19 +35,21 @@ from fedblood.stages.fl import fl_stage, held_out
 from fedblood.stages.reference import reference_stage
 
 
-def study_results(config, names, before, after_models, eval_name, baselines, reference_info,
-                  train_sizes) -> dict:
+def study_results(title, algorithm, rounds, names, before, after_models, eval_name, baselines,
+                  reference_info, train_sizes) -> dict:
   """The results dict of a study (results.json) from full per-center metrics.
 
+  ``title``, ``algorithm``, ``rounds``: ``config.title`` (default 'fedblood run'),
+  ``config.fl.algorithm``, ``config.fl.rounds``.
   ``before``: ``{center: metrics}`` of the reference model; ``after_models``:
   ``{model: {center: metrics}}`` after FL; ``baselines``: ``{name: {center: metrics}}``.
   """
   after = after_models[eval_name]
   summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
   return {
-      'title': config.get('title', 'fedblood run'), 'centers': names, 'reference': names[0],
-      'classes': list(metrics.CLASSES), 'algorithm': config.fl.algorithm,
-      'rounds': config.fl.rounds, 'eval_model': eval_name,
+      'title': title, 'centers': names, 'reference': names[0],
+      'classes': list(metrics.CLASSES), 'algorithm': algorithm,
+      'rounds': rounds, 'eval_model': eval_name,
       'before': summarize(before), 'after': summarize(after),
       'after_models': {name: summarize(per) for name, per in after_models.items()},
       'baselines': {name: summarize(per) for name, per in baselines.items()},
@@ -74,7 +76,8 @@ def _run(config, workdir: Path) -> dict:
   times = {}
   centers = data.load_centers(config.data)
   data.require_splits(centers)
-  holdout = held_out(config.fl, centers)  # names checked before config.json is written
+  # The held-out names are checked before config.json is written.
+  holdout = held_out(config.fl.get('holdout', ()), [c.name for c in centers])
   workdir_lib.check_config(config, workdir)
   times['data_s'] = time.time() - started
   names = [c.name for c in centers]
@@ -100,8 +103,10 @@ def _run(config, workdir: Path) -> dict:
                               workdir, log, holdout)
   times['baselines_s'] = time.time() - t
 
-  results = study_results(config, names, before, after_models, fl_info['eval_model'], baselines,
-                          reference_info, {c.name: int(len(c.train.labels)) for c in centers})
+  results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
+                          config.fl.rounds, names, before, after_models, fl_info['eval_model'],
+                          baselines, reference_info,
+                          {c.name: int(len(c.train.labels)) for c in centers})
   if 'privacy' in fl_info:
     results['privacy'] = fl_info['privacy']
   if holdout:

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip('flwr')
 
-from fedblood import checkpoint, experiment, train  # pylint: disable=g-import-not-at-top
+from fedblood import checkpoint, experiment, simulate, train  # pylint: disable=g-import-not-at-top
 from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
 from fedblood.experiment import STAGE  # pylint: disable=g-import-not-at-top
 from fedblood.stages import fl  # pylint: disable=g-import-not-at-top
@@ -129,7 +129,7 @@ def _replay(overrides, masks):
   ref, _ = load_reference(config.reference.restore, exp)
   centers = data.load_centers(config.data)
   _, round_fn, state, frozen = fl.fl_template(exp, config.fl, ref, len(centers))
-  sim = fl.stack_centers(centers)
+  sim = simulate.pad_centers([c.train for c in centers])
   fl_key = jax.random.fold_in(exp.key, STAGE['fl'])
   server, clients = state['server'], state['clients']
   for r, active in enumerate(masks, 1):

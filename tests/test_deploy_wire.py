@@ -106,6 +106,6 @@ def test_a_site_reads_its_center_with_its_own_crop(tmp_path, caplog):
   together = {c.name: c for c in data.load_centers(config.data)}
   for name in ('far', 'near'):
     with caplog.at_level(logging.WARNING):
-      site = study.load_site_center(config, name, {'cache-dir': str(tmp_path / 'site_cache')})
+      site = study.load_site_center(config.data, name, {'cache-dir': str(tmp_path / 'site_cache')})
     np.testing.assert_array_equal(site.train.images, together[name].train.images)
     assert not [r for r in caplog.records if 'data.crop' in r.getMessage()]  # no other sites'

@@ -1,7 +1,8 @@
 """The deployed study's server loop: the simulation's rounds, with sites answering over Flower.
 
-:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, with the centers' local updates
-computed at the sites (:mod:`fedblood.deploy.site`) and every other step the simulation's:
+:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, through the same round driver
+(:func:`fedblood.driver.drive`), with the centers' local updates computed at the sites
+(:mod:`fedblood.deploy.site`) and every other step the simulation's:
 
 * the reference model comes from ``reference.restore`` (a deployed server has no images to
   train one; train it at the reference site with ``launch.py`` and pass its workdir);
@@ -11,8 +12,9 @@ computed at the sites (:mod:`fedblood.deploy.site`) and every other step the sim
   (shapes, dtypes, finite values) are the round's active clients; the simulation's own
   jitted server step (``execution='loop'``) aggregates them with weights ``n_k / sum(n) * C``
   from the sizes the sites reported. Every connected site then evaluates the new model,
-  the rows go to ``metrics.jsonl`` and the round is checkpointed (Orbax, the simulation's
-  layout plus the sites' sizes, Table 1 and each center's last accepted round);
+  the rows go to ``metrics.jsonl`` and the round is checkpointed as a simulated one is (Orbax,
+  each ``checkpoint.every`` rounds and the last, the best-validation step kept; the
+  simulation's layout plus the sites' sizes, Table 1 and each center's last accepted round);
 * a restarted server resumes from its last checkpoint; a site that missed rounds rejoins
   (under any node id) and trains from its state of the round it was last accepted in.
 
@@ -25,13 +27,13 @@ center, every refused reply and why.
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedblood import checkpoint, data, metrics, report, runlog, train
+from fedblood import data, driver, metrics, report, runlog, train
 from fedblood import workdir as workdir_lib
 from fedblood.experiment import STAGE
 from fedblood.stages import fl as fl_lib
@@ -39,82 +41,11 @@ from fedblood.stages.reference import reference_stage
 from fedblood.algorithms import base
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
+from fedblood.deploy.sites import Sites, note  # pylint: disable=unused-import  (server_app: note)
 
 
 class FederationError(RuntimeError):
   """The federation cannot go on (no site answered, or a center never connected)."""
-
-
-def note(workdir: Path, text: str) -> None:
-  """A line in ``deploy.log`` and on stdout (Flower streams it to ``flwr run --stream``)."""
-  now = time.time()
-  stamp = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now)) + f'.{int(now % 1 * 1000):03d}Z'
-  line = f'{stamp} {text}'
-  print(f'fedblood: {text}', flush=True)
-  with open(workdir / 'deploy.log', 'a') as f:
-    f.write(line + '\n')
-
-
-class Sites:
-  """Which node answers for which center; asks new nodes who they are."""
-
-  def __init__(self, grid, st, base_request: dict, workdir: Path, timeout: float):
-    self.grid, self.st, self.base, self.workdir, self.timeout = (
-        grid, st, base_request, workdir, timeout)
-    self.node_of, self.sizes = {}, {}
-
-  def center_of(self, node_id):
-    return {n: c for c, n in self.node_of.items()}.get(node_id)
-
-  def send(self, kind: str, payloads: dict, content: dict) -> dict:
-    """Sends ``kind`` to ``{node_id: request fields}``; returns ``{node_id: reply}`` (no errors)."""
-    msgs = [Message(RecordDict({'request': ConfigRecord({**self.base, **fields}), **content}),
-                    dst_node_id=node, message_type=kind, ttl=self.timeout)
-            for node, fields in payloads.items()]
-    replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
-    # An error the SuperLink writes (e.g. the node stopped its heartbeat) comes from the
-    # SuperLink, not the node: name the node the request went to.
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
-    out = {}
-    for reply in replies:
-      node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-      who = f'node {node} (center {self.center_of(node)!r})'
-      if reply.has_error():
-        note(self.workdir, f'{kind}: {who} failed: {reply.error.reason}')
-      elif 'site' not in reply.content:
-        note(self.workdir, f'{kind}: refused the reply of {who}: no site record')
-      else:
-        out[node] = reply
-    return out
-
-  def refresh(self, content: dict | None = None, models=()) -> dict:
-    """Asks nodes not yet known for their center; returns ``{center: eval JSON}`` if asked."""
-    ids = set(self.grid.get_node_ids())
-    self.node_of = {c: n for c, n in self.node_of.items() if n in ids}
-    new = ids - set(self.node_of.values())
-    fields = {'evaluate': json.dumps(list(models))}
-    replies = self.send('query', {n: fields for n in new}, content or {})
-    evals = {}
-    for node, reply in replies.items():
-      site = dict(reply.content['site'])
-      center, size = site.get('center'), site.get('train_size')
-      if center not in self.st.centers:
-        note(self.workdir, f'query: refused node {node}: center {center!r} is not in the study '
-                           f'{self.st.centers}')
-        continue
-      if self.sizes.get(center, size) != size:
-        note(self.workdir, f'query: refused node {node} for center {center!r}: it reports '
-                           f'{size} training images, the study has {self.sizes[center]}')
-        continue
-      if center in self.node_of and self.node_of[center] in ids:
-        note(self.workdir, f'query: refused node {node} for center {center!r}: node '
-                           f'{self.node_of[center]} answers for it and is still connected')
-        continue
-      self.node_of[center], self.sizes[center] = node, int(size)
-      note(self.workdir, f'node {node} is center {center!r} ({size} training images)')
-      if 'eval' in reply.content:
-        evals[center] = json.loads(reply.content['eval']['json'])
-    return evals
 
 
 def _reference(config, exp, name: str, workdir: Path):
@@ -149,6 +80,120 @@ def _outputs(st, reply) -> tuple:
           wire.from_record(reply.content['state'], st.client), round_metrics)
 
 
+class Federation(NamedTuple):
+  """The deployed run's federation: the study, its sites and what they send."""
+  st: Any                  # study_lib.Study
+  sites: Sites
+  payload: Callable        # server state -> the request's arrays (server state, frozen params)
+  fed: dict                # checkpointed: 'committed' round, 'sizes', 'before' per center
+  workdir: Path
+
+
+def _connect(fd: Federation, grid, server, start: int, eval_name: str, timeout: float) -> None:
+  """Waits until every center is connected (the weights and Nmax need every size)."""
+  names, deadline = fd.st.centers, time.time() + timeout
+  while True:
+    evals = fd.sites.refresh(fd.payload(server) if start == 0 else None,
+                             [eval_name] if start == 0 else ())
+    for center, ev in evals.items():
+      fd.fed['before'].setdefault(center, ev[eval_name]['test'])
+    missing = [c for c in names if c not in fd.sites.node_of or (start == 0 and
+                                                                  c not in fd.fed['before'])]
+    if not missing:
+      break
+    if time.time() > deadline:
+      raise FederationError(f'centers {missing} did not connect within {timeout:.0f} s '
+                            f'(nodes seen: {sorted(grid.get_node_ids())})')
+    time.sleep(1.0)
+  fd.fed['sizes'] = {c: fd.sites.sizes[c] for c in names}
+
+
+def _trainer(fd: Federation, directory, timeout: float):
+  """The driver's ``train_round``: the drawn centers train at their sites, the server steps."""
+  names, num, fed = fd.st.centers, len(fd.st.centers), fd.fed
+  sizes = jnp.asarray([fed['sizes'][c] for c in names], jnp.int32)
+  weights = np.asarray(base.client_weights(sizes))
+  nmax = int(max(fed['sizes'].values()))
+  server_step = study_lib.server_step(fd.st)
+
+  def train_round(r, _, actives, states):
+    ((chosen, (server, clients)),) = zip(actives, states)
+    fd.sites.refresh()
+    requests = {fd.sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
+                                      'committed': fed['committed'][c],
+                                      'weight': float(weights[k]), 'evaluate': '[]'}
+                for k, c in enumerate(names) if chosen[k] and c in fd.sites.node_of}
+    outs = _accepted(fd, r, fd.sites.send('train', requests, fd.payload(server)))
+    active = np.asarray([k in outs for k in range(num)])
+    note(fd.workdir, f'round {r}: active centers {[c for k, c in enumerate(names) if active[k]]} '
+                     f'of {[c for k, c in enumerate(names) if chosen[k]]}')
+    if not active.any():
+      raise FederationError(f'round {r}: no site answered within {timeout:.0f} s (asked '
+                            f'{sorted(requests)}); the last checkpoint is kept in '
+                            f'{directory}: rerun to resume')
+    first = outs[int(np.argmax(active))]  # inactive centers' outputs are ignored
+    server, clients, round_metrics = server_step(
+        server, clients, [outs.get(k, first) for k in range(num)], sizes, jnp.asarray(active))
+    for k, c in enumerate(names):
+      if active[k]:
+        fed['committed'][c] = r
+    return [(server, clients, round_metrics, active)]
+
+  return train_round
+
+
+def _accepted(fd: Federation, r: int, replies: dict) -> dict:
+  """``{k: outputs}`` of the replies that pass the checks; the others noted and dropped."""
+  outs = {}
+  for node, reply in replies.items():
+    center = fd.sites.center_of(node)
+    reason = _check_reply(fd.st, reply) or (
+        None if reply.content['site']['center'] == center else 'answered for another center')
+    if reason:
+      note(fd.workdir, f'round {r}: refused the reply of node {node} (center {center!r}): '
+                       f'{reason}')
+      continue
+    outs[fd.st.centers.index(center)] = _outputs(fd.st, reply)
+  return outs
+
+
+def _evaluator(fd: Federation, eval_name: str, rounds: int, all_models, final: dict):
+  """The driver's ``evaluate``: every connected site evaluates; the last round's kept in final."""
+  def evaluate(r, server):
+    evals = _evaluate(fd.sites, fd.st.centers, server, fd.payload,
+                      all_models if r == rounds else [eval_name])
+    if r == rounds:
+      final.update(evals)
+    return {c: (metrics.summary(evals[c][eval_name]['test']),
+                metrics.summary(evals[c][eval_name]['val']) if 'val' in evals[c][eval_name]
+                else {})
+            for c in fd.st.centers if c in evals}
+  return evaluate
+
+
+def _open(config, st, workdir: Path):
+  """``(driver.Run, (server, clients), fed, ref_info, frozen)``: restored if checkpointed."""
+  names = st.centers
+  ref_params, ref_info = _reference(config, st.experiment, names[0], workdir)
+  algorithm, _, state, frozen = fl_lib.fl_template(st.experiment, config.fl, ref_params,
+                                                   len(names))
+  mngr, state, start, meta = driver.open_run(workdir, state, config.checkpoint.keep)
+  fed = meta.get('deploy', {'committed': {n: 0 for n in names}, 'sizes': {}, 'before': {}})
+  if start:
+    note(workdir, f'resuming after round {start} from {mngr.directory}')
+  eval_name = driver.eval_model_name(config.fl.get('eval_model', 'server'),
+                                     algorithm.eval_params(state['server']))
+  part_key = jax.random.fold_in(st.experiment.key, STAGE['participation'])
+  fraction = config.fl.get('participation', 1.0)
+  ckpt = driver.Checkpoints(mngr, config.checkpoint.get('every', 1), state['rng'],
+                            {'centers': list(names), 'eval_model': eval_name,
+                             'algorithm': config.fl.algorithm,
+                             'params': st.experiment.summary(ref_params)})
+  run = driver.Run(tuple(names), config.fl.rounds, start, eval_name, algorithm.eval_params,
+                   lambda r: driver.participation(fraction, part_key, r, len(names)), None, ckpt)
+  return run, (state['server'], state['clients']), fed, ref_info, frozen
+
+
 def run(grid, config, workdir, *, connect_timeout: float = 600.0,
         round_timeout: float = 600.0) -> dict:
   """Runs (or resumes) the deployed study in ``workdir``; returns the results dict.
@@ -161,115 +206,42 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
   workdir_lib.check_config(config, workdir)
   started = time.time()
   st = study_lib.build(config)
-  names, num = st.centers, len(st.centers)
-  ref_params, ref_info = _reference(config, st.experiment, names[0], workdir)
-  algorithm, _, state, frozen = fl_lib.fl_template(st.experiment, config.fl, ref_params, num)
-  mngr = checkpoint.manager(workdir_lib.checkpoints(workdir, workdir_lib.FL),
-                            keep=config.checkpoint.keep)
-  start, fed = 0, {'committed': {n: 0 for n in names}, 'sizes': {}, 'before': {}}
-  if mngr.latest_step() is not None:
-    state, meta = checkpoint.restore(mngr, state)
-    start, fed = meta['round'], meta['deploy']
-    note(workdir, f'resuming after round {start} from {mngr.directory}')
-  runlog.truncate(workdir, 'fl', start)
-  log = runlog.logger(workdir)
-  server_step = study_lib.server_step(st)
-  server, clients = state['server'], state['clients']
-  eval_name = fl_lib.eval_model_name(config.fl, algorithm.eval_params(server))
-  all_models = sorted(algorithm.eval_params(server))
+  fl_run, (server, clients), fed, ref_info, frozen = _open(config, st, workdir)
   sites = Sites(grid, st, {'config': wire.config_json(config),
                            'study': wire.study_id(config, workdir)}, workdir, round_timeout)
   sites.sizes = dict(fed['sizes'])
   frozen_rec = wire.to_record(frozen)
-  payload = lambda s: {'server': wire.to_record(s), 'frozen': frozen_rec}
+  fd = Federation(st, sites, lambda s: {'server': wire.to_record(s), 'frozen': frozen_rec}, fed,
+                  workdir)
+  _connect(fd, grid, server, fl_run.start, fl_run.eval_name, connect_timeout)
+  all_models, final = sorted(fl_run.eval_params(server)), {}
+  round_started = [time.time()]
 
-  deadline = time.time() + connect_timeout
-  while True:  # every center must connect: the weights and Nmax need every size
-    evals = sites.refresh(payload(server) if start == 0 else None,
-                          [eval_name] if start == 0 else ())
-    for center, ev in evals.items():
-      fed['before'].setdefault(center, ev[eval_name]['test'])
-    missing = [c for c in names if c not in sites.node_of or (start == 0 and
-                                                               c not in fed['before'])]
-    if not missing:
-      break
-    if time.time() > deadline:
-      raise FederationError(f'centers {missing} did not connect within {connect_timeout:.0f} s '
-                            f'(nodes seen: {sorted(grid.get_node_ids())})')
-    time.sleep(1.0)
-  fed['sizes'] = {c: sites.sizes[c] for c in names}
-  sizes = jnp.asarray([fed['sizes'][c] for c in names], jnp.int32)
-  weights = np.asarray(base.client_weights(sizes))
-  nmax = int(max(fed['sizes'].values()))
-  part_key = jax.random.fold_in(st.experiment.key, STAGE['participation'])
-  summary = st.experiment.summary(ref_params)
-  final = None
-  for r in range(start + 1, config.fl.rounds + 1):
-    round_started = time.time()
-    sites.refresh()
-    chosen = fl_lib.participation(config.fl, part_key, r, num)
-    requests = {sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
-                                   'committed': fed['committed'][c], 'weight': float(weights[k]),
-                                   'evaluate': '[]'}
-                for k, c in enumerate(names) if chosen[k] and c in sites.node_of}
-    replies = sites.send('train', requests, payload(server))
-    outs, active = {}, np.zeros(num, bool)
-    for node, reply in replies.items():
-      center = sites.center_of(node)
-      reason = _check_reply(st, reply) or (
-          None if reply.content['site']['center'] == center else 'answered for another center')
-      if reason:
-        note(workdir, f'round {r}: refused the reply of node {node} (center {center!r}): {reason}')
-        continue
-      k = names.index(center)
-      outs[k], active[k] = _outputs(st, reply), True
-    note(workdir, f'round {r}: active centers {[c for k, c in enumerate(names) if active[k]]} '
-                  f'of {[c for k, c in enumerate(names) if chosen[k]]}')
-    if not active.any():
-      raise FederationError(f'round {r}: no site answered within {round_timeout:.0f} s (asked '
-                            f'{sorted(requests)}); the last checkpoint is kept in '
-                            f'{mngr.directory}: rerun to resume')
-    first = outs[int(np.argmax(active))]  # inactive centers' outputs are ignored
-    server, clients, round_metrics = server_step(
-        server, clients, [outs.get(k, first) for k in range(num)], sizes, jnp.asarray(active))
-    params = algorithm.eval_params(server)[eval_name]
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params)):
-      raise FloatingPointError(f'round {r}: the {eval_name} model has non-finite parameters')
-    for k, c in enumerate(names):
-      if active[k]:
-        fed['committed'][c] = r
-    models = all_models if r == config.fl.rounds else [eval_name]
-    evals = _evaluate(sites, names, server, payload, models)
-    losses, accs = np.asarray(round_metrics['loss']), np.asarray(round_metrics['accuracy'])
-    rows = []
-    for k, c in enumerate(names):
-      if c in evals:
-        ev = evals[c][eval_name]
-        rows.append(fl_lib.fl_row(r, c, eval_name, active[k], losses[k], accs[k],
-                                 metrics.summary(ev['test']),
-                                 metrics.summary(ev['val']) if 'val' in ev else {}))
-    for row in rows:
-      log(row)
-    val = [row['val_accuracy'] for row in rows if 'val_accuracy' in row]
-    checkpoint.save(mngr, r, {'server': server, 'clients': clients, 'rng': state['rng']},
-                    {'kind': 'round', 'round': r, 'centers': list(names), 'eval_model': eval_name,
-                     'algorithm': config.fl.algorithm, 'deploy': fed, 'params': summary,
-                     'metrics': {'val_accuracy': float(np.mean(val)) if val else None,
-                                 'test_accuracy': float(np.mean([w['accuracy'] for w in rows])),
-                                 'loss': float(np.mean(losses[active]))}})
-    note(workdir, f'round {r}: checkpointed, {time.time() - round_started:.3f} s')
-    if r == config.fl.rounds:
-      final = evals
-  mngr.close()
-  if final is None:  # resumed after the last round: evaluate it again
-    final = _evaluate(sites, names, server, payload, all_models)
+  def on_round(_, r, __):
+    note(workdir, f'round {r}: done, {time.time() - round_started[0]:.3f} s')
+    round_started[0] = time.time()
+
+  ((server, _),) = driver.drive(
+      [fl_run], [(server, clients)], _trainer(fd, fl_run.ckpt.mngr.directory, round_timeout),
+      [_evaluator(fd, fl_run.eval_name, fl_run.rounds, all_models, final)],
+      [runlog.logger(workdir)], on_round=on_round, extra_meta=lambda: {'deploy': fed})
+  fl_run.ckpt.mngr.close()
+  if not final:  # resumed after the last round: evaluate it again
+    final = _evaluate(sites, st.centers, server, fd.payload, all_models)
+  return _finish(config, fd, final, all_models, fl_run.eval_name, ref_info, started)
+
+
+def _finish(config, fd: Federation, final, all_models, eval_name, ref_info, started) -> dict:
+  """Writes results.json and report.md from the sites' evaluations of the final model."""
+  names, workdir = fd.st.centers, fd.workdir
   missing = [c for c in names if c not in final]
   if missing:
     raise FederationError(f'centers {missing} did not evaluate the final model; rerun to retry')
   after_models = {m: {c: final[c][m]['test'] for c in names} for m in all_models}
-  results = train.study_results(config, list(names), fed['before'], after_models, eval_name, {},
-                                ref_info, fed['sizes'])
-  results['deployment'] = {'nodes': {c: int(n) for c, n in sites.node_of.items()}}
+  results = train.study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
+                          config.fl.rounds, list(names), fd.fed['before'], after_models,
+                          eval_name, {}, ref_info, fd.fed['sizes'])
+  results['deployment'] = {'nodes': {c: int(n) for c, n in fd.sites.node_of.items()}}
   workdir_lib.write_results(workdir, results, {'total_s': time.time() - started})
   report.write_report(workdir, {**results, 'wall_time_s': time.time() - started})
   runlog.close(workdir)

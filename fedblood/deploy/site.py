@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import checkpoint, lock
+from fedblood import checkpoint, lock, simulate
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 
@@ -165,8 +165,10 @@ def _evaluate(st, center, server_state, frozen, request) -> dict:
   return out
 
 
-def _state_manager(folder: Path):
-  return checkpoint.manager(folder / 'client_state', keep=3)
+def _state_manager(folder: Path, every: int):
+  # The server commits a round each `every` rounds (checkpoint.every): a restarted server asks
+  # for the state of a round up to `every` trained rounds back, plus one never accepted.
+  return checkpoint.manager(folder / 'client_state', keep=every + 2)
 
 
 def _restore_client_state(mngr, st, committed: int, center: str):
@@ -216,7 +218,7 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
   st = study_lib.build(config)
   if name not in st.centers:
     raise SiteError(f'node config center={name!r} is not a center of this study {st.centers}')
-  center = study_lib.load_site_center(st.config, name, node_config)
+  center = study_lib.load_site_center(st.config.data, name, node_config)
   reply = {'site': _sizes(center)}
   if kind == 'query' and server_rec is None:
     return reply
@@ -243,13 +245,13 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
   _claim(folder / 'study.json', {'config_sha256': digest, 'center': name},
          f'study {request["study"]!r}')
   reply['eval'] = _evaluate(st, center, server_state, frozen, request)
-  mngr = _state_manager(folder)
+  mngr = _state_manager(folder, st.config.checkpoint.get('every', 1))
   client_state = _restore_client_state(mngr, st, committed, name)
-  examples = study_lib.padded_examples(center.train, int(request['nmax']))
+  examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
   size = jnp.int32(len(center.train.labels))
   local, new_state, metrics = study_lib.client_step(st)(
       server_state, client_state, jnp.float32(request['weight']), frozen, examples, size,
-      study_lib.rng(st.config, r, k))
+      study_lib.rng(st.config.seed, r, k))
   for step in [s for s in mngr.all_steps() if s > committed]:
     mngr.delete(step)  # never accepted by the server: superseded by this round's state
   if jax.tree.leaves(new_state):

@@ -5,17 +5,13 @@ templates from the same config, so a received tree can be checked against the
 receiver's own template and a site's update is the simulation's to the bit.
 """
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from fedblood import algorithms, data, simulate
+from fedblood import data, rounds
 from fedblood import experiment as experiment_lib
-from fedblood.stages import fl as fl_lib
 from fedblood.algorithms import base
 from fedblood.data import loader
 
@@ -74,7 +70,7 @@ def build(config) -> Study:
     raise ValueError(f'fl.dp.mode={config.fl.dp.mode!r}: differential privacy runs in the '
                      'simulation only; a deployed run needs fl.dp.mode=\'off\'')
   exp = experiment_lib.build(config)
-  algorithm = algorithms.build(config.fl)
+  algorithm = rounds.algorithm_of(rounds.spec(exp.loss, config.fl))
   trainable, frozen = exp.split(exp.shapes)
   names = center_names(config.data)
   server, clients = jax.eval_shape(lambda p: algorithm.init(p, len(names)), trainable)
@@ -82,32 +78,19 @@ def build(config) -> Study:
   return Study(config, exp, algorithm, names, trainable, frozen, server, client)
 
 
-def rng(config, round_index: int, k: int) -> jax.Array:
+def rng(seed: int, round_index: int, k: int) -> jax.Array:
   """Center ``k``'s key for round ``round_index``: the simulation's ``fl_stage`` derivation."""
-  fl_key = jax.random.fold_in(jax.random.key(config.seed), experiment_lib.STAGE['fl'])
+  fl_key = jax.random.fold_in(jax.random.key(seed), experiment_lib.STAGE['fl'])
   return jax.random.fold_in(jax.random.fold_in(fl_key, round_index), k)
 
 
 def client_step(study: Study):
   """Jitted ``(server_state, client_state, weight, frozen, examples, size, rng) -> update``.
 
-  ``examples``: the site's training split padded to the federation's ``Nmax``
-  (leaves ``[1, Nmax, ...]``), as :func:`fedblood.stages.fl.stack_centers` pads it.
+  ``examples``: the site's training split padded to the federation's ``Nmax`` by
+  :func:`fedblood.simulate.pad_centers`, as the simulation pads every center's.
   """
-  return _client_step(study.experiment.loss, fl_lib.round_settings(study.config.fl))
-
-
-@functools.lru_cache(maxsize=4)
-def _client_step(loss, settings: ml_collections.FrozenConfigDict):
-  fl = settings.as_configdict()
-  client = simulate.client_fn(algorithms.build(fl), loss, batch_size=fl.batch_size,
-                              local_epochs=fl.local_epochs)
-
-  @jax.jit
-  def step(server_state, client_state, weight, frozen, examples, size, rng_key):
-    return client(server_state, client_state, weight, frozen, examples, 0, size, rng_key)
-
-  return step
+  return rounds.compiled(rounds.spec(study.experiment.loss, study.config.fl), 'client')[1]
 
 
 def server_step(study: Study):
@@ -116,31 +99,16 @@ def server_step(study: Study):
   ``(server_state, client_states, outs, sizes, active) -> (server_state, client_states,
   metrics)``; ``outs``: one ``(local_params, client_state, metrics)`` per center.
   """
-  return simulate.build_round(study.algorithm, study.experiment.loss,
-                              batch_size=study.config.fl.batch_size,
-                              local_epochs=study.config.fl.local_epochs,
-                              execution='loop').server_step
+  return rounds.compiled(rounds.spec(study.experiment.loss, study.config.fl), 'server')[1]
 
 
-def padded_examples(split, nmax: int) -> dict:
-  """A training split as the round's ``examples`` of one center: ``[1, nmax, ...]``."""
-  n = len(split.labels)
-  if n > nmax:
-    raise ValueError(f'the center has {n} training images, more than the federation\'s Nmax={nmax}')
-
-  def pad(x):
-    return jnp.asarray(np.concatenate([x, np.zeros((nmax - n,) + x.shape[1:], x.dtype)])[None])
-
-  return {'image': pad(split.images), 'label': pad(split.labels.astype('int32'))}
-
-
-def load_site_center(config, name: str, node_config: dict) -> data.Center:
-  """The site's own center through fedblood's loaders, with the site's data location.
+def load_site_center(data_cfg, name: str, node_config: dict) -> data.Center:
+  """The site's own center (of ``config.data``) through fedblood's loaders, at the site's data.
 
   ``node_config``: ``data-source`` (default the study's), ``data-root`` (the folder holding
   ``<center>/<class>/<images>``, or the named sets' download folder), ``cache-dir``.
   """
-  cfg = ml_collections.ConfigDict(config.data.to_dict())
+  cfg = ml_collections.ConfigDict(data_cfg.to_dict())
   cfg.source = str(node_config.get('data-source', cfg.source))
   if 'data-root' in node_config:
     cfg.root = str(node_config['data-root'])
@@ -148,7 +116,7 @@ def load_site_center(config, name: str, node_config: dict) -> data.Center:
     cfg.cache_dir = str(node_config['cache-dir'])
   cfg.centers, cfg.reference = (name,), ''
   # The site's own scale normalisation only (the other sites' entries name no center here).
-  cfg.crop = {name: data.crop_of(config.data, name)}
+  cfg.crop = {name: data.crop_of(data_cfg, name)}
   if cfg.source not in ('synthetic', 'folder'):
     cfg.centers = ()  # a named public set is one center, named after the set
   (center,) = data.load_centers(cfg)

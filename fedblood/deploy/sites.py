@@ -1,0 +1,79 @@
+"""The deployed server's sites: which node answers for which center, and ``deploy.log``."""
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+
+def note(workdir: Path, text: str) -> None:
+  """A line in ``deploy.log`` and on stdout (Flower streams it to ``flwr run --stream``)."""
+  now = time.time()
+  stamp = time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(now)) + f'.{int(now % 1 * 1000):03d}Z'
+  line = f'{stamp} {text}'
+  print(f'fedblood: {text}', flush=True)
+  with open(workdir / 'deploy.log', 'a') as f:
+    f.write(line + '\n')
+
+
+class Sites:
+  """Which node answers for which center; asks new nodes who they are."""
+
+  def __init__(self, grid, st, base_request: dict, workdir: Path, timeout: float):
+    self.grid, self.st, self.base, self.workdir, self.timeout = (
+        grid, st, base_request, workdir, timeout)
+    self.node_of, self.sizes = {}, {}
+
+  def center_of(self, node_id):
+    return {n: c for c, n in self.node_of.items()}.get(node_id)
+
+  def send(self, kind: str, payloads: dict, content: dict) -> dict:
+    """Sends ``kind`` to ``{node_id: request fields}``; returns ``{node_id: reply}`` (no errors)."""
+    msgs = [Message(RecordDict({'request': ConfigRecord({**self.base, **fields}), **content}),
+                    dst_node_id=node, message_type=kind, ttl=self.timeout)
+            for node, fields in payloads.items()]
+    replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+    # An error the SuperLink writes (e.g. the node stopped its heartbeat) comes from the
+    # SuperLink, not the node: name the node the request went to.
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    out = {}
+    for reply in replies:
+      node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+      who = f'node {node} (center {self.center_of(node)!r})'
+      if reply.has_error():
+        note(self.workdir, f'{kind}: {who} failed: {reply.error.reason}')
+      elif 'site' not in reply.content:
+        note(self.workdir, f'{kind}: refused the reply of {who}: no site record')
+      else:
+        out[node] = reply
+    return out
+
+  def refresh(self, content: dict | None = None, models=()) -> dict:
+    """Asks nodes not yet known for their center; returns ``{center: eval JSON}`` if asked."""
+    ids = set(self.grid.get_node_ids())
+    self.node_of = {c: n for c, n in self.node_of.items() if n in ids}
+    new = ids - set(self.node_of.values())
+    fields = {'evaluate': json.dumps(list(models))}
+    replies = self.send('query', {n: fields for n in new}, content or {})
+    evals = {}
+    for node, reply in replies.items():
+      site = dict(reply.content['site'])
+      center, size = site.get('center'), site.get('train_size')
+      if center not in self.st.centers:
+        note(self.workdir, f'query: refused node {node}: center {center!r} is not in the study '
+                           f'{self.st.centers}')
+        continue
+      if self.sizes.get(center, size) != size:
+        note(self.workdir, f'query: refused node {node} for center {center!r}: it reports '
+                           f'{size} training images, the study has {self.sizes[center]}')
+        continue
+      if center in self.node_of and self.node_of[center] in ids:
+        note(self.workdir, f'query: refused node {node} for center {center!r}: node '
+                           f'{self.node_of[center]} answers for it and is still connected')
+        continue
+      self.node_of[center], self.sizes[center] = node, int(size)
+      note(self.workdir, f'node {node} is center {center!r} ({size} training images)')
+      if 'eval' in reply.content:
+        evals[center] = json.loads(reply.content['eval']['json'])
+    return evals
