@@ -21,6 +21,7 @@ that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``)
 from typing import Callable, Optional
 
 from fedblood.algorithms import dp
+from fedblood.algorithms import dp_fedavg
 from fedblood.algorithms.base import ClientUpdate, FedAlgorithm, client_weights
 from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
@@ -82,8 +83,8 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   algorithm = BUILDERS[name](fl_cfg, dp=dp.from_config(fl_cfg), rewrite=rewrite)
   if 'dp' in fl_cfg and fl_cfg['dp']['mode'] == 'client':
     cfg = fl_cfg['dp']
-    algorithm = dp.client_level(algorithm, float(cfg['clip']), float(cfg['noise_multiplier']),
-                                int(cfg.get('seed', 0)))
+    algorithm = dp_fedavg.client_level(algorithm, float(cfg['clip']),
+                                       float(cfg['noise_multiplier']), int(cfg.get('seed', 0)))
   return algorithm
 
 
