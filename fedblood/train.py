@@ -64,7 +64,7 @@ def run(config, workdir) -> dict:
   """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
   workdir = Path(workdir)
   validate.check(config)  # before anything is written: a rejected setting can be corrected
-  with lock.hold(workdir), numerics.applied(config):
+  with lock.hold(workdir), numerics.applied(config.get('numerics')):
     workdir_lib.check_config(config, workdir, write=False)
     return _run(config, workdir)
 
@@ -106,8 +106,9 @@ def _run(config, workdir: Path) -> dict:
     results['privacy'] = fl_info['privacy']
   if holdout:
     results['held_out'] = list(holdout)
-  if numerics.describe(config):
-    results['numerics'] = numerics.describe(config)
+  path = numerics.describe(config.get('numerics'))
+  if path:
+    results['numerics'] = path
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   workdir_lib.write_results(workdir, results, times)
