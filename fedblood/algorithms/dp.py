@@ -22,6 +22,7 @@ algorithm, so it lives above :mod:`fedblood.algorithms.base`, in
 :mod:`fedblood.algorithms.dp_fedavg`; its settings are checked here with the others.
 """
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -80,10 +81,11 @@ def check_config(fl_cfg):
     raise ValueError(f'fl.dp.mode must be one of {MODES}, got {cfg["mode"]!r}')
   if cfg['mode'] == 'off':
     return
-  if not cfg['clip'] > 0:
-    raise ValueError(f'fl.dp.clip must be > 0, got {cfg["clip"]}')
-  if cfg['noise_multiplier'] < 0:
-    raise ValueError(f'fl.dp.noise_multiplier must be >= 0, got {cfg["noise_multiplier"]}')
+  if not 0 < cfg['clip'] < math.inf:
+    raise ValueError(f'fl.dp.clip must be a finite number > 0, got {cfg["clip"]}')
+  if not 0 <= cfg['noise_multiplier'] < math.inf:
+    raise ValueError(f'fl.dp.noise_multiplier must be a finite number >= 0, got '
+                     f'{cfg["noise_multiplier"]}')
   if cfg.get('microbatch', 0) < 0:
     raise ValueError(f'fl.dp.microbatch must be >= 0 (0: fl.batch_size), got {cfg["microbatch"]}')
   if cfg['mode'] == 'client' and fl_cfg['algorithm'] not in ('fed_avg', 'fed_prox'):

@@ -138,10 +138,10 @@ def check_config(data_cfg) -> None:
     ValueError / FileNotFoundError: naming the config key or folder at fault.
   """
   _check(data_cfg)
-  _center_specs(data_cfg)
+  center_specs(data_cfg)
 
 
-def _center_specs(data_cfg) -> list[tuple[str, dict]]:
+def center_specs(data_cfg) -> list[tuple[str, dict]]:
   """[(center name, CenterConfig fields)] in config order."""
   source, root = data_cfg.source, data_cfg.root
   manual = root or os.path.join(cache_dir(data_cfg), 'downloads', 'manual')
@@ -169,6 +169,9 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
     specs = [(source, dict(layout=source, path=manual))]
   by_name = dict(specs)
   names = tuple(data_cfg.centers) or tuple(by_name)
+  if not names:
+    raise ValueError(f'data.root={root!r} holds no center folder (data.source="folder" needs a '
+                     'tree <root>/<center>/<class>/<images>)')
   unknown = [n for n in names if n not in by_name]
   if unknown:
     raise ValueError(f'data.centers: {unknown} not found; available: {tuple(by_name)}')
@@ -177,6 +180,9 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
     raise ValueError(f'data.reference={reference!r} is not one of the centers {names}')
   names = (reference,) + tuple(n for n in names if n != reference)
   return [(n, by_name[n]) for n in names]
+
+
+_center_specs = center_specs  # the name fedblood/deploy/study.py reads
 
 
 def _crops(data_cfg) -> dict:
@@ -246,7 +252,7 @@ def load_centers(data_cfg) -> list[Center]:
       set that was not downloaded (with what to download and where to put it).
   """
   _check(data_cfg)
-  specs = _center_specs(data_cfg)
+  specs = center_specs(data_cfg)
   names = [name for name, _ in specs]
   stray = [n for n in _crops(data_cfg) if n not in names]
   if stray:  # a config written for one tree, run on another (e.g. wbc.py on your own root)

@@ -10,6 +10,10 @@ from fedblood import centralized, data, names, partition, runlog
 from fedblood import workdir as workdir_lib
 from fedblood.experiment import STAGE, Experiment
 
+INITS = ('reference', 'scratch', 'both')   # baselines.init: where each baseline starts from
+BALANCES = ('none', 'centers')             # baselines.balance: how pooled epochs draw centers
+POOLED_VALS = ('pooled', 'center_mean')    # baselines.pooled_val: the pooled fit's monitor
+
 
 def _concat(splits) -> data.Split:
   return data.Split(*[np.concatenate([getattr(s, f) for s in splits]) for f in data.Split._fields])
@@ -32,8 +36,8 @@ def baselines_stage(exp: Experiment, cfg, reference_cfg, reference_params, cente
     holdout: ``fl.holdout``: centers that stay out of the pooled training set (they never
       joined).
   """
-  if cfg.init not in ('reference', 'scratch', 'both'):
-    raise ValueError(f"baselines.init must be 'reference', 'scratch' or 'both', got {cfg.init!r}")
+  if cfg.init not in INITS:
+    raise ValueError(f'baselines.init must be one of {INITS}, got {cfg.init!r}')
   fit = lambda init, prefix: _baselines_from(exp, cfg, reference_cfg, init, prefix,
                                              reference_params, centers, workdir, log, holdout)
   if cfg.init != 'both':
