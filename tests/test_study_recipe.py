@@ -100,9 +100,9 @@ def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
   train_split = data.Split(*[np.concatenate([getattr(train_a, f), getattr(train_b, f)])
                              for f in data.Split._fields])
   groups = np.repeat([0, 1], [24, 6])
-  result = centralized.fit('pooled', model, params, partition.frozen_block_rules(0), train_split,
-                           val, recipe, jax.random.key(1), tmp_path / 'ckpt', log=rows.append,
-                           groups=groups)
+  result = centralized.fit('pooled', centralized.FitModel(model), params,
+                           partition.frozen_block_rules(0), train_split, val, recipe,
+                           jax.random.key(1), tmp_path / 'ckpt', log=rows.append, groups=groups)
   # Balanced: 2 centers x 15 draws = 30 per epoch, 4 steps of 8.
   steps = 4
   first_counting = next(e for e in range(1, 7) if selection.stop_counts(
