@@ -96,8 +96,9 @@ def _run(config, workdir: Path) -> dict:
                   for name, (trainable, frozen) in fl_models.items()}
 
   t = time.time()
-  baselines = baselines_stage(exp, config.baselines, config.reference, reference_params, centers,
-                              workdir, log, holdout)
+  baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
+                              scratch_frozen_blocks=config.reference.frozen_blocks,
+                              holdout=holdout)
   times['baselines_s'] = time.time() - t
 
   results = study_results(config, names, before, after_models, fl_info['eval_model'], baselines,
