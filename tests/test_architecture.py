@@ -14,8 +14,8 @@ MAX_FUNCTION_LINES = 60
 LONG_MARK = 'longer than 60 lines because'
 # The files whose functions are held to MAX_FUNCTION_LINES for now (issue 22; the lead widens it).
 LENGTH_CHECKED = (
-    'validate.py', 'numerics.py', 'privacy.py', 'experiment.py', 'partition.py', 'models.py',
-    'stages/baselines.py', 'algorithms/__init__.py',
+    'validate.py', 'numerics.py', 'privacy.py', 'centralized.py', 'experiment.py', 'partition.py',
+    'models.py', 'metrics.py', 'data/plan.py', 'stages/baselines.py', 'algorithms/__init__.py',
     'algorithms/base.py', 'algorithms/dp.py', 'algorithms/dp_fedavg.py', 'algorithms/fed_avg.py',
     'algorithms/fed_dyn.py', 'algorithms/scaffold.py')
 
