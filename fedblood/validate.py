@@ -8,7 +8,8 @@ would refuse is refused here, by the code that refuses it (:func:`check_built`):
 * the algorithm (:func:`fedblood.algorithms.build` of ``config.fl``: FedDyn's ``alpha > 0``, its
   server without a step size, ``fl.dp``) and the names of the models it evaluates;
 * the experiment (:func:`fedblood.experiment.build`: the model, the run's key, the parameter
-  shapes by ``jax.eval_shape``) and both partitions (``model`` / ``reference.frozen_blocks``);
+  shapes by ``jax.eval_shape``), both partitions (``model`` / ``reference.frozen_blocks``) and
+  the model ``model.pretrained`` weights need (:func:`fedblood.weights.check_model`);
 * the data plan (:func:`fedblood.data.plan.plan`: centers and split sizes from the listing),
   against which the class count, the evaluation batch, ``fl.holdout``, ``fl.participation`` and
   the privacy accounting (:func:`fedblood.privacy.check`) are checked.
@@ -30,7 +31,7 @@ from typing import Any, Callable
 import jax
 
 from fedblood import algorithms, data, experiment, metrics, models, numerics, partition, platform
-from fedblood import privacy, simulate
+from fedblood import privacy, simulate, weights
 from fedblood.algorithms import dp
 from fedblood.data import loader
 from fedblood.data import plan as data_plan
@@ -194,6 +195,8 @@ def check_built(config) -> None:
   exp = experiment.build(config)
   trainable, _ = exp.split(exp.shapes)
   partition.split(exp.shapes, partition.frozen_block_rules(config.reference.frozen_blocks))
+  if config.model.get('pretrained'):
+    weights.check_model(exp.model, config.model.pretrained)  # the file's type; no weight read
   centers = data_plan.plan(config.data)
   _check_against_data(config, exp, centers)
   holdout = fl_stage.held_out(config.fl, centers)

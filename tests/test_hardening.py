@@ -111,6 +111,19 @@ def test_settings_refused_against_the_data_plan(tmp_path, settings, says):
   assert not (tmp_path / 'tfds').exists()  # the plan lists splits without building a dataset
 
 
+def test_pretrained_weights_for_another_model_refused_without_reading_them(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  (tmp_path / 'vgg16.pth').write_bytes(b'not read')
+  _set(config, 'model.pretrained', str(tmp_path / 'vgg16.pth'))
+  with pytest.raises(ValueError, match=r'ImageNet weights need model\.width=1\.0, got 0\.125'):
+    train.run(config, tmp_path / 'run')
+  _set(config, 'model.width', 1.0)
+  with pytest.raises(ValueError, match=r"expect model\.input_norm='imagenet'"):
+    _set(config, 'model.input_norm', 'caffe')
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
 def test_empty_data_root_is_refused_naming_it(tmp_path):
   config = smoke_config(tmp_path / 'tfds')
   (tmp_path / 'images').mkdir()
