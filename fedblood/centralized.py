@@ -152,32 +152,42 @@ def check_finite(value: float, what: str, last_good: str) -> None:
                              'check the data, then rerun the same command to resume from it.')
 
 
-def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
-        augment_fn: Callable | None = None, log=None, keep: int = 1, eval_batch: int = 128,
-        progress=None, on_resume: Callable[[int], None] | None = None,
+class FitModel(NamedTuple):
+  """The model-side settings of a fit: what :class:`fedblood.experiment.Experiment` holds too.
+
+  A fit takes the run's Experiment (its fields of these names) or this, for a fit on its own.
+
+  Attributes:
+    model: the Flax module.
+    augment: optional ``(rng, float images) -> images`` of the training batches.
+    eval_batch: validation batch size.
+    progress: optional tqdm-like factory ``(total, desc, initial) -> bar``.
+  """
+  model: Any
+  augment: Callable | None = None
+  eval_batch: int = 128
+  progress: Callable | None = None
+
+
+def fit(name: str, exp, params, rules, train, val, recipe, key, ckpt_dir, *, log=None,
+        keep: int = 1, on_resume: Callable[[int], None] | None = None,
         groups: np.ndarray | None = None) -> FitResult:
   """Trains ``params`` on ``train``, early-stopped on ``val``; resumes from ``ckpt_dir``.
 
   Args:
     name: stage name (logs, checkpoint meta, messages), e.g. 'reference'.
-    model: the Flax module.
-    params: initial full parameter tree.
-    rules: partition rules (frozen blocks get no update).
+    exp: the run's Experiment, or a :class:`FitModel` (``model``, ``augment``, ``eval_batch``,
+      ``progress``).
+    params, rules: initial full parameter tree; partition rules (frozen blocks get no update).
     train, val: splits with ``images`` uint8 [N, S, S, 3] and ``labels`` int [N]; ``val`` may
       be a list of splits (one per center): the monitor is then the unweighted mean over them.
-    recipe: ConfigDict with epochs, batch_size, lr, warmup_epochs, weight_decay,
-      max_grad_norm, patience (epochs without improvement before stopping; 0 = never),
-      monitor (a key of the val metrics, higher is better), optionally stop_below_lr
-      (:func:`fedblood.selection.stop_counts`: only epochs with the lr decayed to this fraction
-      of its peak count towards patience; 1.0, the default, counts every epoch).
+    recipe: ConfigDict with epochs, batch_size, lr, warmup_epochs, weight_decay, max_grad_norm,
+      patience (epochs without improvement before stopping; 0 = never), monitor (a key of the
+      val metrics, higher is better), optionally stop_below_lr (:func:`selection.stop_counts`).
     key: this fit's PRNG key; epoch e uses ``fold_in(key, e)``.
     ckpt_dir: the fit's checkpoint directory.
-    augment_fn: optional ``(rng, float images) -> images``.
-    log: optional ``callable(row: dict)`` for one row per epoch; on resume,
-      rows of epochs past the checkpoint are dropped by the caller (see train.py).
+    log: optional ``callable(row: dict)`` for one row per epoch.
     keep: epochs kept besides the best.
-    eval_batch: validation batch size.
-    progress: optional tqdm-like factory ``(total, desc, initial) -> bar``.
     on_resume: optional ``callable(epoch)`` told the last committed epoch the fit continues
       from (0 when it starts afresh) before it trains; e.g. to drop log rows past it.
     groups: optional ``[N]`` group (center) id of each training example: every epoch then
@@ -186,74 +196,105 @@ def fit(name: str, model, params, rules, train, val, recipe, key, ckpt_dir, *,
   if len(train.labels) == 0:
     raise ValueError(f'{name}: the training split is empty')
   trainable, frozen = partition.split(params, rules)
-  step_fn, tx = train_step_fn(model, float(recipe.max_grad_norm), float(recipe.weight_decay),
-                              augment_fn)
+  step_fn, tx = train_step_fn(exp.model, float(recipe.max_grad_norm),
+                              float(recipe.weight_decay), exp.augment)
   mngr = checkpoint.manager(ckpt_dir, keep=keep, best_metric='score')
-  epoch_len = (len(train.labels) if groups is None
-               else len(np.unique(groups)) * math.ceil(len(groups) / len(np.unique(groups))))
-  steps_per_epoch = max(1, math.ceil(epoch_len / recipe.batch_size))
-  total_steps = recipe.epochs * steps_per_epoch
-  monitor = recipe.get('monitor', 'accuracy')
-  state = {'trainable': trainable, 'opt_state': tx.init(trainable)}
-  track = {'epoch': 0, 'best_epoch': 0, 'best': -math.inf, 'bad_epochs': 0, 'done': False,
-           'best_val': None}
-  restored = checkpoint.restore_latest(mngr, state)
-  if restored is not None:
-    state, track = restored[0], restored[1]['track']
+  steps_per_epoch = _steps_per_epoch(train, groups, recipe.batch_size)
+  state, track = _start(mngr, {'trainable': trainable, 'opt_state': tx.init(trainable)})
   if on_resume is not None:
     on_resume(track['epoch'])
-  bar = progress(recipe.epochs, name, track['epoch']) if progress else None
+  bar = exp.progress(recipe.epochs, name, track['epoch']) if exp.progress else None
   while not track['done']:
     epoch = track['epoch'] + 1
-    epoch_key = jax.random.fold_in(key, epoch)
-    if groups is None:
-      idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels),
-                                recipe.batch_size)
-    else:
-      idx, mask = balanced_batches(jax.random.fold_in(epoch_key, 0), groups, recipe.batch_size)
-    losses, accs, weights = [], [], []
-    t, o = state['trainable'], state['opt_state']
-    for s in range(len(idx)):
-      batch = {'image': jnp.asarray(train.images[idx[s]]),
-               'label': jnp.asarray(train.labels[idx[s]]),
-               'mask': jnp.asarray(mask[s])}
-      lr = lr_at(recipe, (epoch - 1) * steps_per_epoch + s, total_steps, steps_per_epoch)
-      t, o, loss, acc = step_fn(t, o, frozen, batch, jax.random.fold_in(epoch_key, s + 1),
-                                jnp.float32(lr))
-      losses.append(loss)
-      accs.append(acc)
-      weights.append(mask[s].sum())
-    losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
-    train_loss = float(np.average(losses, weights=weights))
     last_good = f'epoch {track["epoch"]} in {ckpt_dir}' if track['epoch'] else 'none yet'
-    check_finite(train_loss, f'{name}, epoch {epoch}', last_good)
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(t)):
-      raise FloatingPointError(f'{name}, epoch {epoch}: non-finite parameters after the epoch. '
-                               f'Stopped; the last good checkpoint is kept: {last_good}.')
-    val_metrics, val_summary = _val_summary(model, t, frozen, val, eval_batch)
-    score = (val_metrics or val_summary or {}).get(monitor)
-    score = -train_loss if score is None else score  # no validation split: fall back to train loss
-    counts = selection.stop_counts(recipe, epoch, steps_per_epoch, total_steps, lr_at)
-    track = selection.advance(track, epoch, score, counts, val_summary)
-    stop_early = bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
-    track['done'] = epoch >= recipe.epochs or stop_early
-    row = {'stage': name, 'epoch': epoch, 'loss': train_loss,
-           'train_accuracy': float(np.average(accs, weights=weights)), 'lr': lr,
-           **({f'val_{k}': v for k, v in val_summary.items()} if val_summary else {})}
+    state, loss, accuracy, lr = _train_epoch(step_fn, state, frozen, train, groups, recipe,
+                                             jax.random.fold_in(key, epoch), epoch,
+                                             steps_per_epoch)
+    _check_epoch(f'{name}, epoch {epoch}', loss, state['trainable'], last_good)
+    val_metrics, val_summary = _val_summary(exp.model, state['trainable'], frozen, val,
+                                            exp.eval_batch)
+    score = (val_metrics or val_summary or {}).get(recipe.get('monitor', 'accuracy'))
+    score = -loss if score is None else score  # no validation split: fall back to train loss
+    track = _advance(track, recipe, epoch, score, val_summary, steps_per_epoch)
     if log is not None:
-      log(row)
-    state = {'trainable': t, 'opt_state': o}
-    # Ranking score with ties broken towards the earliest epoch (the one early stopping keeps).
-    checkpoint.save(mngr, epoch, state,
-                    {'kind': 'epoch', 'stage': name, 'track': track, 'best_metric': 'score',
-                     'metrics': {'score': score, 'loss': train_loss}},
-                    metrics={'score': score - 1e-9 * epoch})
+      log({'stage': name, 'epoch': epoch, 'loss': loss, 'train_accuracy': accuracy, 'lr': lr,
+           **({f'val_{k}': v for k, v in val_summary.items()} if val_summary else {})})
+    _save_epoch(mngr, epoch, state, name, track, score, loss)
     if bar is not None:
       bar.update(1)
-      bar.set_postfix(epoch=epoch, loss=f'{train_loss:.3f}', val=f'{score:.3f}')
+      bar.set_postfix(epoch=epoch, loss=f'{loss:.3f}', val=f'{score:.3f}')
   if bar is not None:
     bar.close()
   best_state, _ = checkpoint.restore(mngr, state, step=track['best_epoch'])
   mngr.close()
   return FitResult(partition.merge(best_state['trainable'], frozen), track['best_epoch'],
                    track['best_val'] or {}, track['epoch'])
+
+
+def _steps_per_epoch(train, groups, batch_size: int) -> int:
+  """Steps of one epoch: every example once, or (balanced) every group as often as the largest."""
+  epoch_len = (len(train.labels) if groups is None
+               else len(np.unique(groups)) * math.ceil(len(groups) / len(np.unique(groups))))
+  return max(1, math.ceil(epoch_len / batch_size))
+
+
+def _start(mngr, state: dict) -> tuple[dict, dict]:
+  """``(state, track)``: fresh, or restored from the fit's last committed epoch."""
+  track = {'epoch': 0, 'best_epoch': 0, 'best': -math.inf, 'bad_epochs': 0, 'done': False,
+           'best_val': None}
+  restored = checkpoint.restore_latest(mngr, state)
+  if restored is not None:
+    state, track = restored[0], restored[1]['track']
+  return state, track
+
+
+def _train_epoch(step_fn, state, frozen, train, groups, recipe, epoch_key, epoch: int,
+                 steps_per_epoch: int):
+  """One epoch of steps: ``(state, mean train loss, mean train accuracy, last lr)``."""
+  if groups is None:
+    idx, mask = epoch_batches(jax.random.fold_in(epoch_key, 0), len(train.labels),
+                              recipe.batch_size)
+  else:
+    idx, mask = balanced_batches(jax.random.fold_in(epoch_key, 0), groups, recipe.batch_size)
+  total_steps = recipe.epochs * steps_per_epoch
+  losses, accs, weights = [], [], []
+  t, o = state['trainable'], state['opt_state']
+  for s in range(len(idx)):
+    batch = {'image': jnp.asarray(train.images[idx[s]]),
+             'label': jnp.asarray(train.labels[idx[s]]),
+             'mask': jnp.asarray(mask[s])}
+    lr = lr_at(recipe, (epoch - 1) * steps_per_epoch + s, total_steps, steps_per_epoch)
+    t, o, loss, acc = step_fn(t, o, frozen, batch, jax.random.fold_in(epoch_key, s + 1),
+                              jnp.float32(lr))
+    losses.append(loss)
+    accs.append(acc)
+    weights.append(mask[s].sum())
+  losses, accs = np.asarray(jax.device_get(losses)), np.asarray(jax.device_get(accs))
+  return ({'trainable': t, 'opt_state': o}, float(np.average(losses, weights=weights)),
+          float(np.average(accs, weights=weights)), lr)
+
+
+def _check_epoch(where: str, loss: float, trainable, last_good: str) -> None:
+  """Stops on a non-finite loss or parameters, naming the checkpoint kept."""
+  check_finite(loss, where, last_good)
+  if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(trainable)):
+    raise FloatingPointError(f'{where}: non-finite parameters after the epoch. '
+                             f'Stopped; the last good checkpoint is kept: {last_good}.')
+
+
+def _advance(track: dict, recipe, epoch: int, score, val_summary, steps_per_epoch: int) -> dict:
+  """The early-stopping record after ``epoch`` (:func:`fedblood.selection.advance`)."""
+  total_steps = recipe.epochs * steps_per_epoch
+  counts = selection.stop_counts(recipe, epoch, steps_per_epoch, total_steps, lr_at)
+  track = selection.advance(track, epoch, score, counts, val_summary)
+  stop_early = bool(recipe.patience and track['bad_epochs'] >= recipe.patience)
+  track['done'] = epoch >= recipe.epochs or stop_early
+  return track
+
+
+def _save_epoch(mngr, epoch: int, state, name: str, track: dict, score, loss: float) -> None:
+  # Ranking score with ties broken towards the earliest epoch (the one early stopping keeps).
+  checkpoint.save(mngr, epoch, state,
+                  {'kind': 'epoch', 'stage': name, 'track': track, 'best_metric': 'score',
+                   'metrics': {'score': score, 'loss': loss}},
+                  metrics={'score': score - 1e-9 * epoch})

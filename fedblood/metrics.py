@@ -64,38 +64,10 @@ def classify(y_true, y_pred, class_names: Sequence[str] = CLASSES) -> dict:
   y_true = np.asarray(y_true).astype(np.int64).reshape(-1)
   y_pred = np.asarray(y_pred).astype(np.int64).reshape(-1)
   k = len(class_names)
-  if y_true.shape != y_pred.shape:
-    raise ValueError(f'y_true has {y_true.size} labels but y_pred has {y_pred.size}')
-  for name, y in (('y_true', y_true), ('y_pred', y_pred)):
-    if y.size and (y.min() < 0 or y.max() >= k):
-      bad = sorted(set(y.tolist()) - set(range(k)))
-      raise ValueError(f'{name} holds labels outside 0..{k - 1}: {bad}')
-  labels = list(range(k))
-  confusion = (skm.confusion_matrix(y_true, y_pred, labels=labels) if y_true.size
-               else np.zeros((k, k), int))
+  _check_labels(y_true, y_pred, k)
+  confusion, precision, recall, f1, specificity = _per_class_arrays(y_true, y_pred, k)
   support = confusion.sum(axis=1)
-  predicted = confusion.sum(axis=0)
-  present = [c for c in labels if support[c] > 0]
-
-  precision, recall, f1, _ = skm.precision_recall_fscore_support(
-      y_true, y_pred, labels=labels, average=None, zero_division=0) if y_true.size else (
-          np.zeros(k), np.zeros(k), np.zeros(k), None)
-  # Per-class binary confusion (one vs rest): [[tn, fp], [fn, tp]].
-  tn = y_true.size - support - predicted + np.diag(confusion)
-  fp = predicted - np.diag(confusion)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    specificity = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), np.nan)
-
-  per_class = {}
-  for c, name in enumerate(class_names):
-    absent = support[c] == 0
-    per_class[name] = {
-        'precision': (None if predicted[c] == 0 else 0.0) if absent else float(precision[c]),
-        'recall': None if absent else float(recall[c]),
-        'specificity': _none_if_nan(specificity[c]),
-        'f1': None if absent else float(f1[c]),
-        'support': int(support[c]),
-    }
+  present = [c for c in range(k) if support[c] > 0]
 
   def macro(values):
     vals = [values[c] for c in present if not np.isnan(values[c])]
@@ -110,9 +82,52 @@ def classify(y_true, y_pred, class_names: Sequence[str] = CLASSES) -> dict:
       'specificity': macro(specificity),
       'f1': macro(f1),
       'classes_present': [class_names[c] for c in present],
-      'per_class': per_class,
+      'per_class': _per_class(class_names, confusion, precision, recall, f1, specificity),
       'confusion': confusion.astype(int).tolist(),
   }
+
+
+def _check_labels(y_true, y_pred, k: int) -> None:
+  if y_true.shape != y_pred.shape:
+    raise ValueError(f'y_true has {y_true.size} labels but y_pred has {y_pred.size}')
+  for name, y in (('y_true', y_true), ('y_pred', y_pred)):
+    if y.size and (y.min() < 0 or y.max() >= k):
+      bad = sorted(set(y.tolist()) - set(range(k)))
+      raise ValueError(f'{name} holds labels outside 0..{k - 1}: {bad}')
+
+
+def _per_class_arrays(y_true, y_pred, k: int):
+  """``(confusion [K, K], precision, recall, f1, specificity)``, each per class ``[K]``."""
+  labels = list(range(k))
+  confusion = (skm.confusion_matrix(y_true, y_pred, labels=labels) if y_true.size
+               else np.zeros((k, k), int))
+  support = confusion.sum(axis=1)
+  predicted = confusion.sum(axis=0)
+  precision, recall, f1, _ = skm.precision_recall_fscore_support(
+      y_true, y_pred, labels=labels, average=None, zero_division=0) if y_true.size else (
+          np.zeros(k), np.zeros(k), np.zeros(k), None)
+  # Per-class binary confusion (one vs rest): [[tn, fp], [fn, tp]].
+  tn = y_true.size - support - predicted + np.diag(confusion)
+  fp = predicted - np.diag(confusion)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    specificity = np.where(tn + fp > 0, tn / np.maximum(tn + fp, 1), np.nan)
+  return confusion, precision, recall, f1, specificity
+
+
+def _per_class(class_names, confusion, precision, recall, f1, specificity) -> dict:
+  """``{name: {precision, recall, specificity, f1, support}}``; absent classes as documented."""
+  support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+  per_class = {}
+  for c, name in enumerate(class_names):
+    absent = support[c] == 0
+    per_class[name] = {
+        'precision': (None if predicted[c] == 0 else 0.0) if absent else float(precision[c]),
+        'recall': None if absent else float(recall[c]),
+        'specificity': _none_if_nan(specificity[c]),
+        'f1': None if absent else float(f1[c]),
+        'support': int(support[c]),
+    }
+  return per_class
 
 
 def summary(center_metrics: dict) -> dict:

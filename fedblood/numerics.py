@@ -35,10 +35,12 @@ def active_flags(environ=None) -> list:
   return [f for f in platform.XLA_FLAGS if f in present]
 
 
-def check(config, environ=None) -> None:
-  """Refuses ``numerics.xla_flags=False`` in a process that runs with fedblood's XLA flags."""
-  section = config.get('numerics') if hasattr(config, 'get') else None
-  if not section or section.get('xla_flags', True):
+def check(numerics, environ=None) -> None:
+  """Refuses ``numerics.xla_flags=False`` in a process that runs with fedblood's XLA flags.
+
+  ``numerics``: ``config.numerics`` (None or empty: the default path).
+  """
+  if not numerics or numerics.get('xla_flags', True):
     return
   flags = active_flags(environ)
   if flags:
@@ -48,16 +50,16 @@ def check(config, environ=None) -> None:
         '(and without those flags in XLA_FLAGS), e.g. FEDBLOOD_XLA_FLAGS=0 python launch.py ...')
 
 
-def applied(config):
-  """Context of the run's numerics: ``jax.default_matmul_precision`` when one is set."""
-  precision = (config.get('numerics') or {}).get('matmul_precision', '')
+def applied(numerics):
+  """Context of ``config.numerics``: ``jax.default_matmul_precision`` when one is set."""
+  precision = (numerics or {}).get('matmul_precision', '')
   return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
-def describe(config) -> dict:
-  """The numerics path a run took (for results.json), or {} on the default path."""
-  section = config.get('numerics') or {}
-  if not section.get('matmul_precision') and section.get('xla_flags', True):
+def describe(numerics) -> dict:
+  """The numerics path of ``config.numerics`` (for results.json), or {} on the default path."""
+  numerics = numerics or {}
+  if not numerics.get('matmul_precision') and numerics.get('xla_flags', True):
     return {}
-  return {'matmul_precision': section.get('matmul_precision') or 'default',
+  return {'matmul_precision': numerics.get('matmul_precision') or 'default',
           'xla_flags': active_flags()}

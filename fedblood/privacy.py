@@ -103,42 +103,74 @@ def calibrate(mode, rates, total_steps, target_epsilon, delta, accountant) -> fl
   return float(max(sigmas))
 
 
-def plan(fl_cfg, sizes: dict) -> Plan | None:
-  """The run's :class:`Plan` from ``config.fl`` and ``{center: n_train}``; None if DP is off.
+def _section(fl_cfg):
+  """``fl.dp`` when DP is on, else None."""
+  cfg = fl_cfg.get('dp') if hasattr(fl_cfg, 'get') else None
+  return None if cfg is None or cfg['mode'] == 'off' else cfg
+
+
+def check(fl_cfg, sizes: dict) -> None:
+  """Refuses an ``fl.dp`` the accounting cannot cover, before anything runs.
+
+  Args:
+    fl_cfg: ``config.fl``.
+    sizes: ``{center: n_train}`` of the centers that train.
 
   Raises:
-    ValueError: naming the key (and center) of a setting the accounting cannot cover.
+    ValueError: naming the key (and center) at fault.
+    ImportError: DP is on and the ``dp`` extra (dp-accounting) is not installed.
   """
-  cfg = fl_cfg.get('dp') if hasattr(fl_cfg, 'get') else None
-  if cfg is None or cfg['mode'] == 'off':
-    return None
+  cfg = _section(fl_cfg)
+  if cfg is None:
+    return
   from fedblood.algorithms import dp  # pylint: disable=g-import-not-at-top
   dp.check_config(fl_cfg)
-  mode, batch = cfg['mode'], int(fl_cfg['batch_size'])
   accountant = cfg.get('accountant', 'rdp')
   if accountant not in ACCOUNTANTS:
     raise ValueError(f'fl.dp.accountant must be one of {ACCOUNTANTS}, got {accountant!r}')
-  delta = float(cfg['delta'])
-  names, counts = list(sizes), [int(n) for n in sizes.values()]
+  _check_rates(cfg['mode'], int(fl_cfg['batch_size']), float(cfg['delta']), sizes)
+  target = float(cfg.get('target_epsilon', 0.0) or 0.0)
+  if not target >= 0:
+    raise ValueError(f'fl.dp.target_epsilon must be >= 0 (0: use fl.dp.noise_multiplier), got '
+                     f'{target}')
+  _dp_accounting()
+
+
+def _check_rates(mode: str, batch: int, delta: float, sizes: dict) -> None:
   if mode == 'example':
-    for name, n in zip(names, counts):
+    for name, n in sizes.items():
+      n = int(n)
       if batch >= n:
         raise ValueError(f'fl.dp.mode=example samples each step at rate fl.batch_size / n_k < 1; '
                          f'center {name!r} has n_k={n} <= fl.batch_size={batch}')
       if not 0 < delta < 1 / n:
         raise ValueError(f'fl.dp.delta={delta} must be in (0, 1/n_k) for every center; center '
                          f'{name!r} has n_k={n} (1/n_k = {1 / n:.2e})')
+  elif not 0 < delta < 1 / len(sizes):
+    raise ValueError(f'fl.dp.delta={delta} must be in (0, 1/C) with C={len(sizes)} centers')
+
+
+def plan(fl_cfg, sizes: dict) -> Plan | None:
+  """The run's :class:`Plan` from ``config.fl`` and ``{center: n_train}``; None if DP is off.
+
+  Raises:
+    ValueError: naming the key (and center) of a setting the accounting cannot cover
+      (:func:`check`).
+  """
+  cfg = _section(fl_cfg)
+  if cfg is None:
+    return None
+  check(fl_cfg, sizes)
+  mode, batch = cfg['mode'], int(fl_cfg['batch_size'])
+  accountant, delta = cfg.get('accountant', 'rdp'), float(cfg['delta'])
+  names, counts = list(sizes), [int(n) for n in sizes.values()]
+  if mode == 'example':
     rates = tuple(batch / n for n in counts)
     per_round = tuple(int(fl_cfg['local_epochs']) * -(-n // batch) for n in counts)
   else:
-    if not 0 < delta < 1 / len(counts):
-      raise ValueError(f'fl.dp.delta={delta} must be in (0, 1/C) with C={len(counts)} centers')
     rates, per_round = (1.0,) * len(counts), (1,) * len(counts)
   sigma, calibrated = float(cfg['noise_multiplier']), False
   target = float(cfg.get('target_epsilon', 0.0) or 0.0)
-  if target < 0:
-    raise ValueError(f'fl.dp.target_epsilon must be >= 0 (0: use fl.dp.noise_multiplier), got '
-                     f'{target}')
   if target > 0:
     total = [s * int(fl_cfg['rounds']) for s in per_round]
     sigma, calibrated = calibrate(mode, rates, total, target, delta, accountant), True

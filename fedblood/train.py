@@ -66,7 +66,7 @@ def run(config, workdir) -> dict:
   """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
   workdir = Path(workdir)
   validate.check(config)  # before anything is written: a rejected setting can be corrected
-  with lock.hold(workdir), numerics.applied(config):
+  with lock.hold(workdir), numerics.applied(config.get('numerics')):
     workdir_lib.check_config(config, workdir, write=False)
     return _run(config, workdir)
 
@@ -99,8 +99,9 @@ def _run(config, workdir: Path) -> dict:
                   for name, (trainable, frozen) in fl_models.items()}
 
   t = time.time()
-  baselines = baselines_stage(exp, config.baselines, config.reference, reference_params, centers,
-                              workdir, log, holdout)
+  baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
+                              scratch_frozen_blocks=config.reference.frozen_blocks,
+                              holdout=holdout)
   times['baselines_s'] = time.time() - t
 
   results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
@@ -111,8 +112,9 @@ def _run(config, workdir: Path) -> dict:
     results['privacy'] = fl_info['privacy']
   if holdout:
     results['held_out'] = list(holdout)
-  if numerics.describe(config):
-    results['numerics'] = numerics.describe(config)
+  path = numerics.describe(config.get('numerics'))
+  if path:
+    results['numerics'] = path
   times['total_s'] = time.time() - started
   # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
   workdir_lib.write_results(workdir, results, times)

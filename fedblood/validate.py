@@ -1,11 +1,23 @@
 """Checks a whole run config before anything is written, naming the key at fault.
 
 ``check(config)`` runs every rule of :data:`RULES` whose key exists in the config and raises
-``ValueError('<key>=<value>: <what is expected>')`` at the first bad field; it then checks the
-data section (source, image size, splits, root folder, centers, reference) without loading any
-image. Fields the rules do not name (a new sub-config such as ``fl.dp``, sweep options) are
-accepted as they are: validation covers what exists, and a new field gets its rule by adding a
-line to :data:`RULES` (or a function to :data:`SECTION_CHECKS` for rules spanning fields).
+``ValueError('config <key>=<value> <what is expected>')`` at the first bad field. It then builds
+what the run would build, without compiling or loading an image, so that every setting a stage
+would refuse is refused here, by the code that refuses it (:func:`check_built`):
+
+* the algorithm (:func:`fedblood.algorithms.build` of ``config.fl``: FedDyn's ``alpha > 0``, its
+  server without a step size, ``fl.dp``) and the names of the models it evaluates;
+* the experiment (:func:`fedblood.experiment.build`: the model, the run's key, the parameter
+  shapes by ``jax.eval_shape``), both partitions (``model`` / ``reference.frozen_blocks``) and
+  the model ``model.pretrained`` weights need (:func:`fedblood.weights.check_model`);
+* the data plan (:func:`fedblood.data.plan.plan`: centers and split sizes from the listing),
+  against which the class count, the evaluation batch, ``fl.holdout``, ``fl.participation`` and
+  the privacy accounting (:func:`fedblood.privacy.check`) are checked.
+
+Fields the rules do not name (a new sub-config, sweep options) are accepted as they are:
+validation covers what exists, and a new field gets its rule by adding a line to :data:`RULES`.
+Allowed values come from the module that uses them (``algorithms.NAMES``, ``driver.EVAL_MODELS``,
+``baselines.INITS``, ``privacy.ACCOUNTANTS``, ...), never from a copy.
 
 ``train.run`` calls it before the workdir is touched, so a rejected setting can be corrected and
 the same command rerun in the same workdir.
@@ -16,7 +28,15 @@ import numbers
 import os
 from typing import Any, Callable
 
-from fedblood import algorithms, metrics, models, numerics, platform, simulate
+import jax
+
+from fedblood import algorithms, data, driver, experiment, metrics, models, numerics, partition, platform
+from fedblood import privacy, simulate, weights
+from fedblood.algorithms import dp
+from fedblood.data import loader
+from fedblood.data import plan as data_plan
+from fedblood.stages import baselines
+from fedblood.stages import fl as fl_stage
 
 
 def _number(x) -> bool:
@@ -25,6 +45,10 @@ def _number(x) -> bool:
 
 def _int(x) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def seed(x):
+  return None if _int(x) and 0 <= x < 2**63 else 'must be an integer in [0, 2^63)'
 
 
 def positive_int(x):
@@ -45,6 +69,10 @@ def nonnegative(x):
 
 def fraction(x):
   return None if _number(x) and 0 < x <= 1 else 'must be in (0, 1]'
+
+
+def probability(x):
+  return None if _number(x) and 0 < x < 1 else 'must be in (0, 1)'
 
 
 def below_one(x):
@@ -94,7 +122,7 @@ def boolean(x):
 # key -> check(value) returning None (fine) or what the value must be. Keys absent from a config
 # are skipped. New fields: add their rule here (e.g. 'fl.dp.noise_multiplier': nonnegative).
 RULES: dict[str, Callable[[Any], str | None]] = {
-    'seed': nonnegative_int,
+    'seed': seed,
     'model.name': model_name,
     'model.num_classes': positive_int,
     'model.head': one_of('fc', 'gap'),
@@ -121,12 +149,20 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.server_momentum': below_one,
     'fl.participation': fraction,
     'fl.execution': one_of(*simulate.EXECUTIONS),
-    'fl.eval_model': one_of('server', 'active_mean'),
+    'fl.eval_model': one_of(*driver.EVAL_MODELS),
     'fl.holdout': center_names,
     **_recipe('baselines'),
-    'baselines.init': one_of('reference', 'scratch', 'both'),
-    'baselines.balance': one_of('none', 'centers'),
-    'baselines.pooled_val': one_of('pooled', 'center_mean'),
+    'fl.dp.mode': one_of(*dp.MODES),
+    'fl.dp.clip': positive,
+    'fl.dp.noise_multiplier': nonnegative,
+    'fl.dp.target_epsilon': nonnegative,
+    'fl.dp.delta': probability,
+    'fl.dp.accountant': one_of(*privacy.ACCOUNTANTS),
+    'fl.dp.microbatch': nonnegative_int,
+    'fl.dp.seed': seed,
+    'baselines.init': one_of(*baselines.INITS),
+    'baselines.balance': one_of(*baselines.BALANCES),
+    'baselines.pooled_val': one_of(*baselines.POOLED_VALS),
     **_recipe('baselines.scratch'),
     'numerics.matmul_precision': one_of(*numerics.PRECISIONS),
     'numerics.xla_flags': boolean,
@@ -149,22 +185,49 @@ def _get(config, key: str):
 _ABSENT = object()
 
 
-def _check_data(config):
-  from fedblood.data import loader  # pylint: disable=g-import-not-at-top  (TFDS: import late)
-  loader.check_config(config.data)
+def check_built(config) -> None:
+  """Builds the run's algorithm, experiment and data plan; raises what building them raises.
+
+  Nothing is compiled and no image is decoded: parameter shapes come from ``jax.eval_shape``,
+  the centers' split sizes from their file listing (:func:`fedblood.data.plan.plan`).
+  """
+  algorithm = algorithms.build(config.fl)
+  exp = experiment.build(config)
+  trainable, _ = exp.split(exp.shapes)
+  partition.split(exp.shapes, partition.frozen_block_rules(config.reference.frozen_blocks))
+  if config.model.get('pretrained'):
+    weights.check_model(exp.model, config.model.pretrained)  # the file's type; no weight read
+  centers = data_plan.plan(config.data)
+  _check_against_data(config, exp, centers)
+  holdout = fl_stage.held_out(config.fl.get('holdout', ()), [c.name for c in centers])
+  joined = [c for c in centers if c.name not in holdout]
+  driver.participation(config.fl.participation, exp.key, 1, len(joined))
+  evaluated = jax.eval_shape(lambda t: algorithm.eval_params(algorithm.init(t, len(joined))[0]),
+                             trainable)
+  driver.eval_model_name(config.fl.eval_model, evaluated)
+  privacy.check(config.fl, {c.name: len(c.train.labels) for c in joined})
 
 
-def _check_dp(config):
-  if 'fl' in config:
-    algorithms.dp.check_config(config.fl)  # fl.dp.* (mode, clip, noise, microbatch, algorithm)
+def _check_against_data(config, exp, centers) -> None:
+  """The model's classes and the evaluation batch against the data plan's centers."""
+  classes = len(data.CLASSES)
+  if config.model.num_classes != classes:
+    raise ValueError(f'config model.num_classes={config.model.num_classes!r} must be {classes}: '
+                     f'the data has the classes {data.CLASSES}')
+  data.require_splits(centers)
+  total = sum(len(s.labels) for c in centers for s in (c.train, c.val, c.test))
+  if exp.eval_batch > total:
+    raise ValueError(f'config eval.batch_size={exp.eval_batch} is larger than all {total} images '
+                     'of the run: evaluation pads every chunk to it; set it to at most '
+                     f'{total}')
 
 
-# Checks that span several fields or need more than one value: functions of the whole config.
-SECTION_CHECKS: list[Callable[[Any], None]] = [_check_data, _check_dp, numerics.check]
+# The sections a config needs for :func:`check_built` (a partial config gets its rules only).
+_BUILT_FROM = ('seed', 'data', 'model', 'reference', 'fl', 'eval')
 
 
 def check(config) -> None:
-  """Raises ValueError naming the first config key whose value is out of type or range."""
+  """Raises ValueError naming the first config key whose value the run would refuse."""
   for key, rule in RULES.items():
     value = _get(config, key)
     if value is _ABSENT:
@@ -172,5 +235,11 @@ def check(config) -> None:
     problem = rule(value)
     if problem:
       raise ValueError(f'config {key}={value!r} {problem}')
-  for section_check in SECTION_CHECKS:
-    section_check(config)
+  numerics.check(config.get('numerics'))
+  if all(key in config for key in _BUILT_FROM):
+    check_built(config)
+  else:
+    if 'data' in config:
+      loader.check_config(config.data)
+    if 'fl' in config:
+      dp.check_config(config.fl)

@@ -134,6 +134,22 @@ def _unloadable(layer: str, tensors: dict, flat_params: dict, source: str) -> st
   return None
 
 
+def check_model(model, path) -> str:
+  """Refuses a model the weights in ``path`` cannot start (reads no weight); their input_norm.
+
+  Raises:
+    ValueError: an unknown file type, ``model.width`` other than 1.0, or a ``model.input_norm``
+      other than the one the weights were trained with.
+  """
+  if model.width != 1.0:
+    raise ValueError(f'{path}: ImageNet weights need model.width=1.0, got {model.width}')
+  norm = input_norm_for(path)
+  if model.input_norm != norm:
+    raise ValueError(f"{path}: these weights expect model.input_norm={norm!r}, the model has "
+                     f"{model.input_norm!r}; set model.input_norm={norm!r}")
+  return norm
+
+
 def load_pretrained(params, path, *, model) -> tuple[dict, LoadReport]:
   """Overlays the ImageNet weights in ``path`` onto fresh ``params`` of ``model``.
 
@@ -147,12 +163,7 @@ def load_pretrained(params, path, *, model) -> tuple[dict, LoadReport]:
     ``(params, report)``: the new params, and a :class:`LoadReport` listing which params came
     from the file and which kept their initialisation (also logged).
   """
-  if model.width != 1.0:
-    raise ValueError(f'{path}: ImageNet weights need model.width=1.0, got {model.width}')
-  norm = input_norm_for(path)
-  if model.input_norm != norm:
-    raise ValueError(f"{path}: these weights expect model.input_norm={norm!r}, the model has "
-                     f"{model.input_norm!r}; set model.input_norm={norm!r}")
+  norm = check_model(model, path)
   params, report = overlay(params, read_weights(path), source=str(path))
   report = report._replace(input_norm=norm)
   logging.info('Loaded %d params from %s (input_norm=%s); kept initialised: %s',

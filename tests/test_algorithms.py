@@ -301,3 +301,22 @@ def test_the_gradient_rewrite_is_a_parameter(problem):
                             num_steps=3, rng=jax.random.key(0))
     assert bool(np.any(np.asarray(out.local_params) != 1.0)) == moves
   assert len(seen) == 1
+
+
+def test_fl_alpha_reaches_fed_dyn_by_name(monkeypatch):
+  # configs -> algorithms.build -> BUILDERS['fed_dyn'] -> fed_dyn(alpha=...): nothing renames it.
+  seen = {}
+  monkeypatch.setattr(algorithms, 'fed_dyn', lambda **kwargs: seen.update(kwargs))
+  algorithms.build({'algorithm': 'fed_dyn', 'lr': 0.1, 'alpha': 0.3, 'mu': 0.5})
+  assert seen['alpha'] == 0.3 and 'mu' not in seen
+
+
+@pytest.mark.parametrize('key, value', [('server_lr', 0.5), ('server_momentum', 0.9)])
+def test_fed_dyn_refuses_a_server_step(key, value):
+  fl_cfg = {'algorithm': 'fed_dyn', 'lr': 0.1, 'alpha': 0.1, key: value}
+  with pytest.raises(ValueError, match=f"fl.{key}={value}: fl.algorithm='fed_dyn' has no server"):
+    algorithms.build(fl_cfg)
+  algorithms.build({**fl_cfg, 'algorithm': 'fed_avg'})  # FedAvg's server has a step
+  with pytest.raises(ValueError, match='fl.alpha must be > 0 for fed_dyn'):
+    algorithms.build({**fl_cfg, key: {'server_lr': 1.0, 'server_momentum': 0.0}[key],
+                      'alpha': 0.0})

@@ -12,6 +12,7 @@ import pytest
 
 from fedblood import algorithms, batches, privacy, simulate
 from fedblood.algorithms import dp
+from fedblood.algorithms import dp_fedavg
 from mlp_federation import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
 
 dp_accounting = pytest.importorskip('dp_accounting')
@@ -209,7 +210,7 @@ def test_dp_off_is_bit_identical_to_no_dp_config():
 def test_client_level_clips_updates_and_noises_the_mean():
   params = {'w': jnp.zeros(3000)}
   num, clip, sigma = 4, 0.5, 2.0
-  wrapped = dp.client_level(algorithms.fed_avg(lr=0.1), clip, sigma, seed=0)
+  wrapped = dp_fedavg.client_level(algorithms.fed_avg(lr=0.1), clip, sigma, seed=0)
   server, _ = wrapped.init(params, num)
   deltas = np.stack([np.full(3000, 0.001), np.full(3000, 1.0), np.zeros(3000),
                      np.full(3000, -0.002)]).astype(np.float32)  # norms 0.055, 54.8, 0, 0.11
@@ -223,7 +224,7 @@ def test_client_level_clips_updates_and_noises_the_mean():
   # The noise on the sum has std sigma * clip (3000 draws: se 1.3%).
   np.testing.assert_allclose(np.std(noise), sigma * clip, rtol=0.05)
   # With no noise the mean of the clipped updates is exact, and the key advances.
-  quiet = dp.client_level(algorithms.fed_avg(lr=0.1), clip, 0.0, seed=0)
+  quiet = dp_fedavg.client_level(algorithms.fed_avg(lr=0.1), clip, 0.0, seed=0)
   new, _ = quiet.server_update(quiet.init(params, num)[0], (), local_params=local,
                                new_client_states=(), weights=jnp.ones(num),
                                active=jnp.ones(num, bool))

@@ -24,6 +24,7 @@ from fedblood import train
 from fedblood import workdir as workdir_lib
 from fedblood import validate
 from fedblood.data import checks
+from fedblood.data import plan as data_plan
 from report_samples import sample_history, sample_results
 from study_helpers import smoke_config
 
@@ -62,6 +63,23 @@ def _set(config, key, value):
     ('data.reference', 'nowhere', 'is not one of the centers'),
     ('fl.dp.mode', 'record', 'must be one of'),
     ('fl.dp.mode', 'client', "supports fl.algorithm 'fed_avg'"),
+    # Issue 22: what the run refused only after writing (or never named), refused up front.
+    ('fl.alpha', 0.0, 'must be > 0 for fed_dyn'),
+    ('fl.server_lr', 0.5, "fed_dyn' has no server step size"),
+    ('fl.server_momentum', 0.9, "fed_dyn' has no server step size"),
+    ('fl.dp.delta', 2.0, r'must be in \(0, 1\)'),
+    ('fl.dp.accountant', 'moments', r"must be one of \('rdp', 'pld'\)"),
+    ('fl.dp.noise_multiplier', float('nan'), 'must be a finite number >= 0'),
+    ('fl.dp.clip', float('inf'), 'must be a finite number > 0'),
+    ('model.num_classes', 3, 'must be 5: the data has the classes'),
+    ('seed', 2**64, r'must be an integer in \[0, 2\^63\)'),
+    ('fl.dp.seed', -1, r'must be an integer in \[0, 2\^63\)'),
+    ('eval.batch_size', 10**9, 'larger than all 260 images of the run'),
+    ('fl.holdout', ('synth0',), 'the reference center .* cannot be held out'),
+    ('fl.holdout', ('nowhere',), 'no center named'),
+    ('fl.participation', float('nan'), r'in \(0, 1\]'),
+    ('baselines.init', 'pooled', 'must be one of'),
+    ('model.head', 'mlp', 'must be one of'),
 ])
 def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, says):
   config = smoke_config(tmp_path / 'tfds')
@@ -70,6 +88,73 @@ def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, say
   with pytest.raises(ValueError, match=re.escape(key) + '.*' + says):
     train.run(config, workdir)
   assert not workdir.exists()  # nothing written: the corrected command runs in this workdir
+
+
+@pytest.mark.parametrize('settings, says', [
+    # DP-SGD samples each step at rate B / n_k: a center of 82 training images cannot take B=100.
+    ({'fl.dp.mode': 'example', 'fl.batch_size': 100}, "fl.batch_size / n_k < 1; center 'synth0'"),
+    ({'fl.dp.mode': 'example', 'fl.dp.delta': 0.5}, r'fl.dp.delta=0.5 must be in \(0, 1/n_k\)'),
+    ({'fl.dp.mode': 'client', 'fl.algorithm': 'fed_avg', 'fl.participation': 0.5},
+     'fl.participation=1.0'),
+    ({'fl.algorithm': 'fed_avg', 'fl.server_lr': 0.5, 'fl.alpha': 0.0}, None),  # fed_avg: fine
+])
+def test_settings_refused_against_the_data_plan(tmp_path, settings, says):
+  config = smoke_config(tmp_path / 'tfds')
+  for key, value in settings.items():
+    _set(config, key, value)
+  if says is None:
+    validate.check(config)
+    return
+  with pytest.raises(ValueError, match=says):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+  assert not (tmp_path / 'tfds').exists()  # the plan lists splits without building a dataset
+
+
+def test_pretrained_weights_for_another_model_refused_without_reading_them(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  (tmp_path / 'vgg16.pth').write_bytes(b'not read')
+  _set(config, 'model.pretrained', str(tmp_path / 'vgg16.pth'))
+  with pytest.raises(ValueError, match=r'ImageNet weights need model\.width=1\.0, got 0\.125'):
+    train.run(config, tmp_path / 'run')
+  _set(config, 'model.width', 1.0)
+  with pytest.raises(ValueError, match=r"expect model\.input_norm='imagenet'"):
+    _set(config, 'model.input_norm', 'caffe')
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_empty_data_root_is_refused_naming_it(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  (tmp_path / 'images').mkdir()
+  _set(config, 'data.source', 'folder')
+  _set(config, 'data.root', str(tmp_path / 'images'))
+  with pytest.raises(ValueError, match='data.root=.* holds no center folder'):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_data_plan_has_the_splits_of_the_loaded_centers(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  planned = data_plan.plan(config.data)
+  loaded = data.load_centers(config.data)
+  assert [c.name for c in planned] == [c.name for c in loaded]
+  for p, c in zip(planned, loaded):
+    for split in ('train', 'val', 'test'):
+      np.testing.assert_array_equal(np.sort(getattr(p, split).files),
+                                    np.sort(getattr(c, split).files))
+
+
+def test_hostile_setting_from_the_command_line_is_one_line_and_writes_nothing(tmp_path):
+  out = subprocess.run(
+      [sys.executable, str(REPO / 'launch.py'), '--config', 'configs/demo.py:smoke',
+       f'--config.data.cache_dir={tmp_path / "tfds"}', '--config.fl.alpha=0',
+       '--workdir', str(tmp_path / 'run')], cwd=REPO, env=ENV, capture_output=True, text=True,
+      timeout=300)
+  assert out.returncode != 0
+  assert 'Traceback' not in out.stderr
+  assert 'fl.alpha must be > 0 for fed_dyn' in out.stderr
+  assert not (tmp_path / 'run').exists()
 
 
 def test_corrected_setting_runs_in_the_same_workdir(tmp_path):
@@ -283,7 +368,7 @@ def test_center_too_small_to_split_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match=r"center\(s\) 'tiny' \(1 images: train 1, val 0, "
                                        r'test 0\) too small to split'):
     train.run(config, workdir)
-  assert sorted(p.name for p in workdir.iterdir()) == ['run.lock']  # no config.json, no training
+  assert not workdir.exists()  # refused by validation's data plan, before the workdir is made
 
 
 # ------------------------------------------------------------------------------- 5. odd names

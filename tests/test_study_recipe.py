@@ -100,9 +100,9 @@ def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
   train_split = data.Split(*[np.concatenate([getattr(train_a, f), getattr(train_b, f)])
                              for f in data.Split._fields])
   groups = np.repeat([0, 1], [24, 6])
-  result = centralized.fit('pooled', model, params, partition.frozen_block_rules(0), train_split,
-                           val, recipe, jax.random.key(1), tmp_path / 'ckpt', log=rows.append,
-                           groups=groups)
+  result = centralized.fit('pooled', centralized.FitModel(model), params,
+                           partition.frozen_block_rules(0), train_split, val, recipe,
+                           jax.random.key(1), tmp_path / 'ckpt', log=rows.append, groups=groups)
   # Balanced: 2 centers x 15 draws = 30 per epoch, 4 steps of 8.
   steps = 4
   first_counting = next(e for e in range(1, 7) if selection.stop_counts(
@@ -141,13 +141,13 @@ def test_wbc_defaults_and_old_behaviour_fields():
 def test_matmul_precision_is_applied_and_restored():
   config = common.get_config()
   x = jnp.ones((4, 4))
-  with numerics.applied(config):
+  with numerics.applied(config.numerics):
     assert 'HIGHEST' not in jax.jit(jnp.dot).lower(x, x).as_text()
   config.numerics.matmul_precision = 'highest'
-  with numerics.applied(config):
+  with numerics.applied(config.numerics):
     assert 'precision = [HIGHEST, HIGHEST]' in jax.jit(jnp.dot).lower(x, x).as_text()
   assert 'HIGHEST' not in jax.jit(jnp.dot).lower(x, x).as_text()
-  assert numerics.describe(config)['matmul_precision'] == 'highest'
+  assert numerics.describe(config.numerics)['matmul_precision'] == 'highest'
 
 
 def test_xla_flags_off_needs_the_environment_switch():
@@ -155,11 +155,11 @@ def test_xla_flags_off_needs_the_environment_switch():
   config.numerics.xla_flags = False
   flag = numerics.platform.XLA_FLAGS[0]
   with pytest.raises(ValueError, match='FEDBLOOD_XLA_FLAGS=0'):
-    numerics.check(config, {'XLA_FLAGS': flag})
-  numerics.check(config, {'XLA_FLAGS': ''})
+    numerics.check(config.numerics, {'XLA_FLAGS': flag})
+  numerics.check(config.numerics, {'XLA_FLAGS': ''})
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': '', 'FEDBLOOD_XLA_FLAGS': '0'}
   code = ('import os, fedblood; from fedblood import numerics; from configs import common; '
-          'c = common.get_config(); c.numerics.xla_flags = False; numerics.check(c); '
+          'c = common.get_config(); c.numerics.xla_flags = False; numerics.check(c.numerics); '
           'print(repr(os.environ["XLA_FLAGS"]))')
   out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True,
                        text=True, check=True)

@@ -176,9 +176,8 @@ def test_centralized_divergence_names_stage_and_epoch(smoke, tmp_path):
   recipe = config.baselines.copy_and_resolve_references()
   recipe.lr, recipe.warmup_epochs, recipe.epochs = 1e30, 0, 3
   with pytest.raises(FloatingPointError, match=r'local_test, epoch 1: the training loss is'):
-    centralized.fit('local_test', loaded.model, loaded.params, loaded.experiment.rules,
-                    center.train, center.val, recipe, jax.random.key(0), tmp_path / 'ckpt',
-                    augment_fn=loaded.experiment.augment)
+    centralized.fit('local_test', loaded.experiment, loaded.params, loaded.experiment.rules,
+                    center.train, center.val, recipe, jax.random.key(0), tmp_path / 'ckpt')
 
 
 def test_participation_mask_is_deterministic():

@@ -21,6 +21,7 @@ that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``)
 from typing import Callable, Optional
 
 from fedblood.algorithms import dp
+from fedblood.algorithms import dp_fedavg
 from fedblood.algorithms.base import ClientUpdate, FedAlgorithm, client_weights
 from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
@@ -42,7 +43,17 @@ def _given(fl_cfg, keys) -> dict:
   return {k: fl_cfg[k] for k in keys if k in fl_cfg}
 
 
+def _unused(fl_cfg, defaults: dict, why: str) -> None:
+  """Refuses a key set away from the value the algorithm runs with anyway (it would be ignored)."""
+  for key, value in defaults.items():
+    if key in fl_cfg and fl_cfg[key] != value:
+      raise ValueError(f'config fl.{key}={fl_cfg[key]!r}: fl.algorithm={fl_cfg["algorithm"]!r} '
+                       f'{why}; set fl.{key}={value!r}')
+
+
 def _fed_dyn(fl_cfg, **backend) -> FedAlgorithm:
+  _unused(fl_cfg, {'server_lr': 1.0, 'server_momentum': 0.0},
+          "has no server step size (the authors' server sets the model, FEDDYN.md)")
   return fed_dyn(lr=_required(fl_cfg, 'lr'), alpha=_required(fl_cfg, 'alpha'),
                  **_given(fl_cfg, _LOCAL), **backend)
 
@@ -82,8 +93,8 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   algorithm = BUILDERS[name](fl_cfg, dp=dp.from_config(fl_cfg), rewrite=rewrite)
   if 'dp' in fl_cfg and fl_cfg['dp']['mode'] == 'client':
     cfg = fl_cfg['dp']
-    algorithm = dp.client_level(algorithm, float(cfg['clip']), float(cfg['noise_multiplier']),
-                                int(cfg.get('seed', 0)))
+    algorithm = dp_fedavg.client_level(algorithm, float(cfg['clip']),
+                                       float(cfg['noise_multiplier']), int(cfg.get('seed', 0)))
   return algorithm
 
 

@@ -225,14 +225,15 @@ def _dp_gradient(dp, loss_fn, penalty_fn, rewrite):
   return grad_fn
 
 
-def _bcast(mask, x):
+def bcast(mask, x):
+  """``mask [C]`` reshaped to broadcast against ``x [C, ...]`` (trailing axes of size 1)."""
   return mask.reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
 
 
 def select_clients(active, new, old):
   """Per client (leading axis), ``new`` where ``active`` else ``old``: inactive states stay put."""
   active = jnp.asarray(active, bool)
-  return jax.tree.map(lambda n, o: jnp.where(_bcast(active, n), n, o), new, old)
+  return jax.tree.map(lambda n, o: jnp.where(bcast(active, n), n, o), new, old)
 
 
 def masked_mean(stacked, weights, active):
@@ -247,7 +248,7 @@ def masked_mean(stacked, weights, active):
   safe_total = jnp.where(total > 0, total, 1.0)
 
   def mean(x):
-    x = jnp.where(_bcast(active, x), x, 0)
+    x = jnp.where(bcast(active, x), x, 0)
     return (jnp.tensordot(w, x, axes=1) / safe_total).astype(x.dtype)
 
   return jax.tree.map(mean, stacked), total > 0

@@ -1,4 +1,4 @@
-"""Differential privacy in the local step (DP-SGD) and on the aggregate (DP-FedAvg).
+"""Differential privacy in the local step (DP-SGD) and the settings of ``fl.dp``.
 
 Record level, ``fl.dp.mode='example'`` (DP-SGD, Abadi et al. 2016), per center and step:
 
@@ -17,14 +17,12 @@ optimizer (its global-norm clipping, SGD). The accountant (:mod:`fedblood.privac
 ``steps`` compositions of a Poisson-sampled Gaussian of rate ``q_k`` per center; the number of
 examples ``n_k`` is treated as public.
 
-Client level, ``fl.dp.mode='client'`` (DP-FedAvg, McMahan et al. 2018): :func:`client_level`
-clips each center's model update ``theta_k - theta_s`` to L2 norm ``clip``, adds
-``N(0, (noise_multiplier * clip)^2 I)`` to their sum and divides by the number of centers; the
-server's rule (and its optimizer) then runs on that noisy mean. FedAvg and FedProx only: the
-servers of FedDyn and SCAFFOLD also read client state (``lambda_k``, ``c_k``) that this noise
-does not cover.
+Client level, ``fl.dp.mode='client'`` (DP-FedAvg, McMahan et al. 2018): a wrapper of a built
+algorithm, so it lives above :mod:`fedblood.algorithms.base`, in
+:mod:`fedblood.algorithms.dp_fedavg`; its settings are checked here with the others.
 """
 
+import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -83,10 +81,11 @@ def check_config(fl_cfg):
     raise ValueError(f'fl.dp.mode must be one of {MODES}, got {cfg["mode"]!r}')
   if cfg['mode'] == 'off':
     return
-  if not cfg['clip'] > 0:
-    raise ValueError(f'fl.dp.clip must be > 0, got {cfg["clip"]}')
-  if cfg['noise_multiplier'] < 0:
-    raise ValueError(f'fl.dp.noise_multiplier must be >= 0, got {cfg["noise_multiplier"]}')
+  if not 0 < cfg['clip'] < math.inf:
+    raise ValueError(f'fl.dp.clip must be a finite number > 0, got {cfg["clip"]}')
+  if not 0 <= cfg['noise_multiplier'] < math.inf:
+    raise ValueError(f'fl.dp.noise_multiplier must be a finite number >= 0, got '
+                     f'{cfg["noise_multiplier"]}')
   if cfg.get('microbatch', 0) < 0:
     raise ValueError(f'fl.dp.microbatch must be >= 0 (0: fl.batch_size), got {cfg["microbatch"]}')
   if cfg['mode'] == 'client' and fl_cfg['algorithm'] not in ('fed_avg', 'fed_prox'):
@@ -158,55 +157,3 @@ def private_gradient(dp: DpSgd, loss_fn: Callable,
     return jax.tree.unflatten(tree, noisy), stats
 
   return grad_fn
-
-
-# ------------------------------------------------------------------------ client level
-class ClientDpServerState(NamedTuple):
-  """Attributes: inner (the wrapped algorithm's server state), key (noise key data)."""
-  inner: Any
-  key: Any
-
-
-def client_level(algorithm, clip: float, noise_multiplier: float, seed: int = 0):
-  """DP-FedAvg around a FedAvg-type ``algorithm`` (see the module docstring).
-
-  The server state becomes :class:`ClientDpServerState`; the noise key advances once per
-  server update, so a resumed run draws the noise of an uninterrupted one. Every center is
-  assumed to take part in every round (the noisy sum is divided by the number of centers).
-  """
-  from fedblood.algorithms import base  # pylint: disable=g-import-not-at-top
-
-  def init(params, num_clients):
-    server, clients = algorithm.init(params, num_clients)
-    return ClientDpServerState(server, jax.random.key_data(jax.random.key(seed))), clients
-
-  def client_update(server_state, client_state, **local):
-    return algorithm.client_update(server_state.inner, client_state, **local)
-
-  def server_update(server_state, client_states, *, local_params, new_client_states, weights,
-                    active):
-    theta = algorithm.eval_params(server_state.inner)['server']
-    active = jnp.asarray(active, bool)
-    num = active.shape[0]
-    deltas = jax.tree.map(lambda l, t: l - t[None], local_params, theta)
-    norms = jax.vmap(optax.tree.norm)(deltas)
-    factor = jnp.where(active, clip / jnp.maximum(norms, clip), 0.0)
-    total = jax.tree.map(lambda d: jnp.tensordot(factor.astype(d.dtype),
-                                                 jnp.where(base._bcast(active, d), d, 0), 1),
-                         deltas)
-    key, noise_key = jax.random.split(jax.random.wrap_key_data(server_state.key))
-    leaves, tree = jax.tree.flatten(total)
-    keys = jax.random.split(noise_key, len(leaves))
-    mean = [(s + noise_multiplier * clip * jax.random.normal(k, s.shape, s.dtype)) / num
-            for s, k in zip(leaves, keys)]
-    noisy = jax.tree.map(lambda t, m: jnp.broadcast_to(t + m, (num,) + t.shape), theta,
-                         jax.tree.unflatten(tree, mean))
-    inner, client_states = algorithm.server_update(
-        server_state.inner, client_states, local_params=noisy, new_client_states=new_client_states,
-        weights=weights, active=active)
-    return ClientDpServerState(inner, jax.random.key_data(key)), client_states
-
-  def eval_params(server_state):
-    return algorithm.eval_params(server_state.inner)
-
-  return base.FedAlgorithm(init, client_update, server_update, eval_params)

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import optax
 
 from fedblood.algorithms import base
+from fedblood.algorithms import dp as dp_lib
 
 
 def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], server_lr: float,
@@ -48,7 +49,7 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
 
 def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
             server_lr: float = 1.0, server_momentum: float = 0.0,
-            dp: Optional[base.dp_lib.DpSgd] = None,
+            dp: Optional[dp_lib.DpSgd] = None,
             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedAvg with sample-weighted averaging.
 
@@ -67,7 +68,7 @@ def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[flo
 
 def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
              max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
-             server_momentum: float = 0.0, dp: Optional[base.dp_lib.DpSgd] = None,
+             server_momentum: float = 0.0, dp: Optional[dp_lib.DpSgd] = None,
              rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in each client's loss (see :func:`fed_avg`)."""
   if mu < 0:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from fedblood.algorithms import base
+from fedblood.algorithms import dp as dp_lib
 
 
 class FedDynServerState(NamedTuple):
@@ -45,7 +46,7 @@ class FedDynClientState(NamedTuple):
 
 def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
             max_grad_norm: Optional[float] = 10.0,
-            dp: Optional[base.dp_lib.DpSgd] = None,
+            dp: Optional[dp_lib.DpSgd] = None,
             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedDyn.
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from fedblood.algorithms import base
+from fedblood.algorithms import dp as dp_lib
 
 
 class ScaffoldServerState(NamedTuple):
@@ -28,7 +29,7 @@ class ScaffoldServerState(NamedTuple):
 
 def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
              server_lr: float = 1.0, server_momentum: float = 0.0,
-             dp: Optional[base.dp_lib.DpSgd] = None,
+             dp: Optional[dp_lib.DpSgd] = None,
              rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """SCAFFOLD; client state is the control variate ``c_k`` (args as :func:`fed_avg`).
 

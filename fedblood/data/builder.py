@@ -103,7 +103,7 @@ class Leukocytes(tfds.core.GeneratorBasedBuilder):
     if cfg.layout == 'synthetic':
       images, labels = synthetic.make_center(cfg.synth_index, cfg.synth_images, cfg.synth_seed,
                                              cfg.image_size)
-      files = [f'{CLASSES[l]}/{i:05d}.png' for i, l in enumerate(labels)]
+      files = synthetic.file_names(labels)
       source = ('synthetic', images)
     else:
       path = cfg.path or (self._manual_dir(dl_manager) if cfg.layout != 'folder' else '')

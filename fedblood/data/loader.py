@@ -131,7 +131,7 @@ def _check(data_cfg):
   if data_cfg.resize not in images_lib.RESIZE_POLICIES:
     raise ValueError(f'data.resize={data_cfg.resize!r} is not one of {images_lib.RESIZE_POLICIES}')
   splits_lib.check_fractions(data_cfg.val_fraction, data_cfg.test_fraction)
-  splits_lib.check_folds(*_folds(data_cfg))
+  splits_lib.check_folds(*folds_of(data_cfg))
   for name, fraction in _crops(data_cfg).items():
     images_lib.check_crop(fraction, f'data.crop.{name}')
   if data_cfg.source != 'synthetic' and data_cfg.root:
@@ -149,10 +149,10 @@ def check_config(data_cfg) -> None:
     ValueError / FileNotFoundError: naming the config key or folder at fault.
   """
   _check(data_cfg)
-  _center_specs(data_cfg)
+  center_specs(data_cfg)
 
 
-def _center_specs(data_cfg) -> list[tuple[str, dict]]:
+def center_specs(data_cfg) -> list[tuple[str, dict]]:
   """[(center name, CenterConfig fields)] in config order."""
   source, root = data_cfg.source, data_cfg.root
   manual = root or os.path.join(cache_dir(data_cfg), 'downloads', 'manual')
@@ -180,6 +180,9 @@ def _center_specs(data_cfg) -> list[tuple[str, dict]]:
     specs = [(source, dict(layout=source, path=manual))]
   by_name = dict(specs)
   names = tuple(data_cfg.centers) or tuple(by_name)
+  if not names:
+    raise ValueError(f'data.root={root!r} holds no center folder (data.source="folder" needs a '
+                     'tree <root>/<center>/<class>/<images>)')
   unknown = [n for n in names if n not in by_name]
   if unknown:
     raise ValueError(f'data.centers: {unknown} not found; available: {tuple(by_name)}')
@@ -200,7 +203,7 @@ def crop_of(data_cfg, center: str) -> float:
   return float(_crops(data_cfg).get(center, 1.0))
 
 
-def _folds(data_cfg) -> tuple[int, int]:
+def folds_of(data_cfg) -> tuple[int, int]:
   """``(data.folds, data.fold)``; ``(0, 0)`` for a config written before k-fold existed."""
   return data_cfg.get('folds', 0), data_cfg.get('fold', 0)
 
@@ -209,7 +212,7 @@ def _digest(fields: dict, data_cfg) -> str:
   key = dict(fields, code=_CODE_VERSION, tfds_version=str(builder_lib.Leukocytes.VERSION),
              val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction,
              split_seed=data_cfg.split_seed)
-  folds, fold = _folds(data_cfg)
+  folds, fold = folds_of(data_cfg)
   if folds:  # only then: the caches of a test_fraction split keep their names
     key.update(folds=folds, fold=fold)
   if fields['layout'] != 'synthetic':
@@ -236,7 +239,7 @@ def _load_center(name: str, fields: dict, data_cfg) -> Center:
       logging.warning('Center %s: the cache %s cannot be read (%s: %s); rebuilding it from the '
                       'images', name, path, type(e).__name__, e)
   start = time.time()
-  folds, fold = _folds(data_cfg)
+  folds, fold = folds_of(data_cfg)
   config = builder_lib.CenterConfig(
       name=config_name, val_fraction=data_cfg.val_fraction,
       test_fraction=data_cfg.test_fraction, split_seed=data_cfg.split_seed, folds=folds,
@@ -267,7 +270,7 @@ def load_centers(data_cfg) -> list[Center]:
       set that was not downloaded (with what to download and where to put it).
   """
   _check(data_cfg)
-  specs = _center_specs(data_cfg)
+  specs = center_specs(data_cfg)
   names = [name for name, _ in specs]
   stray = [n for n in _crops(data_cfg) if n not in names]
   if stray:  # a config written for one tree, run on another (e.g. wbc.py on your own root)

@@ -56,7 +56,7 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
 
 
 def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
-           center: str = '', folds: int = 0, fold: int = 0) -> np.ndarray:
+           center: str = '', folds: int = 0, fold: int = 0, warn: bool = True) -> np.ndarray:
   """Assigns each file to TRAIN, VAL or TEST, stratified by class.
 
   Args:
@@ -67,6 +67,7 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
     center: for the log line about classes too small to split.
     folds, fold: with ``folds`` >= 2, the test split is fold ``fold`` of a stratified
       ``folds``-fold partition and ``test_fraction`` is not used (module docstring).
+    warn: log that line (the data plan of validation lists the split again, quietly).
 
   Returns:
     int8 [N] of TRAIN / VAL / TEST. A class whose validation or test share rounds to zero images
@@ -95,7 +96,7 @@ def assign(files, labels, val_fraction: float, test_fraction: float, seed: int,
       out[order[n_test:n_test + n_val]] = VAL
     if (val_fraction and not n_val) or (wants_test and not n_test):
       small.append(f'{CLASSES[c]} ({len(idx)}: {len(idx) - n_val - n_test}/{n_val}/{n_test})')
-  if small:
+  if small and warn:
     logging.warning('Center %s: too few images to split class(es) %s [train/val/test]; the '
                     'missing shares stay in train', center, ', '.join(small))
   return out

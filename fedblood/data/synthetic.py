@@ -233,12 +233,23 @@ def generate(labels, style: Style, seed, size: int = 64, chunk: int = 256) -> np
   return out
 
 
-def make_center(index: int, num_images: int, seed: int, size: int = 64):
-  """Images and labels of synthetic center ``index``: (uint8 [N, S, S, 3], int32 [N])."""
+def center_labels(index: int, num_images: int, seed: int) -> np.ndarray:
+  """The labels of synthetic center ``index`` (int32 [N]), drawn without making an image."""
   style = center_style(index, seed)
   rng = np.random.default_rng([seed, index, 1])
   labels = rng.choice(len(CLASSES), size=num_images, p=style.class_probs).astype(np.int32)
   # Every class present at least twice, so stratified splits and per-class metrics make sense.
   labels[:2 * len(CLASSES)] = np.tile(np.arange(len(CLASSES)), 2)
-  images = generate(labels, style, [seed, index, 2], size)
+  return labels
+
+
+def file_names(labels) -> list[str]:
+  """The names a synthetic center's images are listed under (``<class>/<index>.png``)."""
+  return [f'{CLASSES[l]}/{i:05d}.png' for i, l in enumerate(labels)]
+
+
+def make_center(index: int, num_images: int, seed: int, size: int = 64):
+  """Images and labels of synthetic center ``index``: (uint8 [N, S, S, 3], int32 [N])."""
+  labels = center_labels(index, num_images, seed)
+  images = generate(labels, center_style(index, seed), [seed, index, 2], size)
   return images, labels

@@ -50,7 +50,7 @@ def center_names(data_cfg) -> tuple:
   so ``data.centers`` must name the sites' centers.
   """
   if data_cfg.source == 'synthetic':
-    specs = loader._center_specs(data_cfg)  # pylint: disable=protected-access
+    specs = loader.center_specs(data_cfg)
     return tuple(name for name, _ in specs)
   names = tuple(data_cfg.centers)
   if not names:

@@ -37,11 +37,11 @@ def reference_stage(exp: Experiment, cfg, center, workdir: Path, log) -> tuple[d
     info = {'center': center.name, 'restored_from': source}
   else:
     result = centralized.fit(
-        'reference', exp.model, exp.init(), partition.frozen_block_rules(cfg.frozen_blocks),
+        'reference', exp, exp.init(), partition.frozen_block_rules(cfg.frozen_blocks),
         center.train, center.val, cfg, jax.random.fold_in(exp.key, STAGE['reference']),
-        workdir_lib.checkpoints(workdir, 'reference'), augment_fn=exp.augment,
-        log=lambda row: log({**row, 'center': center.name}), eval_batch=exp.eval_batch,
-        progress=exp.progress, on_resume=lambda epoch: runlog.truncate(workdir, 'reference', epoch))
+        workdir_lib.checkpoints(workdir, 'reference'),
+        log=lambda row: log({**row, 'center': center.name}),
+        on_resume=lambda epoch: runlog.truncate(workdir, 'reference', epoch))
     params = result.params
     info = {'center': center.name, 'best_epoch': result.epoch, 'epochs_run': result.epochs_run,
             'val': result.val}
