@@ -134,8 +134,12 @@ def test_empty_data_root_is_refused_naming_it(tmp_path):
   assert not (tmp_path / 'run').exists()
 
 
-def test_data_plan_has_the_splits_of_the_loaded_centers(tmp_path):
+@pytest.mark.parametrize('folds', [0, 3])
+def test_data_plan_has_the_splits_of_the_loaded_centers(tmp_path, folds):
   config = smoke_config(tmp_path / 'tfds')
+  if folds:  # k-fold: the plan's test split is the loaded fold, not the test_fraction split
+    _set(config, 'data.folds', folds)
+    _set(config, 'data.fold', 1)
   planned = data_plan.plan(config.data)
   loaded = data.load_centers(config.data)
   assert [c.name for c in planned] == [c.name for c in loaded]
