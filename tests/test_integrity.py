@@ -164,7 +164,7 @@ def test_damaged_latest_step_of_a_finished_run_repaired_byte_identical(smoke, tm
     assert line.endswith('resuming from step 1')
 
 
-def test_step_cut_short_before_its_checksums_is_set_aside(smoke, tmp_path, caplog):
+def test_step_cut_short_before_its_checksums_is_damage(smoke, tmp_path):
   workdir = _copy(smoke, tmp_path)
   fl_dir = workdir / 'checkpoints' / 'fl'
   (fl_dir / '3' / checkpoint.CHECKSUMS).unlink()
@@ -311,3 +311,21 @@ def test_unreadable_and_read_only_are_one_line(smoke, tmp_path):
                            str(locked / 'p.csv')), r'Permission denied')
   finally:
     locked.chmod(0o755)
+
+
+def test_full_disk_and_read_only_errors_are_expected_bugs_are_not():
+  """The classification launch.main uses (a full disk cannot be made here without a mount)."""
+  import launch  # pylint: disable=g-import-not-at-top
+  full = OSError(28, 'No space left on device', '/w/checkpoints/fl/3')
+  assert launch.one_line(full) == 'fedblood: error: No space left on device: /w/checkpoints/fl/3'
+  try:
+    try:
+      raise OSError(30, 'Read-only file system', '/w/config.json')
+    except OSError as e:
+      raise RuntimeError('writer thread failed') from e  # as a library may wrap it
+  except RuntimeError as wrapped:
+    assert launch.expected(wrapped)
+    assert launch.one_line(wrapped) == 'fedblood: error: Read-only file system: /w/config.json'
+  assert launch.expected(ImportError("fl.dp needs Google's dp-accounting"))
+  assert not launch.expected(ModuleNotFoundError('no fedblood.x', name='fedblood.x'))
+  assert not launch.expected(TypeError('a bug'))
