@@ -9,9 +9,19 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
   python launch.py --mode predict --workdir /tmp/demo --input /data/cells --output preds.csv
 
 Running the same train command again in the same workdir resumes it.
+
+A failure the user can fix (a refused setting or workdir, a missing file, a full or read-only
+disk, a missing extra) ends in one line ``fedblood: error: ...`` and exit code 1; anything else
+is a bug and keeps its traceback. ``--debug`` (or ``FEDBLOOD_DEBUG=1``) shows the traceback of
+every failure, for a bug report.
 """
 
+import logging as std_logging
+import os
 from pathlib import Path
+import re
+import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -44,17 +54,99 @@ _CROP = flags.DEFINE_float('crop', None,
                            "(that site's scale normalisation, as data.crop); default: the run's "
                            'data.crop of the center named like the folder, else 1 (all of it).')
 
+_DEBUG = flags.DEFINE_bool('debug', False, 'On a failure, show the Python traceback (for a bug '
+                           'report); also FEDBLOOD_DEBUG=1.')
+
+# What a user fixes (bad input, the machine's limits, divergence, a missing extra): one line.
+EXPECTED = (ValueError, OSError, FloatingPointError, lock.WorkdirBusy, ImportError)
+
+
+def debugging() -> bool:
+  return _DEBUG.value or os.environ.get('FEDBLOOD_DEBUG', '') not in ('', '0')
+
+
+def expected(error: BaseException) -> bool:
+  """Whether ``error`` (or what caused it) is one a user fixes, not a bug of fedblood."""
+  while error is not None:
+    if isinstance(error, ImportError):  # a missing extra, not one of fedblood's own modules
+      return not (error.name or '').startswith('fedblood')
+    if isinstance(error, EXPECTED):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def one_line(error: BaseException) -> str:
+  """``fedblood: error: <message>`` of an expected error (an OSError: what, which file)."""
+  cause = error
+  while cause is not None and not isinstance(cause, EXPECTED):
+    cause = cause.__cause__ or cause.__context__
+  error = cause or error
+  if isinstance(error, OSError) and error.strerror:
+    message = error.strerror + (f': {error.filename}' if error.filename else '')
+  else:
+    message = str(error).strip() or type(error).__name__
+  return f'fedblood: error: {message}'
+
+
+class _NoTracebacks(std_logging.Filter):
+  """Drops the tracebacks libraries log with their errors (Orbax on a full disk): lines only."""
+
+  def filter(self, record):
+    record.exc_info, record.exc_text, record.stack_info = None, None, None
+    return True
+
+
+def _quiet() -> None:
+  """Without --debug: errors logged by libraries or raised in their threads show one line each.
+
+  A full disk fails Orbax's writer threads; TensorStore's callbacks then print, through
+  ``sys.unraisablehook``, a traceback per pending write. The main thread's own uncaught errors (a
+  bug) keep theirs.
+  """
+  std_logging.getLogger().addFilter(_NoTracebacks())
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger('absl').handlers:
+    handler.addFilter(_NoTracebacks())
+  shown, main_hook = set(), sys.excepthook
+
+  def line(kind, value, where):
+    text = f'fedblood: {where}: {kind.__name__}: {value}'
+    if text not in shown:
+      shown.add(text)
+      print(text, file=sys.stderr)
+
+  def excepthook(kind, value, tb):
+    if threading.current_thread() is threading.main_thread():
+      return main_hook(kind, value, tb)
+    return line(kind, value, f'in thread {threading.current_thread().name}')
+
+  sys.excepthook = excepthook
+  sys.unraisablehook = lambda u: line(u.exc_type, u.exc_value, 'in a callback')
+  threading.excepthook = lambda a: line(a.exc_type, a.exc_value,
+                                        f'in thread {a.thread.name if a.thread else "?"}')
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; -v 0 brings it back
+  if not debugging():
+    _quiet()
   try:
     _run(_MODE.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, FloatingPointError, lock.WorkdirBusy) as e:
-    # Bad input and divergence are the user's to fix: the message, not a traceback.
-    raise SystemExit(f'fedblood: {type(e).__name__}: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    if debugging() or not expected(e):
+      raise  # a bug (or --debug): the traceback, for a report
+    raise SystemExit(one_line(e)) from None
+
+
+def _config():
+  """The --config, or one line naming the file that does not load."""
+  name = config_flags.get_config_filename(flags.FLAGS['config'])
+  if not Path(name.split(':')[0]).is_file():  # the flag's value would fail at first use
+    raise FileNotFoundError(f'--config {name}: no such config file')
+  return _CONFIG.value
 
 
 def _run(mode, workdir):
@@ -83,25 +175,32 @@ def _run(mode, workdir):
     from fedblood import seeds  # pylint: disable=g-import-not-at-top
     if _SWEEP.value:
       raise app.UsageError('--seeds and --sweep cannot be combined')
-    path = seeds.run(_CONFIG.value, workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)
+    path = seeds.run(_config(), workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)
     print(f'report: {path}')
   elif _SWEEP.value:
     from fedblood import sweep  # pylint: disable=g-import-not-at-top
     config_file = config_flags.get_config_filename(flags.FLAGS['config'])
-    print(sweep.run(_CONFIG.value, config_file, workdir))
+    print(sweep.run(_config(), config_file, workdir))
   else:
     from fedblood import train  # pylint: disable=g-import-not-at-top
-    train.run(_CONFIG.value, workdir)
+    train.run(_config(), workdir)
     print(f'report: {workdir}/report.md')
 
 
 def parse_flags(argv):
-  """absl's parser, with a one-line message for an unknown --config.* field."""
+  """absl's parser, with one line for an unknown --config.* field or a config that fails."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:
     message = str(e).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
     raise SystemExit(f'fedblood: bad --config override: no such config field {message}') from None
+  except flags.Error as e:
+    message = str(e)
+    if 'Traceback' in message and not ('--debug' in argv or os.environ.get('FEDBLOOD_DEBUG')):
+      last = [l.strip() for l in message.splitlines() if re.match(r'\s*\w+(Error|Exception)', l)]
+      message = f'{message.splitlines()[0].rstrip(": ")}: {last[-1] if last else ""}'
+    raise SystemExit(f'fedblood: error: {message}\n'
+                     'Pass --helpshort or --helpfull to see help on flags.') from None
 
 
 if __name__ == '__main__':

@@ -22,18 +22,39 @@ directory renamed on success), so a run killed at any instant leaves the last
 committed step intact; train.py writes its logs BEFORE committing a step and
 truncates them to the committed step on resume.
 
-Restores go through :func:`restore`, which compares the stored tree (paths,
-shapes, dtypes, read from metadata without loading arrays) with the template
-built from the current config and refuses a mismatch with a message naming
-the differing leaves, e.g. a checkpoint of a width-1/4 VGG restored into a
-width-1/8 one.
+Integrity. Each step carries the fingerprint of the run that wrote it (``meta['fingerprint']``,
+with the config itself in ``meta['config']``; :func:`fedblood.workdir.fingerprint`), given to
+:func:`manager` (by default that of the workdir whose ``checkpoints/`` holds the directory, so
+every stage of a run, the deployed server and inference get it without passing it). After
+Orbax commits a step, :func:`save` writes ``<step>/checksums.sha256``: the SHA-256 of every
+file of the step; that file is the step's last write, so a step without it was cut short.
+
+Restores go through :func:`restore`, which checks, before reading any array:
+
+- the checksums (a file changed, truncated, zeroed or missing since the step was committed,
+  even where Orbax would read it without noticing): :class:`ChecksumError`, damage;
+- the fingerprint against the manager's: :class:`FingerprintMismatchError`, naming the step
+  and the fields of the two configs that differ (another run's step copied in, or a workdir
+  whose config.json was replaced); a step of a manager without a fingerprint (outside a
+  workdir) is not compared;
+- the stored tree (paths, shapes, dtypes, read from metadata) against the template built from
+  the current config: :class:`ShapeMismatchError` naming the differing leaves, e.g. a
+  checkpoint of a width-1/4 VGG restored into a width-1/8 one.
+
+The last two are refused, never repaired (:class:`NotThisRun`); damage is set aside by
+:func:`restore_latest`. A step written before fingerprints and checksums existed (no checksum
+file and no fingerprint: an older fedblood's workdir) is accepted with a warning: only its
+tree is checked.
 """
 
+import hashlib
 import json
+import os
 from pathlib import Path
 import re
 import shutil
 from typing import Any
+import weakref
 
 from absl import logging
 import jax
@@ -42,15 +63,32 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from fedblood import workdir as workdir_lib
+
 STATE, META = 'state', 'meta'
+CHECKSUMS = 'checksums.sha256'
+AUTO = 'auto'
+_RUNS = weakref.WeakKeyDictionary()  # manager -> the Fingerprint its steps carry, or None
 
 
-class ShapeMismatchError(ValueError):
+class NotThisRun(ValueError):
+  """A step this run must not use (refused, never set aside)."""
+
+
+class ShapeMismatchError(NotThisRun):
   """The stored tree differs from the one the current config builds."""
 
 
+class FingerprintMismatchError(NotThisRun):
+  """The step was written by a run of another config."""
+
+
+class ChecksumError(ValueError):
+  """A file of the step differs from the checksum written when it was committed."""
+
+
 def manager(directory, keep: int = 3, best_metric: str | None = None,
-            best_mode: str = 'max') -> ocp.CheckpointManager:
+            best_mode: str = 'max', fingerprint=AUTO) -> ocp.CheckpointManager:
   """A CheckpointManager keeping the last ``keep`` steps plus the best one.
 
   Args:
@@ -59,6 +97,9 @@ def manager(directory, keep: int = 3, best_metric: str | None = None,
     best_metric: key of the ``metrics`` dict passed to :func:`save` that ranks
       steps; None keeps only the last ``keep``.
     best_mode: 'max' or 'min'.
+    fingerprint: the :class:`fedblood.workdir.Fingerprint` that :func:`save` stores in each
+      step and :func:`restore` requires; ``AUTO``: that of the workdir holding ``directory``
+      (:func:`fedblood.workdir.enclosing_fingerprint`); None: neither stored nor checked.
   """
   if keep < 1:
     raise ValueError(f'checkpoint keep must be >= 1, got {keep}')
@@ -76,7 +117,11 @@ def manager(directory, keep: int = 3, best_metric: str | None = None,
   options = ocp.CheckpointManagerOptions(
       enable_async_checkpointing=False, create=True,
       preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies), **best)
-  return _open(Path(directory).absolute(), options, handlers())
+  if fingerprint == AUTO:
+    fingerprint = workdir_lib.enclosing_fingerprint(directory)
+  mngr = _open(Path(directory).absolute(), options, handlers())
+  _RUNS[mngr] = fingerprint
+  return mngr
 
 
 def handlers() -> dict:
@@ -96,12 +141,66 @@ def _to_saveable(tree):
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict,
          metrics: dict | None = None) -> None:
-  """Saves ``state`` (arrays) and ``meta`` (JSON) as ``step``; returns once committed."""
+  """Saves ``state`` (arrays) and ``meta`` (JSON) as ``step``; returns once committed.
+
+  ``meta`` gets the manager's fingerprint; the step's checksums are written last.
+  """
+  fingerprint = _RUNS.get(mngr)
+  if fingerprint is not None:
+    meta = {**meta, 'fingerprint': fingerprint.digest, 'config': fingerprint.config}
   meta = json.loads(json.dumps(meta))  # fail early on anything JSON cannot hold
   mngr.save(step, args=ocp.args.Composite(**{
       STATE: ocp.args.StandardSave(_to_saveable(state)), META: ocp.args.JsonSave(meta)}),
             metrics=metrics, force=True)
   mngr.wait_until_finished()
+  write_checksums(Path(mngr.directory) / str(step))
+
+
+def _sha256(file: Path) -> str:
+  digest = hashlib.sha256()
+  with open(file, 'rb') as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _step_files(step_dir: Path) -> dict[str, str]:
+  return {str(p.relative_to(step_dir)): _sha256(p) for p in sorted(step_dir.rglob('*'))
+          if p.is_file() and not p.name.startswith((CHECKSUMS, f'.{CHECKSUMS}'))}
+
+
+def write_checksums(step_dir: Path) -> None:
+  """Writes ``<step>/checksums.sha256`` (atomically): SHA-256 of every file of the step."""
+  tmp = step_dir / f'.{CHECKSUMS}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(json.dumps(_step_files(step_dir), indent=0, sort_keys=True) + '\n')
+    f.flush()
+    os.fsync(f.fileno())
+  tmp.replace(step_dir / CHECKSUMS)
+
+
+def verify_checksums(step_dir: Path) -> bool:
+  """True if the step's files match its checksums; False if it has none (an older fedblood's).
+
+  Raises:
+    ChecksumError: naming the first file that differs, is missing or is new.
+  """
+  file = step_dir / CHECKSUMS
+  if not file.exists():
+    return False
+  try:
+    want = json.loads(file.read_text())
+    if not isinstance(want, dict):
+      raise ValueError('not a JSON object')
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ChecksumError(f'{file} is unreadable ({e})') from None
+  have = _step_files(step_dir)
+  for name in sorted(set(want) | set(have)):
+    if want.get(name) != have.get(name):
+      what = ('is missing' if name not in have else 'is not in the checksums' if name not in want
+              else 'differs from its checksum')
+      raise ChecksumError(f'{step_dir / name} {what} in {CHECKSUMS}')
+  return True
 
 
 def _flat_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -150,6 +249,8 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
 
   Raises:
     FileNotFoundError: no such step.
+    ChecksumError: a file of the step changed since it was committed.
+    FingerprintMismatchError: the step was written by a run of another config.
     ShapeMismatchError: the stored tree differs from ``template``.
   """
   steps = mngr.all_steps()
@@ -157,6 +258,7 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
     step = mngr.latest_step()
   if step is None or step not in steps:
     raise FileNotFoundError(f'no checkpoint step {step} in {mngr.directory} (have {list(steps)})')
+  check_step(mngr, step)
   template = _to_saveable(template)
   check_compatible(stored_shapes(mngr, step), _flat_shapes(template), f'{mngr.directory}/{step}')
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
@@ -168,17 +270,48 @@ def restore(mngr: ocp.CheckpointManager, template, step: int | None = None) -> t
   return state, out[META]
 
 
+def check_step(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Checks a step's checksums and fingerprint (see the module docstring); reads no array."""
+  step_dir = Path(mngr.directory) / str(step)
+  checked = verify_checksums(step_dir)
+  meta = read_meta(mngr, step)
+  if 'fingerprint' in meta and not checked:
+    raise ChecksumError(f'{step_dir / CHECKSUMS} is missing: the step was cut short while it '
+                        'was committed')
+  if not checked:
+    logging.warning('checkpoint step %d of %s has no checksums and no run fingerprint (an older '
+                    "fedblood's): only its tree is checked", step, mngr.directory)
+    return
+  want = _RUNS.get(mngr)
+  if want is None or meta.get('fingerprint') == want.digest:
+    return
+  if 'fingerprint' not in meta:
+    raise FingerprintMismatchError(
+        f'checkpoint step {step} of {mngr.directory} carries no run fingerprint (it was written '
+        'outside a workdir and copied in), refusing to use it as this run\'s. Use a fresh '
+        '--workdir, or set reference.restore to it.')
+  diff = workdir_lib.config_diff(meta.get('config') or {}, want.config,
+                                 ('in the checkpoint', 'in this run'))
+  raise FingerprintMismatchError(
+      f'checkpoint step {step} of {mngr.directory} was written by a run of another config '
+      f'(fingerprint {meta["fingerprint"][:12]}, this run {want.digest[:12]}: '
+      f'{workdir_lib.path(Path(mngr.directory).parent.parent, workdir_lib.CONFIG)}), refusing '
+      'to use it. Differing fields:\n  ' + '\n  '.join(diff or ['(no config stored)'])
+      + '\nMove the step out of this workdir, or use the workdir it came from.')
+
+
 def restore_latest(mngr: ocp.CheckpointManager, template) -> tuple[Any, dict] | None:
   """:func:`restore` of the newest step that can be restored; None if no step is left.
 
-  A step that fails to restore for any reason but a shape mismatch (a truncated array file,
-  corrupt metadata) is logged in one line naming the step and file, moved aside to
-  ``<directory>.corrupt/`` (never deleted) and the next older step is tried.
+  A step that fails to restore for any reason but :class:`NotThisRun` (a truncated array file,
+  corrupt metadata, a checksum that does not match) is logged in one line naming the step and
+  file, moved aside to ``<directory>.corrupt/`` (never deleted) and the next older step is
+  tried.
   """
   while (step := mngr.latest_step()) is not None:
     try:
       return restore(mngr, template, step)
-    except (ShapeMismatchError, MemoryError):
+    except (NotThisRun, MemoryError):
       raise
     except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
       set_aside(mngr, step, e)

@@ -89,7 +89,7 @@ def _named_damage(mngr, step):
   """A damaged checkpoint step becomes one line naming its file (nothing is moved or deleted)."""
   try:
     yield
-  except (checkpoint.ShapeMismatchError, FileNotFoundError, MemoryError):
+  except (checkpoint.NotThisRun, FileNotFoundError, MemoryError):
     raise
   except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
     raise ValueError(f'{checkpoint.damage(mngr, step, e)}. Pass --round with an intact round '

@@ -34,6 +34,8 @@ def hold(workdir):
     WorkdirBusy: naming the holder's PID, if another process holds it.
   """
   workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f'--workdir {workdir} is a file, not a directory; give a directory')
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir_lib.path(workdir, workdir_lib.LOCK)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -35,8 +35,15 @@ from fedblood.stages import fl as fl_lib
 from fedblood.stages.reference import reference_stage
 
 
+MAX_SEEDS = 1000      # seeds in one --seeds (each is a whole study)
+SEED_LIMIT = 2 ** 32  # config.seed is a uint32 (jax.random.key)
+
+
 def parse_seeds(text: str) -> list[int]:
-  """``'0-4'`` -> ``[0, 1, 2, 3, 4]``; also ``'0,3,7'`` and ``'0-2,9'``; distinct, >= 0."""
+  """``'0-4'`` -> ``[0, 1, 2, 3, 4]``; also ``'0,3,7'`` and ``'0-2,9'``; distinct, >= 0.
+
+  At most :data:`MAX_SEEDS` seeds, each below 2^32, checked before any range is expanded.
+  """
   seeds = []
   for part in str(text).split(','):
     match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
@@ -45,6 +52,10 @@ def parse_seeds(text: str) -> list[int]:
     first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
     if last < first:
       raise ValueError(f'--seeds {text!r}: range {part!r} runs backwards')
+    if last >= SEED_LIMIT:
+      raise ValueError(f'--seeds {text!r}: seed {last} is not below 2^32 ({SEED_LIMIT})')
+    if len(seeds) + last - first + 1 > MAX_SEEDS:
+      raise ValueError(f'--seeds {text!r}: more than {MAX_SEEDS} seeds (each is a whole study)')
     seeds += range(first, last + 1)
   duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
   if duplicates:

@@ -4,14 +4,24 @@
 applied on top of the command line's config. Each point trains (or resumes) in
 ``<workdir>/<key=value,...>``; rerunning the sweep skips finished points and resumes
 an interrupted one. ``sweep_summary.md`` / ``.csv`` hold every point's headline numbers.
+
+Before any point trains, every point is validated and its sub-workdir checked against the
+point's config (its config.json is the point's fingerprint, :func:`fedblood.workdir.check_config`):
+a rerun with another config (``--config.fl.rounds=4`` over a 3-round sweep) is refused naming
+the point and the differing fields, never reported done from a stale results.json. At most
+:data:`MAX_POINTS` points.
 """
 
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 import re
 
 from fedblood import report, train, validate
+from fedblood import workdir as workdir_lib
+
+MAX_POINTS = 1000
 
 
 def load_sweep(config_file: str) -> list[dict]:
@@ -22,9 +32,11 @@ def load_sweep(config_file: str) -> list[dict]:
   spec.loader.exec_module(module)
   if not hasattr(module, 'get_sweep'):
     raise ValueError(f'--sweep: {path} defines no get_sweep()')
-  points = list(module.get_sweep())
+  points = list(itertools.islice(module.get_sweep(), MAX_POINTS + 1))
   if not points or not all(isinstance(p, dict) for p in points):
     raise ValueError(f'--sweep: {path}:get_sweep() must return a non-empty list of dicts')
+  if len(points) > MAX_POINTS:
+    raise ValueError(f'--sweep: {path}:get_sweep() returns more than {MAX_POINTS} points')
   return points
 
 
@@ -61,6 +73,9 @@ def run(config, config_file: str, workdir) -> str:
     point = apply(config, overrides)  # check every point before training any
     validate.check(point)
     points.append({'name': point_name(overrides), 'overrides': overrides, 'config': point})
+  for p in points:  # a point's workdir of another config (a stale result): refused before any work
+    if (workdir / p['name']).exists():
+      workdir_lib.check_config(p['config'], workdir / p['name'], write=False)
   for p in points:
     results_path = workdir / p['name'] / 'results.json'
     p['results'] = (json.loads(results_path.read_text()) if results_path.exists()

@@ -4,21 +4,35 @@ The one owner of the layout (every other module asks here for a path)::
 
   config.json     the run's config, written once before any training (:func:`check_config`)
   metrics.jsonl   one JSON row per epoch of a centralized fit and per round per center of FL
+  metrics.held.jsonl  only while a stage replays steps: later stages' rows (fedblood.runlog)
   results.json    the study's results; timing.json its wall times (kept apart: they differ
                   between an interrupted and an uninterrupted run)
   report.md  figures/  tb/ (TensorBoard)  evaluation/ (``--mode evaluate``)  run.lock
   checkpoints/<stage>/<step>/   one Orbax manager per stage (:mod:`fedblood.checkpoint`)
 
 ``metrics.jsonl`` has one reader, :func:`read_rows`: a run killed in the middle of a write
-leaves a last line without its newline, and that torn line is never a row.
+leaves a last line without its newline, and that torn line is never a row (a warning says it
+is dropped); any other line that is not a JSON object is refused, naming the file and line.
+``metrics.held.jsonl`` holds, for a while, rows of later stages set apart while an earlier
+stage replays steps (:func:`fedblood.runlog.truncate`); readers see them after the file's rows.
+
+The run's fingerprint (:func:`fingerprint`) is the SHA-256 of ``config.json``'s canonical form
+(the whole config as JSON, keys sorted, no whitespace): every field, including those that do
+not change results (``progress``, ``data.cache_dir``), as :func:`check_config` compares them
+all. Every checkpoint step written in a workdir carries it (:mod:`fedblood.checkpoint`).
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
+
+from absl import logging
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
+HELD = 'metrics.held.jsonl'  # rows of later stages set apart while an earlier stage replays
 RESULTS = 'results.json'
 TIMING = 'timing.json'
 REPORT = 'report.md'
@@ -28,6 +42,7 @@ TENSORBOARD = 'tb'
 EVALUATION = 'evaluation'
 REFERENCE_MODEL = 'reference_model'  # the reference model (full params), saved once
 FL = 'fl'                            # the federated rounds
+CHECKPOINTS = 'checkpoints'
 
 
 def path(workdir, name: str) -> Path:
@@ -37,7 +52,7 @@ def path(workdir, name: str) -> Path:
 
 def checkpoints(workdir, stage: str | None = None) -> Path:
   """``<workdir>/checkpoints`` or, given a stage, its checkpoint directory in there."""
-  root = Path(workdir) / 'checkpoints'
+  root = Path(workdir) / CHECKPOINTS
   return root if stage is None else root / stage
 
 
@@ -57,20 +72,48 @@ def config_dict(config) -> dict:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-  """``'key: old -> new'`` for every flattened field that differs."""
+def config_diff(old: dict, new: dict, where=('in the workdir', 'now')) -> list[str]:
+  """``'key: old <where[0]>, new <where[1]>'`` for every flattened field that differs."""
   a, b = _flatten(old), _flatten(new)
   missing = object()
-  return [f'{k}: {a.get(k, "(absent)")!r} in the workdir, {b.get(k, "(absent)")!r} now'
+  return [f'{k}: {a.get(k, "(absent)")!r} {where[0]}, {b.get(k, "(absent)")!r} {where[1]}'
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+
+
+class Fingerprint(NamedTuple):
+  """A run's fingerprint: ``digest`` (hex SHA-256 of the canonical config) and the config."""
+  digest: str
+  config: dict
+
+
+def fingerprint(config) -> Fingerprint:
+  """The :class:`Fingerprint` of a config (a ConfigDict, or config.json's dict)."""
+  data = config if isinstance(config, dict) else config_dict(config)
+  canonical = json.dumps(data, sort_keys=True, separators=(',', ':'), allow_nan=True)
+  return Fingerprint(hashlib.sha256(canonical.encode()).hexdigest(), data)
+
+
+def enclosing_fingerprint(directory) -> Fingerprint | None:
+  """The fingerprint of the workdir holding checkpoint directory ``directory``, if any.
+
+  ``directory`` is ``<workdir>/checkpoints/<stage>`` for a run's own checkpoints: their
+  fingerprint is that of ``<workdir>/config.json``. None for a directory outside a workdir
+  (a deployed site's client state, a bare checkpoint directory) or a workdir without
+  config.json yet; an unreadable config.json raises (:func:`read_config`).
+  """
+  directory = Path(directory).absolute()
+  if directory.parent.name != 'checkpoints':
+    return None
+  config = read_config(directory.parent.parent)
+  return None if config is None else fingerprint(config)
 
 
 def read_config(workdir) -> dict | None:
   """The workdir's ``config.json`` as a dict; None if there is none.
 
   Raises:
-    ValueError: naming the file and how to recover, if it is empty or not JSON (a disk that
-      filled up while an older version wrote it, a hand edit).
+    ValueError: naming the file and how to recover, if it is empty, not JSON or not a JSON
+      object (a disk that filled up while an older version wrote it, a hand edit).
   """
   file = path(workdir, CONFIG)
   if not file.exists():
@@ -79,7 +122,10 @@ def read_config(workdir) -> dict | None:
     text = file.read_text()
     if not text.strip():
       raise ValueError('the file is empty')
-    return json.loads(text)
+    config = json.loads(text)
+    if not isinstance(config, dict):
+      raise ValueError(f'it holds a JSON {type(config).__name__}, not an object')
+    return config
   except (ValueError, UnicodeDecodeError) as e:
     raise ValueError(
         f'{file} is unreadable ({e}), so this workdir cannot be checked against the config. '
@@ -115,8 +161,15 @@ def check_config(config, workdir, write: bool = True) -> None:
       unreadable config.json.
   """
   workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f'--workdir {workdir} is a file, not a directory; give a directory path')
   workdir.mkdir(parents=True, exist_ok=True)
   old = read_config(workdir)
+  if old is None and (written := run_files(workdir)):
+    raise ValueError(
+        f'{workdir} holds {", ".join(written)} of a run but no config.json, so it cannot be '
+        'checked against this config; refusing to take it as a new run. Put back that run\'s '
+        f'config.json (or rerun its command), or use a new --workdir.')
   if old is not None:
     diff = config_diff(old, config_dict(config))
     if diff:
@@ -129,19 +182,61 @@ def check_config(config, workdir, write: bool = True) -> None:
     write_config(config, workdir)
 
 
+def run_files(workdir) -> list[str]:
+  """The files of a run in ``workdir`` besides config.json (checkpoint steps, logs, results)."""
+  steps = [step for stage in _subdirs(checkpoints(workdir)) for step in _subdirs(stage)
+           if step.name.isdigit()]
+  return ([f'{CHECKPOINTS}/'] if steps else []) + [
+      name for name in (METRICS, RESULTS) if path(workdir, name).exists()]
+
+
+def _subdirs(directory: Path) -> list[Path]:
+  return [p for p in directory.iterdir() if p.is_dir()] if directory.is_dir() else []
+
+
 # ----------------------------------------------------------------------------- metrics.jsonl
-def read_rows(workdir) -> list[dict]:
+def parse_rows(file: Path, text: str) -> list[dict]:
+  """The rows of a metrics.jsonl text, less a torn last line (dropped with a warning).
+
+  Raises:
+    ValueError: naming the file and line of any other line that is not a JSON object.
+  """
+  *lines, torn = text.split('\n')
+  if torn:  # no newline after it: a write cut short by a kill, never committed
+    logging.warning('%s: dropping its torn last line %d (a write cut short): %.60r', file,
+                    len(lines) + 1, torn)
+  rows = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except ValueError as e:
+      row = e
+    if not isinstance(row, dict):
+      raise ValueError(f'{file} line {number} is not a JSON row: {line[:60]!r}. Move the file '
+                       'aside to restart the logs, or delete that line.')
+    rows.append(row)
+  return rows
+
+
+def read_rows(workdir, held: bool = True) -> list[dict]:
   """The rows of ``metrics.jsonl`` (empty if absent), less a torn last line.
 
   A run killed in the middle of a write leaves a last line without its newline: that row was
   not committed, so it is not returned (and the next run's :func:`fedblood.runlog.truncate`
-  removes it from the file).
+  removes it from the file). ``held``: the rows of ``metrics.held.jsonl`` follow (they go back
+  into the file once the stage replaying steps is done).
+
+  Raises:
+    ValueError: naming the file and line number of any other line that is not a JSON object.
   """
-  file = path(workdir, METRICS)
-  if not file.exists():
-    return []
-  lines = file.read_text().split('\n')
-  return [json.loads(line) for line in lines[:-1] if line.strip()]
+  rows = []
+  for name in (METRICS, HELD) if held else (METRICS,):
+    file = path(workdir, name)
+    if file.exists():
+      rows += parse_rows(file, file.read_text())[name == HELD:]  # HELD: a header, then rows
+  return rows
 
 
 # ------------------------------------------------------------------------------ results.json

@@ -1,11 +1,16 @@
 """Orbax checkpoints: exact round trip, last-K + best retention, shape refusal, inspect."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from fedblood import checkpoint, checkpoint_listing, models, partition
+from fedblood import workdir as workdir_lib
 
 
 def _state(seed, width=0.125):
@@ -92,3 +97,42 @@ def test_inspect_lists_steps_metrics_and_counts(tmp_path):
   assert f'clients {3 * trainable_count:,} scalars / 14 leaves' in text
   with pytest.raises(FileNotFoundError, match='no checkpoints/ directory'):
     checkpoint_listing.inspect(tmp_path / 'nope')
+
+
+def test_checksums_catch_damage_orbax_reads_without_noticing(tmp_path):
+  config = ml_collections.ConfigDict({'seed': 0, 'fl': {'rounds': 3}})
+  workdir_lib.write_config(config, tmp_path)
+  stage = workdir_lib.checkpoints(tmp_path, 'fl')
+  mngr = checkpoint.manager(stage, keep=2)
+  for step in (1, 2):
+    checkpoint.save(mngr, step, {'x': np.arange(64.0) * step}, {'round': step})
+  mngr.close()
+  meta = json.loads((stage / '2' / 'meta' / 'metadata').read_text())
+  assert meta['fingerprint'] == workdir_lib.fingerprint(config).digest
+  assert meta['config'] == workdir_lib.config_dict(config)
+  array = max((p for p in (stage / '2' / 'state').rglob('*') if p.is_file()),
+              key=lambda p: p.stat().st_size)
+  data = bytearray(array.read_bytes())
+  data[-8:] = bytes(8)
+  array.write_bytes(bytes(data))
+  mngr = checkpoint.manager(stage, keep=2)
+  with pytest.raises(checkpoint.ChecksumError, match=rf'{re.escape(str(array))} differs from its '
+                                                     'checksum'):
+    checkpoint.check_step(mngr, 2)
+  state, meta = checkpoint.restore_latest(mngr, {'x': np.zeros(64)})
+  assert meta['round'] == 1 and (stage.parent / 'fl.corrupt' / '2').is_dir()
+  mngr.close()
+  # The same steps under another config: refused (not set aside), naming the fields.
+  other = ml_collections.ConfigDict({'seed': 0, 'fl': {'rounds': 4}})
+  mngr = checkpoint.manager(stage, fingerprint=workdir_lib.fingerprint(other))
+  with pytest.raises(checkpoint.FingerprintMismatchError,
+                     match=r'step 1 of .* another config .*\n  fl\.rounds: 3 in the checkpoint, 4 '
+                           'in this run'):
+    checkpoint.restore_latest(mngr, {'x': np.zeros(64)})
+  assert list(mngr.all_steps()) == [1]
+  mngr.close()
+  # Outside a workdir (a deployed site's state): checksums, no fingerprint.
+  bare = checkpoint.manager(tmp_path / 'site_state')
+  checkpoint.save(bare, 1, {'x': np.ones(3)}, {})
+  assert 'fingerprint' not in checkpoint.restore(bare, {'x': np.zeros(3)})[1]
+  bare.close()

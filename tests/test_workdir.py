@@ -1,6 +1,10 @@
 """fedblood.workdir: the one reader of metrics.jsonl, and the one rule for a torn last line."""
 
 import json
+import logging
+import re
+
+import pytest
 
 from fedblood import report, runlog
 from fedblood import workdir as workdir_lib
@@ -26,3 +30,45 @@ def test_a_torn_last_line_is_no_row_for_any_reader(tmp_path):
 def test_no_file_no_rows(tmp_path):
   assert workdir_lib.read_rows(tmp_path) == []
   assert workdir_lib.read_config(tmp_path) is None
+
+
+def test_torn_last_line_dropped_with_a_warning_other_garbage_refused(tmp_path, caplog):
+  rows = sample_history()[:3]
+  text = ''.join(json.dumps(r) + '\n' for r in rows)
+  file = tmp_path / workdir_lib.METRICS
+  file.write_text(text + '{"stage": "fl", "ro')
+  with caplog.at_level(logging.WARNING):
+    assert workdir_lib.read_rows(tmp_path) == rows
+  assert any(f'{file}: dropping its torn last line 4' in r.getMessage() for r in caplog.records)
+  for garbage in ('{"stage": "fl", "ro\n', '[1, 2]\n', '\x00\x00\x00\n'):
+    file.write_text(json.dumps(rows[0]) + '\n' + garbage + text)
+    with pytest.raises(ValueError, match=rf'{re.escape(str(file))} line 2 is not a JSON row'):
+      workdir_lib.read_rows(tmp_path)
+    with pytest.raises(ValueError, match='line 2 is not a JSON row'):
+      runlog.truncate(tmp_path, 'fl', 1)
+
+
+def _row(stage, step):
+  return {'stage': stage, ('round' if stage == 'fl' else 'epoch'): step, 'accuracy': 0.5}
+
+
+def test_a_stage_replaying_steps_puts_its_rows_before_later_stages(tmp_path):
+  """The FL stage's latest step was lost after the baselines ran: rows come back in order."""
+  ref = [_row('reference', 1), _row('reference', 2)]
+  fl = [_row('fl', r) for r in (1, 2, 3)]
+  local = [_row('local_a', 1), _row('local_a', 2)]
+  file = tmp_path / workdir_lib.METRICS
+  whole = ''.join(json.dumps(r) + '\n' for r in ref + fl + local)
+  file.write_text(whole)
+  runlog.truncate(tmp_path, 'fl', 1)  # resumed from round 1
+  assert workdir_lib.read_rows(tmp_path, held=False) == ref + fl[:1]
+  assert workdir_lib.read_rows(tmp_path) == ref + fl[:1] + local  # readers see every row
+  log = runlog.logger(tmp_path, tensorboard=False)
+  log(fl[1])
+  runlog.truncate(tmp_path, 'fl', 2)  # killed and resumed again: the held rows survive
+  log(fl[2])
+  runlog.truncate(tmp_path, 'local_a', 2)  # the next stage: the held rows go back first
+  assert file.read_text() == whole and not (tmp_path / workdir_lib.HELD).exists()
+  runlog.truncate(tmp_path, 'fl', 1)
+  runlog.close(tmp_path)  # no later stage: close puts them back
+  assert workdir_lib.read_rows(tmp_path, held=False) == ref + fl[:1] + local
