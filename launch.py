@@ -28,7 +28,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from fedblood import lock  # light: no JAX
+from fedblood.rundir import lock  # light: no JAX
 
 _CONFIG = config_flags.DEFINE_config_file('config', str(Path(__file__).parent / 'configs/demo.py'),
                                           'Config file[:arg].',
@@ -152,10 +152,10 @@ def _config():
 def _run(mode, workdir):
   # Imports per mode: inspect and bad command lines answer without loading JAX's whole stack.
   if mode == 'inspect':
-    from fedblood import checkpoint_listing  # pylint: disable=g-import-not-at-top
+    from fedblood.rundir import checkpoint_listing  # pylint: disable=g-import-not-at-top
     print(checkpoint_listing.inspect(workdir))
   elif mode == 'evaluate':
-    from fedblood import inference  # pylint: disable=g-import-not-at-top
+    from fedblood.study import inference  # pylint: disable=g-import-not-at-top
     if not _EVAL_DIR.value:
       raise app.UsageError('--mode evaluate needs --eval_dir')
     result = inference.evaluate_folder(workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value,
@@ -163,7 +163,7 @@ def _run(mode, workdir):
     print(inference.format_metrics(result))
     print(f'written: {result["output"]}')
   elif mode == 'predict':
-    from fedblood import inference  # pylint: disable=g-import-not-at-top
+    from fedblood.study import inference  # pylint: disable=g-import-not-at-top
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError('--mode predict needs --input and --output')
     count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value,
@@ -172,17 +172,17 @@ def _run(mode, workdir):
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')
   elif _SEEDS.value is not None:
-    from fedblood import seeds  # pylint: disable=g-import-not-at-top
+    from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
     if _SWEEP.value:
       raise app.UsageError('--seeds and --sweep cannot be combined')
     path = seeds.run(_config(), workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)
     print(f'report: {path}')
   elif _SWEEP.value:
-    from fedblood import sweep  # pylint: disable=g-import-not-at-top
+    from fedblood.study import sweep  # pylint: disable=g-import-not-at-top
     config_file = config_flags.get_config_filename(flags.FLAGS['config'])
     print(sweep.run(_config(), config_file, workdir))
   else:
-    from fedblood import train  # pylint: disable=g-import-not-at-top
+    from fedblood.study import train  # pylint: disable=g-import-not-at-top
     train.run(_config(), workdir)
     print(f'report: {workdir}/report.md')
 

@@ -24,10 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedblood import checkpoint, data, experiment, runlog  # pylint: disable=g-import-not-at-top
-from fedblood.stages.fl import fl_stage  # pylint: disable=g-import-not-at-top
-from fedblood.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
+from fedblood import data
 from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
+from fedblood.rundir import checkpoint, runlog  # pylint: disable=g-import-not-at-top
+from fedblood.study import experiment
+from fedblood.study.stages.fl import fl_stage  # pylint: disable=g-import-not-at-top
+from fedblood.study.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
 

@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import wbc  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import classifier, models, partition, platform  # pylint: disable=wrong-import-position
 from fedblood.algorithms import base, dp  # pylint: disable=wrong-import-position
+from fedblood.backend import platform
+from fedblood.model import classifier, models, partition  # pylint: disable=wrong-import-position
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def parse_args(argv=None):
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per candidate')
   parser.add_argument('--plain_gradients', action='store_true',
                       help="add 'dp[mb=M, no rewrite]' for the last M: DP-SGD without the CPU "
-                      'gradient rewrites of fedblood.xla_cpu (what they buy)')
+                      'gradient rewrites of fedblood.backend.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.image_size, args.width, args.batch = 32, 0.0625, 8

@@ -12,7 +12,7 @@ its gradients (``fwd+grad``: the weight gradient, and the input gradient except 
 layer, as a training step needs them). Candidates, timed interleaved (bench_step.interleaved):
 
 * ``jax``: as fedblood compiles it (its XLA flags; on CPU the gradient through
-  ``fedblood.xla_cpu.fast_gradients``, as local SGD takes it);
+  ``fedblood.backend.xla_cpu.fast_gradients``, as local SGD takes it);
 * ``jax[<variant>]``: the same programs compiled with other XLA options (bench_step.VARIANTS);
 * ``torch``: ``relu(conv2d)`` in channels_last float32 with the same thread count (skipped when
   torch is absent), forward under ``no_grad`` and forward + backward.
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_step
-from fedblood import models  # importing fedblood applies its XLA flags
-from fedblood import platform
 from fedblood.algorithms import base
+from fedblood.backend import platform
+from fedblood.model import models  # importing fedblood applies its XLA flags
 
 
 def layer_shapes(width: float, size: int):

@@ -52,7 +52,7 @@ def parse_args(argv=None):
                       "XLA's own default): adds 'loop[<set>]', 'loop' compiled with them")
   parser.add_argument('--plain_gradients', action='store_true',
                       help="add 'loop[plain gradients]': 'loop' without the CPU gradient "
-                      'rewrites of fedblood.xla_cpu (what they buy)')
+                      'rewrites of fedblood.backend.xla_cpu (what they buy)')
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes = args.sizes or '24,40,64,16,96'
@@ -65,7 +65,10 @@ def parse_args(argv=None):
 def run(args):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from fedblood import algorithms, classifier, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top
+  from fedblood import algorithms  # pylint: disable=g-import-not-at-top
+  from fedblood.model import classifier, models, partition
+  from fedblood.backend import platform
+  from fedblood.core import simulate
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_step  # pylint: disable=g-import-not-at-top
 

@@ -31,7 +31,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import algorithms, classifier, models, partition, platform, simulate, vectorized  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood import algorithms  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood.backend import platform
+from fedblood.core import simulate, vectorized
+from fedblood.model import classifier, models, partition
 
 # Training images per center of configs/wbc.py (about 65% of PBC 1497, BCCD 351, JTSC 299,
 # LISC 258 images; the rest is validation and test).

@@ -32,7 +32,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_round  # pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import algorithms, batches, classifier, models, partition, platform, simulate  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood import algorithms  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood.backend import platform
+from fedblood.core import batches, simulate
+from fedblood.model import classifier, models, partition
 
 STUDY_SIZES = bench_round.STUDY_SIZES  # the study's center sizes
 

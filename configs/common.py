@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data = data.default_config()
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'VGG16'          # class in fedblood.models (the study's network)
+  config.model.name = 'VGG16'          # class in fedblood.model.models (the study's network)
   config.model.num_classes = 5         # basophil, eosinophil, lymphocyte, monocyte, neutrophil
   # 'gap' (global pool + dense, small) or 'fc' (classic 4096-4096).
   config.model.head = 'gap'
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Workdir / checkpoint dir / weights file of a ready reference model.
   config.reference.restore = ''
 
-  # Stage (c): federated fine-tuning (read by fedblood.algorithms.build and fedblood.simulate).
+  # Stage (c): federated fine-tuning (read by fedblood.algorithms.build and fedblood.core.simulate).
   config.fl = ml_collections.ConfigDict()
   config.fl.algorithm = 'fed_dyn'      # 'fed_dyn', 'fed_avg', 'fed_prox' or 'scaffold'
   config.fl.rounds = 10                # communication rounds
@@ -125,7 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 128         # images per evaluation step
 
-  # A second numerics path (changes float rounding, not the maths; fedblood.numerics).
+  # A second numerics path (changes float rounding, not the maths; fedblood.backend.numerics).
   config.numerics = ml_collections.ConfigDict()
   # jax_default_matmul_precision for the run ('' = JAX's default), e.g. 'highest', 'bfloat16'.
   config.numerics.matmul_precision = ''

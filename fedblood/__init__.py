@@ -1,6 +1,6 @@
 """fedblood: federated learning of white-blood-cell classifiers across clinical centers."""
 
-from fedblood import platform as _platform
+from fedblood.backend import platform as _platform
 
 # XLA reads XLA_FLAGS when JAX starts its first backend: importing fedblood before any JAX
 # computation is what applies fedblood's measured flags (never overriding the user's).

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fedblood import train
+from fedblood.study import train
 from study_helpers import smoke_config
 
 

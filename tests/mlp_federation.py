@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedblood import algorithms, simulate
+from fedblood import algorithms
+from fedblood.core import simulate
 
 SIZES = (5, 12, 9)
 NMAX, DIM, CLASSES = 16, 6, 3

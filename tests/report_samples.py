@@ -1,6 +1,6 @@
 """Hand-made results and history of a 3-center run (test_report, test_hardening)."""
 
-from fedblood import metrics
+from fedblood.model import metrics
 
 CENTERS = ('ref', 'ext_a', 'ext_b')
 

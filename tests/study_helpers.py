@@ -9,8 +9,9 @@ import jax
 import numpy as np
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
-from fedblood import checkpoint, inference, workdir as workdir_lib
-from fedblood.stages import fl
+from fedblood.rundir import checkpoint, workdir as workdir_lib
+from fedblood.study import inference
+from fedblood.study.stages import fl
 
 
 def smoke_config(cache_dir):

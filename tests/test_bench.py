@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_interleaved_times_blocks_round_robin_after_untimed_calls():

@@ -9,8 +9,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fedblood import checkpoint, checkpoint_listing, models, partition
-from fedblood import workdir as workdir_lib
+from fedblood.model import models, partition
+from fedblood.rundir import checkpoint, checkpoint_listing, step_files
+from fedblood.rundir import workdir as workdir_lib
 
 
 def _state(seed, width=0.125):
@@ -28,7 +29,7 @@ def test_round_trip_is_exact_and_keys_survive(tmp_path):
   state, frozen = _state(0)
   mngr = checkpoint.manager(tmp_path / 'fl', keep=2)
   meta = {'kind': 'round', 'round': 1, 'metrics': {'val_accuracy': 0.5},
-          'params': checkpoint.param_summary(state['server'], frozen, 'VGG16')}
+          'params': checkpoint_listing.param_summary(state['server'], frozen, 'VGG16')}
   checkpoint.save(mngr, 1, state, meta)
   restored, restored_meta = checkpoint.restore(mngr, state)
   assert restored_meta == meta
@@ -79,7 +80,7 @@ def test_missing_step(tmp_path):
 def test_inspect_lists_steps_metrics_and_counts(tmp_path):
   state, frozen = _state(0)
   mngr = checkpoint.manager(tmp_path / 'checkpoints' / 'fl', keep=3, best_metric='val_accuracy')
-  summary = checkpoint.param_summary(state['server'], frozen, 'VGG16')
+  summary = checkpoint_listing.param_summary(state['server'], frozen, 'VGG16')
   for step, v in ((1, 0.25), (2, 0.75), (3, 0.5)):
     checkpoint.save(mngr, step, state, {'kind': 'round', 'metrics': {'val_accuracy': v},
                                         'best_metric': 'val_accuracy', 'params': summary},
@@ -116,7 +117,7 @@ def test_checksums_catch_damage_orbax_reads_without_noticing(tmp_path):
   data[-8:] = bytes(8)
   array.write_bytes(bytes(data))
   mngr = checkpoint.manager(stage, keep=2)
-  with pytest.raises(checkpoint.ChecksumError, match=rf'{re.escape(str(array))} differs from its '
+  with pytest.raises(step_files.ChecksumError, match=rf'{re.escape(str(array))} differs from its '
                                                      'checksum'):
     checkpoint.check_step(mngr, 2)
   state, meta = checkpoint.restore_latest(mngr, {'x': np.zeros(64)})

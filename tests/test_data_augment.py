@@ -113,7 +113,7 @@ augment_lib = sys.modules['fedblood.data.augment']
 
 
 def _standardised(x):
-  from fedblood.models import normalize  # pylint: disable=g-import-not-at-top
+  from fedblood.model.models import normalize  # pylint: disable=g-import-not-at-top
   return np.asarray(normalize(jnp.asarray(x), 'per_image'))
 
 

@@ -247,9 +247,9 @@ def test_synthetic_sizes_must_match_num_centers(tmp_path, num, sizes):
 
 def test_default_cache_dir_is_tfds_data_dir(monkeypatch, tmp_path):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  assert data.loader.cache_dir(data.default_config()) == str(tmp_path / 'tfds')
+  assert data.config.cache_dir(data.default_config()) == str(tmp_path / 'tfds')
   monkeypatch.delenv('TFDS_DATA_DIR')
-  assert data.loader.cache_dir(data.default_config()) == os.path.expanduser(
+  assert data.config.cache_dir(data.default_config()) == os.path.expanduser(
       '~/tensorflow_datasets')
 
 

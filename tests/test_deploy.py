@@ -14,11 +14,13 @@ import pytest
 
 pytest.importorskip('flwr')
 
-from fedblood import checkpoint, experiment, simulate, train  # pylint: disable=g-import-not-at-top
+from fedblood.core import simulate
 from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
-from fedblood.experiment import STAGE  # pylint: disable=g-import-not-at-top
-from fedblood.stages import fl  # pylint: disable=g-import-not-at-top
-from fedblood.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
+from fedblood.rundir import checkpoint  # pylint: disable=g-import-not-at-top
+from fedblood.study import experiment, train
+from fedblood.study.experiment import STAGE  # pylint: disable=g-import-not-at-top
+from fedblood.study.stages import fl  # pylint: disable=g-import-not-at-top
+from fedblood.study.stages.reference import load_reference  # pylint: disable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
 # 3 tiny centers (44 / 26 / 20 training images), VGG16 at width 1/16, 32 px, 2 rounds.

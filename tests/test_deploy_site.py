@@ -17,8 +17,8 @@ pytest.importorskip('flwr')
 # pylint: disable=g-import-not-at-top
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from fedblood import lock
 from fedblood.deploy import client_app, local, server_app, site, study, wire
+from fedblood.rundir import lock
 # pylint: enable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'

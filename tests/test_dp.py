@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms, batches, privacy, simulate
+from fedblood import algorithms, privacy
 from fedblood.algorithms import dp
 from fedblood.algorithms import dp_fedavg
+from fedblood.core import batches, simulate
 from mlp_federation import ALL, CONFIGS, mlp_centers, mlp_loss, mlp_params
 
 dp_accounting = pytest.importorskip('dp_accounting')

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from fedblood import checkpoint, privacy, train
+from fedblood import privacy
+from fedblood.rundir import checkpoint
+from fedblood.study import train
 from study_helpers import interrupt_saves, smoke_config
 
 dp_accounting = pytest.importorskip('dp_accounting')
@@ -77,7 +79,7 @@ def test_dp_off_adds_nothing_to_results(smoke):
 
 
 def test_privacy_report_table_and_figure(smoke, tmp_path):
-  from fedblood import privacy_report  # pylint: disable=g-import-not-at-top
+  from fedblood.reporting import privacy_report  # pylint: disable=g-import-not-at-top
   _, workdir = smoke
   plain = privacy_report.parse_point(f'fed_dyn=inf:{workdir}', 2)
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]

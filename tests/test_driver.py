@@ -1,6 +1,6 @@
 """The round driver with fake train / evaluate callbacks on a tiny state, through real Orbax.
 
-The deployed server drives its rounds through :func:`fedblood.driver.drive` as the simulation
+The deployed server drives its rounds through :func:`fedblood.study.driver.drive` as the simulation
 does, so these pin what a deployed run now does too: the best-validation step is kept and
 ``checkpoint.every`` is honoured.
 """
@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedblood import checkpoint, driver
-from fedblood import workdir as workdir_lib
+from fedblood.rundir import checkpoint
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import driver
 
 NAMES = ('a', 'b')
 VAL = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3, 5: 0.4, 6: 0.5}  # the best round is 2

@@ -19,12 +19,15 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import checkpoint, checkpoint_listing, data, inference, lock, names, report, sweep
-from fedblood import train
-from fedblood import workdir as workdir_lib
-from fedblood import validate
+from fedblood import data, names
 from fedblood.data import checks
 from fedblood.data import plan as data_plan
+from fedblood.reporting import report
+from fedblood.rundir import checkpoint, checkpoint_listing, lock
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import inference, sweep
+from fedblood.study import train
+from fedblood.study import validate
 from report_samples import sample_history, sample_results
 from study_helpers import smoke_config
 

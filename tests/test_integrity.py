@@ -17,9 +17,10 @@ import sys
 import jax
 import pytest
 
-from fedblood import checkpoint, experiment, inference, train
-from fedblood import workdir as workdir_lib
-from fedblood.stages import reference
+from fedblood.rundir import checkpoint, step_files
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import experiment, inference, train
+from fedblood.study.stages import reference
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO))
@@ -69,7 +70,7 @@ def _as_another_run(step_dir: Path, **changes) -> dict:
     node[leaf] = value
   meta.update(fingerprint=workdir_lib.fingerprint(other).digest, config=other)
   meta_file.write_text(json.dumps(meta))
-  checkpoint.write_checksums(step_dir)  # a genuine step of that run: its checksums match
+  step_files.write_checksums(step_dir)  # a genuine step of that run: its checksums match
   return meta
 
 
@@ -120,7 +121,7 @@ def test_step_of_an_older_fedblood_is_accepted_with_a_warning(smoke, tmp_path, c
   for key in ('fingerprint', 'config'):
     meta.pop(key)
   meta_file.write_text(json.dumps(meta))
-  (step_dir / checkpoint.CHECKSUMS).unlink()
+  (step_dir / step_files.CHECKSUMS).unlink()
   with caplog.at_level(logging.WARNING):
     assert inference.load_model(workdir).round == 3
   assert any('step 3 of' in r.getMessage() and 'no checksums and no run fingerprint' in
@@ -167,9 +168,9 @@ def test_damaged_latest_step_of_a_finished_run_repaired_byte_identical(smoke, tm
 def test_step_cut_short_before_its_checksums_is_damage(smoke, tmp_path):
   workdir = _copy(smoke, tmp_path)
   fl_dir = workdir / 'checkpoints' / 'fl'
-  (fl_dir / '3' / checkpoint.CHECKSUMS).unlink()
+  (fl_dir / '3' / step_files.CHECKSUMS).unlink()
   mngr = checkpoint.manager(fl_dir)
-  with pytest.raises(checkpoint.ChecksumError, match='checksums.sha256 is missing'):
+  with pytest.raises(step_files.ChecksumError, match='checksums.sha256 is missing'):
     checkpoint.check_step(mngr, 3)
   mngr.close()
 
@@ -182,7 +183,7 @@ def _sweep_file(tmp_path, points) -> str:
 
 
 def test_sweep_rerun_with_another_config_refuses_stale_points(smoke, tmp_path):
-  from fedblood import sweep  # pylint: disable=g-import-not-at-top
+  from fedblood.study import sweep  # pylint: disable=g-import-not-at-top
   config, _ = smoke
   root = tmp_path / 'sweep'
   point = sweep.apply(config, {'seed': 0})
@@ -200,7 +201,7 @@ def test_sweep_rerun_with_another_config_refuses_stale_points(smoke, tmp_path):
 
 
 def test_sweep_and_seed_ranges_are_bounded(tmp_path):
-  from fedblood import seeds, sweep  # pylint: disable=g-import-not-at-top
+  from fedblood.study import seeds, sweep  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match='more than 1000 seeds'):
     seeds.parse_seeds('0-1000000')  # answers at once: no range is expanded
   with pytest.raises(ValueError, match=r'seed 4294967296 is not below 2\^32'):
@@ -286,7 +287,7 @@ def test_inference_failures_are_one_line(smoke, tmp_path):
   bad = workdir / 'checkpoints' / 'fl' / '3' / 'meta' / 'metadata'
   bad.write_text(bad.read_text()[:20])
   assert_one_line(launch('--mode', 'evaluate', '--workdir', str(workdir), '--eval_dir',
-                         str(images)), rf'checkpoint step 3 of .*fl cannot be restored')
+                         str(images)), r'checkpoint step 3 of .*fl cannot be restored')
 
 
 @pytest.mark.skipif(ROOT, reason='root reads and writes through chmod 000 / read-only modes')

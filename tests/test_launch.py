@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import data, inference, metrics, sweep, train
+from fedblood import data
+from fedblood.model import metrics
+from fedblood.study import inference, sweep, train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from fedblood import metrics
+from fedblood.model import metrics
 
 B, E, L, M, N = range(5)
 

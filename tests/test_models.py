@@ -1,4 +1,4 @@
-"""Tests for fedblood.models: exact param counts, shapes, dtypes and input errors."""
+"""Tests for fedblood.model.models: exact param counts, shapes, dtypes and input errors."""
 
 import flax.traverse_util as traverse_util
 import jax
@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fedblood import models
-from fedblood import partition
+from fedblood.model import models
+from fedblood.model import partition
 
 VGG16_CONVS = (2, 2, 3, 3, 3)
 # rbg: XLA:CPU compiles a VGG init with threefry keys several times slower.

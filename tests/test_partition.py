@@ -1,4 +1,4 @@
-"""Tests for fedblood.partition: exact labels, split/merge, rule errors, masked optimizers."""
+"""Tests for fedblood.model.partition: exact labels, split/merge, rule errors, masked optimizers."""
 
 import flax.traverse_util as traverse_util
 import jax
@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import models
-from fedblood import partition
+from fedblood.model import models
+from fedblood.model import partition
 
 VGG16_CONVS = (2, 2, 3, 3, 3)
 # rbg: XLA:CPU compiles a VGG init with threefry keys several times slower.

@@ -1,4 +1,4 @@
-"""Tests for fedblood.platform: the compute dtype per backend and XLA flags that never override."""
+"""Tests for fedblood.backend.platform: the compute dtype per backend and XLA flags that never override."""
 
 import os
 import subprocess
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from fedblood import models, platform, xla_cpu
+from fedblood.backend import platform, xla_cpu
+from fedblood.model import models
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot'
 

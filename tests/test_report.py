@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedblood import report
+from fedblood.reporting import report
 from report_samples import CENTERS, sample_history, sample_results
 
 

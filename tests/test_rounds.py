@@ -3,7 +3,8 @@
 import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
-from fedblood import experiment, rounds
+from fedblood.core import rounds
+from fedblood.study import experiment
 from mlp_federation import mlp_loss
 
 # Fields of config.fl the compiled round does not read (the run's length, evaluation and

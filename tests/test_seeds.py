@@ -12,8 +12,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from fedblood import aggregate, checkpoint, seeds
-from fedblood import workdir as workdir_lib
+from fedblood.reporting import aggregate
+from fedblood.rundir import checkpoint
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import seeds
 from study_helpers import fl_state, smoke_config
 
 REPO = Path(__file__).resolve().parents[1]

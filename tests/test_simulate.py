@@ -16,7 +16,9 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms, batches, classifier, models, partition, simulate
+from fedblood import algorithms
+from fedblood.core import batches, simulate
+from fedblood.model import classifier, models, partition
 
 from mlp_federation import (ALL, CLASSES, CONFIGS, TRACES, assert_trees_close, assert_trees_equal,
                             cached_round, mlp_centers, mlp_loss, mlp_params, run_rounds)
@@ -220,7 +222,7 @@ def test_feddyn_converges_through_the_round_with_half_participation():
 SHARD_SCRIPT = textwrap.dedent('''
   import jax, numpy as np
   import mlp_federation as t
-  from fedblood import simulate
+  from fedblood.core import simulate
   assert jax.device_count() == 5, jax.devices()
   actives = [t.ALL, np.array([True, False, True]), t.ALL]
   _, *want = t.run_rounds('fed_dyn', 'vmap', actives=actives)

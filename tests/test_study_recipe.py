@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 from configs import common, wbc
-from fedblood import centralized, data, metrics, models, numerics, partition, selection, train
-from fedblood import validate
+from fedblood import data
+from fedblood.backend import numerics
+from fedblood.model import metrics, models, partition
+from fedblood.study import centralized, selection, train
+from fedblood.study import validate
 from study_helpers import smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]

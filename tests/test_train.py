@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
-from fedblood import centralized, checkpoint, checkpoint_listing, data, inference, metrics, sweep
-from fedblood import driver, train
-from fedblood.stages import fl
+from fedblood import data
+from fedblood.model import metrics
+from fedblood.rundir import checkpoint, checkpoint_listing
+from fedblood.study import centralized, inference, sweep
+from fedblood.study import driver, train
+from fedblood.study.stages import fl
 from study_helpers import assert_same_tree, fl_state, interrupt_saves, smoke_config
 
 

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedblood import algorithms, vectorized
+from fedblood import algorithms
+from fedblood.core import vectorized
 from mlp_federation import ALL, CONFIGS, cached_round, mlp_centers, mlp_loss, mlp_params
 
 # Float tolerance of a point against its own run (batching changes the rounding).

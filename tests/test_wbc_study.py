@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from configs import wbc
-from fedblood import data, inference, train
+from fedblood import data
+from fedblood.study import inference, train
 
 WBC = Path(os.environ.get('FEDBLOOD_WBC_ROOT')
            or Path(__file__).resolve().parents[1].parent / 'shared/data/wbc')

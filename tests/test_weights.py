@@ -1,4 +1,4 @@
-"""Tests for fedblood.weights: torchvision and Keras VGG16 files vs an independent torch VGG16."""
+"""Tests for fedblood.model.weights: torchvision and Keras VGG16 files vs an independent torch VGG16."""
 
 import sys
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fedblood import models
-from fedblood import weights
+from fedblood.model import models
+from fedblood.model import weights
 
 # torchvision's VGG16 'D' configuration; the torch reference below is built from it, not from us.
 VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M')

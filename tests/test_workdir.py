@@ -1,4 +1,4 @@
-"""fedblood.workdir: the one reader of metrics.jsonl, and the one rule for a torn last line."""
+"""fedblood.rundir.workdir: the one reader of metrics.jsonl, and the one rule for a torn last line."""
 
 import json
 import logging
@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from fedblood import report, runlog
-from fedblood import workdir as workdir_lib
+from fedblood.reporting import report
+from fedblood.rundir import runlog
+from fedblood.rundir import workdir as workdir_lib
 from report_samples import sample_history, sample_results
 
 

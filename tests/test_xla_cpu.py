@@ -1,4 +1,4 @@
-"""Tests for fedblood.xla_cpu: same values, fast forms of gradients inside loops."""
+"""Tests for fedblood.backend.xla_cpu: same values, fast forms of gradients inside loops."""
 
 import re
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fedblood import xla_cpu
+from fedblood.backend import xla_cpu
 
 CANONICAL = 'b01f_01io->b01f'
 

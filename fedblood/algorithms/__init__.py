@@ -12,7 +12,7 @@ Usage on any differentiable loss over any params pytree::
   server, clients = alg.server_update(server, clients, local_params=..., new_client_states=...,
                                       weights=w, active=active)
 
-or, with per-center arrays, :func:`fedblood.simulate.build_round`.
+or, with per-center arrays, :func:`fedblood.core.simulate.build_round`.
 
 From a config, :func:`build` looks ``fl.algorithm`` up in :data:`BUILDERS`, whose entry reads
 that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``).
@@ -84,7 +84,7 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   ``fl_cfg.dp`` (optional, :mod:`fedblood.algorithms.dp`): ``mode='example'`` passes DP-SGD to
   the local step, ``mode='client'`` wraps the algorithm in DP-FedAvg.
   ``rewrite``: the local gradient's backend rewrite (default
-  :func:`fedblood.platform.gradient_rewrite`).
+  :func:`fedblood.backend.platform.gradient_rewrite`).
   """
   name = fl_cfg['algorithm']
   if name not in BUILDERS:

@@ -24,9 +24,9 @@ Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md):
   params <- params - lr * (g + weight_decay * params)
 
 The gradient goes through ``rewrite`` (a parameter of every builder and of :func:`local_sgd`):
-:func:`fedblood.platform.gradient_rewrite` decides it per backend (on CPU
-:func:`fedblood.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would otherwise run
-the backward convolutions as naive loops; docs/performance.md).
+:func:`fedblood.backend.platform.gradient_rewrite` decides it per backend (on CPU
+:func:`fedblood.backend.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would
+otherwise run the backward convolutions as naive loops; docs/performance.md).
 
 Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
 ``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedblood import platform
 from fedblood.algorithms import dp as dp_lib
+from fedblood.backend import platform
 
 Params = Any  # a pytree of trainable parameters
 State = Any   # a pytree; client states carry a leading client axis [C, ...] where stacked
@@ -176,7 +176,7 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
       ``dp.PoissonSample``; the loss's gradient is the private one and ``penalty_fn``'s
       gradient (data-independent) is added after the noise.
     rewrite: ``grad_fn -> grad_fn`` applied to the gradient (and DP-SGD's clipped sums)
-      before tracing; default :func:`fedblood.platform.gradient_rewrite` of this backend.
+      before tracing; default :func:`fedblood.backend.platform.gradient_rewrite` of this backend.
 
   Returns:
     ``(params, metrics)``, metrics ``{'loss', **aux}`` averaged over the steps taken

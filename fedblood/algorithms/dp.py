@@ -4,7 +4,7 @@ Record level, ``fl.dp.mode='example'`` (DP-SGD, Abadi et al. 2016), per center a
 
 * the sample: every training example of center k is in the step's sample independently with
   probability ``q_k = B / n_k`` (Poisson sampling, ``B = fl.batch_size``: the expected size);
-  :func:`fedblood.batches.make_poisson_fn` draws it as a fixed-shape mask, the sampled rows
+  :func:`fedblood.core.batches.make_poisson_fn` draws it as a fixed-shape mask, the sampled rows
   first, so no step recompiles whatever its size;
 * each sampled example's gradient of the loss alone (``vmap`` over the examples, in chunks of
   ``microbatch`` examples, as many chunks as the sample needs) is clipped to L2 norm ``clip``;
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedblood import platform
+from fedblood.backend import platform
 
 MODES = ('off', 'example', 'client')
 
@@ -103,8 +103,8 @@ def clipped_sum(loss_fn: Callable, clip: float, rewrite: Optional[Callable] = No
   Row ``i`` is differentiated alone (a batch of one, ``rngs[i]`` its key); its gradient
   is scaled by ``clip / max(|g_i|, clip)`` and by its mask (masked rows add exactly zero).
   ``stats``: ``{'loss', **aux}`` summed over the masked-in rows. The computation goes through
-  ``rewrite`` (default :func:`fedblood.platform.gradient_rewrite`: on CPU
-  :func:`fedblood.xla_cpu.fast_gradients`), as local SGD's plain gradient does.
+  ``rewrite`` (default :func:`fedblood.backend.platform.gradient_rewrite`: on CPU
+  :func:`fedblood.backend.xla_cpu.fast_gradients`), as local SGD's plain gradient does.
   """
   def one(params, example, rng):
     batch = jax.tree.map(lambda x: x[None], example)

@@ -3,12 +3,13 @@
 ``plan(config.data)`` lists every center as :func:`fedblood.data.load_centers` would (the same
 specs, the same stratified split of the same file names) but decodes no image and builds no
 dataset: a synthetic center's labels are drawn without its images, a folder's come from its
-class folders. What validation (:mod:`fedblood.validate`) checks against the data uses it:
+class folders. What validation (:mod:`fedblood.study.validate`) checks against the data uses it:
 centers too small to split, ``fl.holdout`` names, the DP sampling rates, the class count.
 """
 
 import numpy as np
 
+from fedblood.data import config as data_config
 from fedblood.data import layouts
 from fedblood.data import loader
 from fedblood.data import splits as splits_lib
@@ -37,7 +38,7 @@ def plan(data_cfg) -> list[loader.Center]:
       folder at fault.
   """
   loader.check_config(data_cfg)
-  folds, fold = loader.folds_of(data_cfg)
+  folds, fold = data_config.folds_of(data_cfg)
   centers = []
   for name, fields in loader.center_specs(data_cfg):
     files, labels = _listing(fields)

@@ -24,7 +24,7 @@ SPLIT_NAMES = ('train', 'validation', 'test')
 
 
 def check_folds(folds: int, fold: int):
-  """``data.folds`` is 0 (no folds: ``data.test_fraction``) or k >= 2, and 0 <= ``data.fold`` < k."""
+  """``data.folds`` is 0 (no folds: ``data.test_fraction``) or k >= 2; 0 <= ``data.fold`` < k."""
   integer = lambda x: isinstance(x, int) and not isinstance(x, bool)
   if not integer(folds) or folds < 0 or folds == 1:
     raise ValueError(f'data.folds={folds!r} must be 0 (a test_fraction split) or an integer >= 2 '

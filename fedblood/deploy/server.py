@@ -1,7 +1,7 @@
 """The deployed study's server loop: the simulation's rounds, with sites answering over Flower.
 
-:func:`run` does what :func:`fedblood.stages.fl.fl_stage` does, through the same round driver
-(:func:`fedblood.driver.drive`), with the centers' local updates computed at the sites
+:func:`run` does what :func:`fedblood.study.stages.fl.fl_stage` does, through the same round driver
+(:func:`fedblood.study.driver.drive`), with the centers' local updates computed at the sites
 (:mod:`fedblood.deploy.site`) and every other step the simulation's:
 
 * the reference model comes from ``reference.restore`` (a deployed server has no images to
@@ -33,14 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import data, driver, metrics, report, runlog, train
-from fedblood import workdir as workdir_lib
-from fedblood.experiment import STAGE
-from fedblood.stages import fl as fl_lib
-from fedblood.stages.reference import reference_stage
+from fedblood import data
 from fedblood.algorithms import base
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
+from fedblood.model import metrics
+from fedblood.reporting import report
+from fedblood.rundir import runlog
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import driver, train
+from fedblood.study.experiment import STAGE
+from fedblood.study.stages import fl as fl_lib
+from fedblood.study.stages.reference import reference_stage
 from fedblood.deploy.sites import Sites, note  # pylint: disable=unused-import  (server_app: note)
 
 

@@ -9,7 +9,7 @@ Run config (``flower_app/pyproject.toml``, or ``flwr run ... --run-config``):
 * ``connect-timeout`` / ``round-timeout``: seconds to wait for every center to connect /
   for a round's replies (a run never hangs on vanished sites).
 
-The run holds the workdir's lock (:func:`fedblood.lock.hold`): a second deployed server (or
+The run holds the workdir's lock (:func:`fedblood.rundir.lock.hold`): a second deployed server (or
 a simulated run) on the same workdir stops at once, naming the holder's PID.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedblood import lock
 from fedblood.deploy import server, wire
+from fedblood.rundir import lock
 
 app = ServerApp()
 

@@ -6,7 +6,7 @@ server state; the site answers
 
 * ``query``: its center and split sizes (and, if asked, evaluations);
 * ``train``: ONE local update with the simulation's jitted client function
-  (:func:`fedblood.simulate.client_fn`), on its training split padded to the
+  (:func:`fedblood.core.simulate.client_fn`), on its training split padded to the
   federation's ``Nmax``, with weight ``w_k`` and key ``fold_in(fold_in(key, r), k)``
   as the simulation derives them, from its client state of the round the server last
   accepted from it (``committed``);
@@ -32,7 +32,7 @@ A site trusts nothing the server sends beyond the study's numbers:
   dir; the folder records the digest of the config that made it (``study.json``), so a
   request carrying another study's id with another config is refused and touches nothing;
 * the center index, round and ``committed`` are checked against the site's own study;
-* one process at a time holds the state dir (:func:`fedblood.lock.hold`, ``run.lock``),
+* one process at a time holds the state dir (:func:`fedblood.rundir.lock.hold`, ``run.lock``),
   and the state dir belongs to one center (``site.json``): a second SuperNode on the same
   state dir is refused.
 """
@@ -47,9 +47,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import checkpoint, lock, simulate
+from fedblood.core import simulate
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
+from fedblood.rundir import checkpoint, lock
 
 
 class SiteError(ValueError):
@@ -186,7 +187,7 @@ def _restore_client_state(mngr, st, committed: int, center: str):
 def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dict:
   """Answers one request; returns ``{'site': ..., 'eval': ..., ['params', 'state', 'train']}``.
 
-  Holds the state dir's lock throughout (:func:`fedblood.lock.hold`).
+  Holds the state dir's lock throughout (:func:`fedblood.rundir.lock.hold`).
 
   Args:
     kind: 'query', 'train' or 'evaluate'.

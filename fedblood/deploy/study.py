@@ -10,16 +10,17 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
-from fedblood import data, rounds
-from fedblood import experiment as experiment_lib
+from fedblood import data
 from fedblood.algorithms import base
+from fedblood.core import rounds
 from fedblood.data import loader
+from fedblood.study import experiment as experiment_lib
 
 
 class Study(NamedTuple):
   """Attributes:
     config: the fedblood config.
-    experiment: its :class:`fedblood.experiment.Experiment` (model, partition, loss, ...).
+    experiment: its :class:`fedblood.study.experiment.Experiment` (model, partition, loss, ...).
     algorithm: the :class:`fedblood.algorithms.FedAlgorithm` of ``config.fl``.
     centers: center names in the simulation's order (reference first): center ``k`` is
       client ``k`` everywhere (its weight, its key ``fold_in(fold_in(key, r), k)``).
@@ -88,7 +89,7 @@ def client_step(study: Study):
   """Jitted ``(server_state, client_state, weight, frozen, examples, size, rng) -> update``.
 
   ``examples``: the site's training split padded to the federation's ``Nmax`` by
-  :func:`fedblood.simulate.pad_centers`, as the simulation pads every center's.
+  :func:`fedblood.core.simulate.pad_centers`, as the simulation pads every center's.
   """
   return rounds.compiled(rounds.spec(study.experiment.loss, study.config.fl), 'client')[1]
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedblood import workdir as workdir_lib
+from fedblood.rundir import workdir as workdir_lib
 
 
 def leaf_names(tree) -> list[str]:

@@ -1,0 +1,1 @@
+"""Per-backend choices: XLA flags, the CPU gradient rewrite, the numerics path."""

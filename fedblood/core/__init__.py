@@ -1,0 +1,1 @@
+"""One federated round over stacked centers: the jitted simulation core."""

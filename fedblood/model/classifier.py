@@ -1,0 +1,75 @@
+"""The classifier's training loss and batched prediction over (trainable, frozen) params.
+
+Any Flax classifier taking float images in ``[0, 1]`` (e.g. :class:`fedblood.model.models.VGG`)::
+
+  loss_fn = classifier.classifier_loss(model, augment_fn=None)  # (trainable, frozen, batch, rng)
+  predict = classifier.make_predict(model, batch_size)          # (trainable, frozen, images)
+
+Federated rounds (:mod:`fedblood.core.simulate`) and the pooled baseline
+(:mod:`fedblood.study.centralized`) train with the same ``loss_fn``; every evaluation runs ``predict``.
+"""
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedblood.model import partition
+
+
+def to_float(images):
+  """uint8 images -> float32 in [0, 1]; float images pass through as float32."""
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def classifier_loss(model, augment_fn: Optional[Callable] = None) -> Callable:
+  """Masked softmax cross-entropy of a Flax classifier over (trainable, frozen) params.
+
+  Args:
+    model: a linen module taking float images in [0, 1] and ``train`` (dropout rng 'dropout').
+    augment_fn: optional ``(rng, images) -> images`` on float32 images in [0, 1].
+
+  Returns:
+    ``loss_fn(trainable, frozen, batch, rng) -> (loss, {'accuracy': ...})`` for batches
+    ``{'image', 'label'[, 'mask']}``; rows with mask 0 do not count.
+  """
+  def loss_fn(trainable, frozen, batch, rng):
+    aug_rng, dropout_rng = jax.random.split(rng)
+    images = to_float(batch['image'])
+    if augment_fn is not None:
+      images = augment_fn(aug_rng, images)
+    logits = model.apply({'params': partition.merge(trainable, frozen)}, images, train=True,
+                         rngs={'dropout': dropout_rng})
+    labels = batch['label']
+    mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask) / count
+    accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * mask) / count
+    return loss, {'accuracy': accuracy}
+
+  return loss_fn
+
+
+def make_predict(model, batch_size: int = 64) -> Callable:
+  """Jitted ``predict(trainable, frozen, images[..., H, W, 3]) -> logits[..., K]``.
+
+  Runs the model in eval mode over fixed-size batches (``lax.map``), padding the
+  last one, so memory stays bounded; it compiles once per input shape, so feed it
+  padded arrays (e.g. ``Centers.examples['image']``) to keep that shape fixed.
+  """
+  @jax.jit
+  def predict(trainable, frozen, images):
+    params = {'params': partition.merge(trainable, frozen)}
+    lead, image_shape = images.shape[:-3], images.shape[-3:]
+    flat = images.reshape((-1,) + image_shape)
+    num = flat.shape[0]
+    flat = jnp.pad(flat, [(0, -num % batch_size)] + [(0, 0)] * 3)
+    batches = flat.reshape((-1, batch_size) + image_shape)
+    logits = jax.lax.map(lambda x: model.apply(params, to_float(x), train=False), batches)
+    logits = logits.reshape((-1, logits.shape[-1]))[:num]
+    return logits.reshape(lead + logits.shape[-1:])
+
+  return predict

@@ -1,0 +1,297 @@
+"""Tables (markdown, csv, json) and figures (png) of a run and of a sweep.
+
+Inputs are plain dicts, so a report can be rebuilt from ``results.json`` and
+``metrics.jsonl`` alone (``write_report(workdir)`` after a run, or by hand):
+
+- ``results`` (``results.json``): ``centers``, ``reference``, ``before`` and
+  ``after`` ({center: summary}, see :func:`fedblood.model.metrics.summary`),
+  optionally ``after_models`` ({eval-model name: {center: summary}}, e.g.
+  FedDyn's client average vs corrected server model), ``baselines``
+  ({name: {center: summary}}), ``confusion`` ({stage: {center: K x K}}),
+  ``classes`` and a few run facts (algorithm, rounds, wall times).
+- ``history`` (``metrics.jsonl`` rows): {stage, round, center, accuracy, ...}.
+
+Figures use matplotlib's Agg backend (no display needed).
+"""
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib.ticker  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from fedblood import names as center_names  # pylint: disable=wrong-import-position
+from fedblood.model.metrics import CLASSES  # pylint: disable=wrong-import-position
+from fedblood.rundir import workdir as workdir_lib  # pylint: disable=wrong-import-position
+
+# Column titles of the per-center tables, in the study's order.
+COLUMNS = (('accuracy', 'Accuracy'), ('balanced_accuracy', 'Bal. acc.'), ('precision', 'Precision'),
+           ('recall', 'Recall'), ('specificity', 'Specificity'), ('f1', 'F1'))
+BASELINE_TITLES = {'local_only': 'Local-only', 'pooled': 'Pooled (centralized)',
+                   'local_only_scratch': 'Local-only (scratch)',
+                   'local_only_reference': 'Local-only (from reference)',
+                   'pooled_scratch': 'Pooled (scratch)',
+                   'pooled_reference': 'Pooled (from reference)'}
+
+
+def _center_name(c: str, reference: str | None, held_out=()) -> str:
+  name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
+  return f'{name} (held out)' if c in held_out else name
+
+
+def _pct(x) -> str:
+  return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
+
+
+def _mean(values) -> float | None:
+  vals = [v for v in values if v is not None]
+  return sum(vals) / len(vals) if vals else None
+
+
+def center_table(per_center: dict, centers: Sequence[str], reference: str | None = None,
+                 held_out: Sequence[str] = ()) -> str:
+  """Markdown table: a row per center (metrics in %), then means over external and all centers.
+
+  Centers in ``held_out`` (never joined FL) are marked so.
+  """
+  head = '| Center | n | ' + ' | '.join(t for _, t in COLUMNS) + ' |'
+  rows = [head, '|' + '---|' * (len(COLUMNS) + 2)]
+  for c in centers:
+    m = per_center[c]
+    name = _center_name(c, reference, held_out)
+    rows.append(f'| {name} | {m["n"]} | ' + ' | '.join(_pct(m.get(k)) for k, _ in COLUMNS) + ' |')
+  external = [c for c in centers if c != reference]
+  groups = [('mean, external centers', external)] if reference in centers and external else []
+  groups.append(('mean, all centers', list(centers)))
+  for label, names in groups:
+    rows.append(f'| *{label}* | {sum(per_center[c]["n"] for c in names)} | ' + ' | '.join(
+        _pct(_mean(per_center[c].get(k) for c in names)) for k, _ in COLUMNS) + ' |')
+  return '\n'.join(rows)
+
+
+def comparison_table(results: dict, key: str = 'accuracy') -> str:
+  """Markdown table of ``key`` per center: reference model, FL model(s), and every baseline."""
+  centers, reference = results['centers'], results.get('reference')
+  columns = [('Reference model (Table 1)', results['before'])]
+  after_models = results.get('after_models') or {'': results['after']}
+  for name, per_center in after_models.items():
+    columns.append((f'FL {results.get("algorithm", "")} {name}'.strip() + ' (Table 2)'
+                    if name else 'FL (Table 2)', per_center))
+  for name, per_center in (results.get('baselines') or {}).items():
+    columns.append((BASELINE_TITLES.get(name, name), per_center))
+  rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
+          '|' + '---|' * (len(columns) + 1)]
+  for c in centers:
+    name = _center_name(c, reference, results.get('held_out', ()))
+    cells = ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns)
+    rows.append(f'| {name} | {cells} |')
+  external = [c for c in centers if c != reference]
+  if external:
+    rows.append('| *mean, external* | ' + ' | '.join(
+        _pct(_mean(pc.get(c, {}).get(key) for c in external)) for _, pc in columns) + ' |')
+  return '\n'.join(rows)
+
+
+def plot_accuracy_per_round(history: Sequence[dict], path, reference: str | None = None,
+                            before: dict | None = None, stage: str = 'fl') -> Path:
+  """Figure 2: test accuracy per round, one line per center, the reference level marked.
+
+  Round 0 is the reference model before FL (from ``before``). The reference
+  level is the reference model's accuracy on its own center: the level the
+  external centers would reach if the model transferred perfectly.
+  """
+  series: dict[str, list[tuple[int, float]]] = {}
+  for row in history:
+    if row.get('stage') == stage and row.get('accuracy') is not None:
+      series.setdefault(row['center'], []).append((row['round'], row['accuracy']))
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+  for center, points in series.items():
+    if before and center in before and before[center].get('accuracy') is not None:
+      points = [(0, before[center]['accuracy'])] + points
+    points.sort()
+    ax.plot([r for r, _ in points], [100 * a for _, a in points], marker='o', markersize=3,
+            linewidth=2.2 if center == reference else 1.4, label=center_names.plot(center))
+  if reference and before and reference in before:
+    level = 100 * before[reference]['accuracy']
+    label = f'reference level ({center_names.plot(reference)} before FL, {level:.1f}%)'
+    ax.axhline(level, color='0.3', linestyle='--', linewidth=1, label=label)
+  ax.set_xlabel('federated round (0 = reference model)')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_ylim(0, 102)
+  ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='lower right')
+  ax.set_title('Accuracy per round, every center')
+  return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+  """Writes ``fig`` as a PNG at ``path`` (parents created) and frees it."""
+  fig.tight_layout()
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def plot_confusion(confusion, path, title: str, class_names: Sequence[str] = CLASSES) -> Path:
+  """A confusion matrix (rows true, columns predicted) with counts in the cells."""
+  k = len(class_names)
+  fig, ax = plt.subplots(figsize=(4.2, 3.8), dpi=110)
+  ax.imshow(confusion, cmap='Blues')
+  top = max((max(row) for row in confusion), default=0)
+  for i in range(k):
+    for j in range(k):
+      v = confusion[i][j]
+      ax.text(j, i, str(v), ha='center', va='center', fontsize=8,
+              color='white' if top and v > top / 2 else 'black')
+  short = [n[:4] for n in class_names]
+  ax.set_xticks(range(k), short)
+  ax.set_yticks(range(k), short)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(title, fontsize=9)
+  return _save(fig, path)
+
+
+def _confusion_figures(results: dict, figures: Path) -> list[str]:
+  """Plots each stored confusion matrix into ``figures``; one markdown section per stage."""
+  confusion_md, centers = [], results['centers']
+  class_names = results.get('classes', CLASSES)
+  for stage, label, heading in (('before', 'reference model', 'Reference model (Table 1)'),
+                                ('after', 'after FL', 'After FL (Table 2)')):
+    cells = []
+    for c in centers:
+      matrix = (results.get('confusion') or {}).get(stage, {}).get(c)
+      if matrix is None:
+        continue
+      name = f'confusion_{stage}_{center_names.slug(c)}.png'
+      plot_confusion(matrix, figures / name, f'{center_names.plot(c)}: {label}', class_names)
+      cells.append(f'![{center_names.md(c)} {label}](figures/{name})')
+    if cells:
+      confusion_md.append(f'**{heading}**\n\n' + ' '.join(cells))
+  return confusion_md
+
+
+def _facts(results: dict) -> list[str]:
+  """The bullet lines under the report's title: algorithm, models, privacy, held out."""
+  facts = [f'- algorithm: `{results.get("algorithm", "?")}`, rounds: {results.get("rounds", "?")}, '
+           f'reference center: {center_names.code(results.get("reference"))}']
+  if results.get('eval_model'):
+    facts.append(f'- Table 2 evaluates the `{results["eval_model"]}` model')
+  if 'active_mean' in (results.get('after_models') or {}):
+    facts.append('- FedDyn\'s two models: `active_mean` is the plain average of the active '
+                 'clients\' models (what the FedDyn paper reports), `server` the corrected server '
+                 'model the clients start each round from')
+  if results.get('privacy'):
+    from fedblood import privacy  # pylint: disable=g-import-not-at-top
+    facts += privacy.report_lines(results['privacy'])
+  if results.get('held_out'):
+    facts.append('- held out (never joined FL or the pooled baseline, evaluated as new centers): '
+                 + ', '.join(center_names.code(c) for c in results['held_out']))
+  for key, label in (('wall_time_s', 'wall time'),):
+    if results.get(key) is not None:
+      facts.append(f'- {label}: {results[key]:.0f} s')
+  return facts
+
+
+def write_report(workdir, results: dict | None = None,
+                 history: Sequence[dict] | None = None) -> Path:
+  """Writes figures/ and report.md for a workdir; returns the report's path.
+
+  Args:
+    workdir: the run's directory.
+    results: the results dict (default: read ``results.json``).
+    history: the per-round rows (default: :func:`fedblood.rundir.workdir.read_rows`).
+  """
+  workdir = Path(workdir)
+  if results is None:
+    results = workdir_lib.read_results(workdir)
+  if history is None:
+    history = workdir_lib.read_rows(workdir)
+  centers, reference = results['centers'], results.get('reference')
+  figures = workdir_lib.path(workdir, workdir_lib.FIGURES)
+  plot_accuracy_per_round(history, figures / 'accuracy_per_round.png', reference, results['before'])
+  confusion_md = _confusion_figures(results, figures)
+  facts = _facts(results)
+  note = ('Metrics in %. Macro means (precision, recall, specificity, F1, balanced accuracy) run '
+          'over the classes present in each center\'s test split; absent classes are listed per '
+          'center in results.json (`details`).')
+  parts = [
+      f'# {results.get("title", "fedblood run")}', '', *facts, '', note, '',
+      '## Table 1: reference model on every center (before FL)', '',
+      center_table(results['before'], centers, reference), '',
+      '## Table 2: after federated fine-tuning', '',
+      center_table(results['after'], centers, reference, results.get('held_out', ())), '',
+  ]
+  for name, per_center in (results.get('after_models') or {}).items():
+    if per_center is not results['after'] and per_center != results['after']:
+      parts += [f'### Table 2 with the `{name}` model', '',
+                center_table(per_center, centers, reference, results.get('held_out', ())), '']
+  parts += ['## Reference model, FL and baselines side by side (accuracy)', '',
+            comparison_table(results, 'accuracy'), '',
+            '### The same, macro F1', '', comparison_table(results, 'f1'), '',
+            '## Accuracy per round', '',
+            '![accuracy per round](figures/accuracy_per_round.png)', '']
+  if confusion_md:
+    parts += ['## Confusion matrices (test splits)', '', '\n\n'.join(confusion_md), '']
+  path = workdir_lib.path(workdir, workdir_lib.REPORT)
+  path.write_text('\n'.join(parts))
+  return path
+
+
+def headline(results: dict) -> dict:
+  """The few numbers a sweep table shows for one run."""
+  centers, reference = results['centers'], results.get('reference')
+  external = [c for c in centers if c != reference] or list(centers)
+  out = {}
+  for stage in ('before', 'after'):
+    per = results[stage]
+    out[f'{stage}_acc_external'] = _mean(per[c]['accuracy'] for c in external)
+    out[f'{stage}_f1_external'] = _mean(per[c]['f1'] for c in external)
+    if reference in per:
+      out[f'{stage}_acc_reference'] = per[reference]['accuracy']
+  out['after_acc_all'] = _mean(results['after'][c]['accuracy'] for c in centers)
+  for name, per in (results.get('baselines') or {}).items():
+    out[f'{name}_acc_external'] = _mean(per[c]['accuracy'] for c in external if c in per)
+  return out
+
+
+def write_sweep_summary(points: Sequence[dict], directory) -> tuple[Path, Path]:
+  """Writes ``sweep_summary.md`` and ``sweep_summary.csv`` of every sweep point.
+
+  Args:
+    points: dicts with ``name`` (sub-workdir), ``overrides`` (flat dict) and
+      ``results`` (that point's results dict, or None if it has not finished).
+    directory: the sweep's parent workdir.
+  """
+  directory = Path(directory)
+  override_keys = sorted({k for p in points for k in p['overrides']})
+  heads = [headline(p['results']) if p.get('results') else {} for p in points]
+  metric_keys = []
+  for h in heads:
+    metric_keys += [k for k in h if k not in metric_keys]
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(['name', *override_keys, *metric_keys])
+  md = ['| run | ' + ' | '.join(override_keys + metric_keys) + ' |',
+        '|' + '---|' * (1 + len(override_keys) + len(metric_keys))]
+  for p, h in zip(points, heads):
+    over = [p['overrides'].get(k, '') for k in override_keys]
+    writer.writerow([p['name'], *over,
+                     *('' if h.get(k) is None else f'{h[k]:.6f}' for k in metric_keys)])
+    status = '' if p.get('results') else ' (not finished)'
+    md.append(f'| {p["name"]}{status} | ' + ' | '.join(str(v) for v in over) + ' | ' +
+              ' | '.join(_pct(h.get(k)) for k in metric_keys) + ' |')
+  csv_path, md_path = directory / 'sweep_summary.csv', directory / 'sweep_summary.md'
+  csv_path.write_text(buf.getvalue())
+  md_path.write_text('# Sweep summary (metrics in %)\n\n' + '\n'.join(md) + '\n')
+  return md_path, csv_path
+

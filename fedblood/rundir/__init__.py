@@ -1,0 +1,1 @@
+"""A run's directory: layout, config.json, checkpoints, logs and the run lock."""

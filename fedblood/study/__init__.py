@@ -1,0 +1,1 @@
+"""The study a config describes: validation, the experiment, its stages and sweeps."""

@@ -1,0 +1,144 @@
+"""The parts of a run that the config fixes, built once: :class:`Experiment`.
+
+``build(config)`` makes the model, its trainable/frozen partition, the augmentation, the
+classifier loss and the evaluation; every stage (:mod:`fedblood.study.stages`) and
+:func:`fedblood.study.inference.load_model` take the :class:`Experiment` plus their own sub-config
+(``config.reference``, ``config.fl``, ``config.baselines``) instead of the whole config.
+
+Compiled functions are keyed on values, never on the config's text: :class:`Augment` and
+:class:`Loss` are hashable values (equal settings are equal), so two runs of one config in one
+process (a resume, the tests) share the jitted steps cached per ``(model, augment)`` or per loss.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from fedblood import data
+from fedblood.model import classifier, models, partition
+from fedblood.rundir import checkpoint_listing
+from fedblood.study import centralized
+
+# Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
+STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
+
+
+class Augment(NamedTuple):
+  """``(rng, images) -> images`` of the ``data.augment`` settings, as a hashable value."""
+  settings: ml_collections.FrozenConfigDict
+
+  def __call__(self, rng, images):
+    return data.augment(rng, images, self.settings)
+
+
+class Loss(NamedTuple):
+  """The classifier's masked cross-entropy with ``augment``, as a hashable value.
+
+  ``(trainable, frozen, batch, rng) -> (loss, aux)``
+  (:func:`fedblood.model.classifier.classifier_loss`).
+  """
+  model: Any
+  augment: Augment | None
+
+  def __call__(self, trainable, frozen, batch, rng):
+    return classifier.classifier_loss(self.model, self.augment)(trainable, frozen, batch, rng)
+
+
+class Experiment(NamedTuple):
+  """What every stage of a run shares, from :func:`build`.
+
+  Attributes:
+    model: the Flax classifier (:func:`fedblood.model.models.build` of ``config.model``).
+    rules: the FL partition (``model.frozen_blocks`` frozen): which params train, which not.
+    augment: the training augmentation (``data.augment``), or None when disabled.
+    loss: ``(trainable, frozen, batch, rng) -> (loss, aux)``, the classifier's loss.
+    key: the run's root key (``config.seed``); stage ``s`` uses ``fold_in(key, STAGE[s])``.
+    shapes: the parameter tree's shapes and dtypes (nothing run).
+    init: ``() -> params``: fresh parameters of ``config.seed``, with ``model.pretrained``.
+    eval_batch: ``eval.batch_size``.
+    progress: a tqdm-like ``(total, desc, initial) -> bar`` factory, or None (``progress``).
+    model_name: ``model.name``, for checkpoint summaries.
+  """
+  model: Any
+  rules: Any
+  augment: Augment | None
+  loss: Loss
+  key: jax.Array
+  shapes: Any
+  init: Callable[[], Any]
+  eval_batch: int
+  progress: Callable | None
+  model_name: str
+
+  def split(self, params) -> tuple[Any, Any]:
+    """``(trainable, frozen)`` of a full parameter tree, by :attr:`rules`."""
+    return partition.split(params, self.rules)
+
+  def evaluate(self, trainable, frozen, split) -> dict:
+    """Full metrics (:func:`fedblood.model.metrics.classify`) of a model on a split."""
+    return centralized.evaluate(self.model, trainable, frozen, split, self.eval_batch)
+
+  def evaluate_splits(self, params, splits: dict) -> dict:
+    """``{name: metrics}`` of full ``params`` on each split of ``{name: split}`` (one split)."""
+    trainable, frozen = self.split(params)
+    return {name: self.evaluate(trainable, frozen, s) for name, s in splits.items()}
+
+  def predict(self, trainable, frozen, images):
+    """Softmax probabilities ``[N, K]`` of uint8 images."""
+    return centralized.predict_probs(self.model, trainable, frozen, images, self.eval_batch)
+
+  def summary(self, params) -> dict:
+    """The parameter counts a checkpoint's meta stores (``checkpoint_listing.param_summary``)."""
+    return checkpoint_listing.param_summary(*self.split(params), self.model_name)
+
+
+def build(config) -> Experiment:
+  """The :class:`Experiment` of a (validated) config; builds no compiled function."""
+  model = models.build(config.model)
+  size = config.data.image_size
+  augment = (Augment(ml_collections.FrozenConfigDict(config.data.augment))
+             if config.data.augment.enabled else None)
+  shapes = jax.eval_shape(model.init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))['params']
+  return Experiment(
+      model=model, rules=partition.frozen_block_rules(config.model.frozen_blocks),
+      augment=augment, loss=Loss(model, augment),
+      key=jax.random.key(config.seed), shapes=shapes,
+      init=functools.partial(_init_params, model, config.seed, size,
+                             config.model.get('pretrained')),
+      eval_batch=config.eval.batch_size, progress=_progress(config.get('progress', True)),
+      model_name=config.model.name)
+
+
+def _init_params(model, seed: int, size: int, pretrained):
+  """Fresh parameters from ``seed``, overlaid with the ``pretrained`` weights file if set.
+
+  The init key is an 'rbg' key: XLA compiles threefry's bit generation for every parameter
+  leaf slowly (docs/performance.md); rbg is deterministic on a given backend, which is all a
+  run needs.
+  """
+  params = _jitted_init(model)(jax.random.key(seed, impl='rbg'),
+                               jnp.zeros((1, size, size, 3), jnp.float32))['params']
+  if pretrained:
+    from fedblood.model import weights  # pylint: disable=g-import-not-at-top
+    params, load = weights.load_pretrained(params, pretrained, model=model)
+    logging.info('loaded %d tensors from %s; kept fresh: %s', len(load.loaded), load.path,
+                 load.initialised)
+  return params
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_init(model):
+  return jax.jit(model.init)
+
+
+def _progress(enabled: bool):
+  if not enabled:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return lambda total, desc, initial: tqdm(total=total, desc=desc, initial=initial,
+                                           dynamic_ncols=True, leave=True)

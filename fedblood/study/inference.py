@@ -1,0 +1,203 @@
+"""Using a finished (or running) workdir: evaluate on a labelled folder, predict a folder of images.
+
+The model is rebuilt from the workdir's own ``config.json`` (not the command
+line's), with the reference model from ``checkpoints/reference_model`` (which
+holds the frozen blocks) and the trainable part from an FL round checkpoint.
+``round=None`` takes the latest round, ``round=0`` the reference model itself.
+"""
+
+import contextlib
+import csv
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from fedblood import data
+from fedblood.model import metrics, partition
+from fedblood.rundir import checkpoint
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import experiment
+from fedblood.study.stages import fl
+
+
+class Loaded(NamedTuple):
+  """Attributes:
+    config: the workdir's config.
+    experiment: its :class:`fedblood.study.experiment.Experiment` (the model, its partition, ...).
+    params: the full parameter tree.
+    round: the FL round (0 = reference model).
+    name: which model, e.g. 'fl round 3 (active_mean)'.
+  """
+  config: Any
+  experiment: experiment.Experiment
+  params: Any
+  round: int
+  name: str
+
+  @property
+  def model(self):
+    """The Flax module."""
+    return self.experiment.model
+
+
+def load_config(workdir) -> ml_collections.ConfigDict:
+  config = workdir_lib.read_config(workdir)  # an unreadable config.json: named, with the remedy
+  if config is None:
+    raise FileNotFoundError(f'{workdir} has no config.json: not a fedblood workdir '
+                            '(train into it first)')
+  return ml_collections.ConfigDict(config)
+
+
+def load_model(workdir, round_index: int | None = None) -> Loaded:
+  """The model of FL round ``round_index`` (None: latest; 0: the reference model)."""
+  workdir = Path(workdir)
+  config = load_config(workdir)
+  exp = experiment.build(config)
+  ref_dir = workdir_lib.checkpoints(workdir, workdir_lib.REFERENCE_MODEL)
+  if not ref_dir.exists():
+    raise FileNotFoundError(f'{workdir} holds no reference model yet (checkpoints/reference_model)')
+  mngr = checkpoint.manager(ref_dir)
+  with _named_damage(mngr, mngr.latest_step()):
+    state, _ = checkpoint.restore(mngr, {'params': exp.shapes})
+  mngr.close()
+  reference = state['params']
+  fl_dir = workdir_lib.checkpoints(workdir, workdir_lib.FL)
+  mngr = checkpoint.manager(fl_dir) if fl_dir.exists() else None
+  steps = list(mngr.all_steps()) if mngr else []
+  if round_index == 0 or (round_index is None and not steps):
+    return Loaded(config, exp, reference, 0, 'reference model')
+  if round_index is None:
+    round_index = steps[-1]
+  if round_index not in steps:
+    raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
+                            f'kept rounds: {steps} '
+                            '(0 = the reference model)')
+  with _named_damage(mngr, round_index):
+    meta = checkpoint.read_meta(mngr, round_index)
+  algorithm, _, state_template, frozen = fl.fl_template(exp, config.fl, reference,
+                                                        len(meta['centers']))
+  with _named_damage(mngr, round_index):
+    state, meta = checkpoint.restore(mngr, state_template, step=round_index)
+  mngr.close()
+  name = meta['eval_model']
+  params = partition.merge(algorithm.eval_params(state['server'])[name], frozen)
+  return Loaded(config, exp, params, round_index, f'fl round {round_index} ({name})')
+
+
+@contextlib.contextmanager
+def _named_damage(mngr, step):
+  """A damaged checkpoint step becomes one line naming its file (nothing is moved or deleted)."""
+  try:
+    yield
+  except (checkpoint.NotThisRun, FileNotFoundError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore/JSON damage)
+    raise ValueError(f'{checkpoint.damage(mngr, step, e)}. Pass --round with an intact round '
+                     '(see --mode inspect), or rerun training in this workdir: it sets the '
+                     'step aside and redoes it.') from None
+
+
+def _probs(loaded: Loaded, images) -> np.ndarray:
+  return loaded.experiment.predict(*loaded.experiment.split(loaded.params), images)
+
+
+def _check_crop(crop: float | None) -> float | None:
+  """A given ``--crop``, checked before any work (None: found later by :func:`_crop`)."""
+  return None if crop is None else data.check_crop(crop, '--crop')
+
+
+def _crop(cfg, path, crop: float | None) -> float:
+  """``crop`` if given, else the run's ``data.crop`` of the center named like ``path``, else 1."""
+  return crop if crop is not None else data.crop_of(cfg, Path(path).resolve().name)
+
+
+def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
+                    crop: float | None = None) -> dict:
+  """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON.
+
+  Args:
+    workdir: the run's workdir.
+    eval_dir: a folder of class folders (may be a center never seen in training).
+    round_index: FL round (None = latest, 0 = reference model).
+    output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
+    crop: the folder's central crop fraction (see ``data.crop``); None: the run's ``data.crop``
+      of the center named like the folder, else 1.0.
+
+  Returns:
+    ``{'model', 'round', 'eval_dir', 'metrics'}`` (metrics as :func:`fedblood.model.metrics.classify`).
+  """
+  crop = _check_crop(crop)
+  loaded = load_model(workdir, round_index)
+  cfg = loaded.config.data
+  try:
+    split = data.load_folder(str(eval_dir), cfg.image_size, cfg.resize,
+                             _crop(cfg, eval_dir, crop))
+  except (ValueError, FileNotFoundError) as e:
+    raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
+                     f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
+  if len(split.labels) == 0:
+    raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
+                     f'{metrics.CLASSES}')
+  probs = _probs(loaded, split.images)
+  result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
+            'metrics': metrics.classify(split.labels, probs.argmax(-1))}
+  if output is None:
+    name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
+    output = workdir_lib.path(workdir, workdir_lib.EVALUATION) / name
+  output = Path(output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(result, indent=1))
+  result['output'] = str(output)
+  return result
+
+
+def format_metrics(result: dict) -> str:
+  """The evaluation as a short text table (overall, then per class)."""
+  m = result['metrics']
+  lines = [f'{result["model"]} on {result["eval_dir"]} ({m["n"]} images)',
+           '  ' + '  '.join(f'{k} {100 * m[k]:.1f}' if m[k] is not None else f'{k} -'
+                            for k in metrics.HEADLINE),
+           f'  {"class":<12} {"n":>5} {"prec":>6} {"recall":>6} {"spec":>6} {"f1":>6}']
+  fmt = lambda v: f'{100 * v:6.1f}' if v is not None else f'{"-":>6}'
+  for name, pc in m['per_class'].items():
+    lines.append(f'  {name:<12} {pc["support"]:>5} {fmt(pc["precision"])} {fmt(pc["recall"])} '
+                 f'{fmt(pc["specificity"])} {fmt(pc["f1"])}')
+  return '\n'.join(lines)
+
+
+def predict_folder(workdir, input_path, output, round_index: int | None = None,
+                   crop: float | None = None) -> int:
+  """Classifies every image under ``input_path`` into a CSV: file, predicted class, probabilities.
+
+  Returns the number of images classified. Files without an image extension are
+  skipped with a warning; a file with an image extension that cannot be decoded
+  is an error naming it (nothing is written then). ``crop`` as in :func:`evaluate_folder`.
+  """
+  output = Path(output)
+  if output.is_dir():
+    raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '
+                     f'e.g. {output / "predictions.csv"}')
+  crop = _check_crop(crop)
+  loaded = load_model(workdir, round_index)
+  cfg = loaded.config.data
+  try:
+    images, files = data.load_images(str(input_path), cfg.image_size, cfg.resize,
+                                     _crop(cfg, input_path, crop))
+  except ValueError as e:
+    raise ValueError(f'--input {input_path}: {e}') from e
+  probs = _probs(loaded, images)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  tmp = output.with_name(output.name + '.tmp')
+  try:
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(['file', 'predicted', *[f'p_{c}' for c in metrics.CLASSES]])
+      for name, p in zip(files, probs):
+        writer.writerow([name, metrics.CLASSES[int(p.argmax())], *[f'{x:.6f}' for x in p]])
+    tmp.replace(output)
+  finally:
+    tmp.unlink(missing_ok=True)
+  return len(files)

@@ -1,0 +1,150 @@
+"""Seed sweeps: the study once per seed, each in ``<workdir>/seed=S``, then one aggregate report.
+
+::
+
+  python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5            # in turn
+  python launch.py --config configs/wbc.py --seeds 0-4 --vectorize --workdir /tmp/wbc5
+
+Each seed's sub-workdir is an ordinary run (config.json with its ``seed``, report.md,
+checkpoints...): rerunning the command skips finished seeds and resumes the others.
+The aggregate (``seeds_report.md``, ``seeds_summary.csv`` / ``.json``, the banded
+figure) is written by :mod:`fedblood.reporting.aggregate`.
+
+``vectorize``: the federated stage of all unfinished seeds runs as ONE program over a
+leading seed axis (:mod:`fedblood.core.vectorized`); the reference models are trained
+seed by seed before it, and Table 2, the baselines and each report after it, by the
+ordinary :func:`fedblood.study.train.run`, which finds the federated rounds checkpointed.
+Each seed's numbers equal its own sequential run's to float rounding (not bit for bit:
+batching changes the rounding of the convolutions). Seeds whose federated stage was
+interrupted at different rounds are first brought, one at a time, to the latest one.
+"""
+
+import json
+from pathlib import Path
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedblood import data
+from fedblood.core import rounds, simulate
+from fedblood.core import vectorized
+from fedblood.reporting import aggregate
+from fedblood.rundir import runlog
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import driver, experiment, sweep, train
+from fedblood.study.stages import fl as fl_lib
+from fedblood.study.stages.reference import reference_stage
+
+
+MAX_SEEDS = 1000      # seeds in one --seeds (each is a whole study)
+SEED_LIMIT = 2 ** 32  # config.seed is a uint32 (jax.random.key)
+
+
+def parse_seeds(text: str) -> list[int]:
+  """``'0-4'`` -> ``[0, 1, 2, 3, 4]``; also ``'0,3,7'`` and ``'0-2,9'``; distinct, >= 0.
+
+  At most :data:`MAX_SEEDS` seeds, each below 2^32, checked before any range is expanded.
+  """
+  seeds = []
+  for part in str(text).split(','):
+    match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+    if not match:
+      raise ValueError(f"--seeds {text!r}: expected e.g. '0-4' or '0,3,7', got {part!r}")
+    first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
+    if last < first:
+      raise ValueError(f'--seeds {text!r}: range {part!r} runs backwards')
+    if last >= SEED_LIMIT:
+      raise ValueError(f'--seeds {text!r}: seed {last} is not below 2^32 ({SEED_LIMIT})')
+    if len(seeds) + last - first + 1 > MAX_SEEDS:
+      raise ValueError(f'--seeds {text!r}: more than {MAX_SEEDS} seeds (each is a whole study)')
+    seeds += range(first, last + 1)
+  duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+  if duplicates:
+    raise ValueError(f'--seeds {text!r}: seeds {duplicates} appear twice')
+  return seeds
+
+
+def seed_dir(workdir, seed: int) -> Path:
+  return Path(workdir) / sweep.point_name({'seed': seed})
+
+
+def run(config, workdir, seeds, vectorize: bool = False) -> Path:
+  """Runs (or resumes) every seed, then writes the aggregate; returns ``seeds_report.md``."""
+  workdir = Path(workdir)
+  if len(seeds) < 1:
+    raise ValueError('--seeds: no seed given')
+  execution = config.fl.get('execution', 'auto')
+  if vectorize and execution not in vectorized.SWEEP_EXECUTIONS:
+    raise ValueError(f'--vectorize: fl.execution must be one of {vectorized.SWEEP_EXECUTIONS}, '
+                     f'got {execution!r}')
+  if vectorize and config.fl.get('dp') is not None and config.fl.dp.mode != 'off':
+    raise ValueError(f'--vectorize: fl.dp.mode={config.fl.dp.mode!r} is not vectorized; run the '
+                     'seeds without --vectorize')
+  if vectorize and config.fl.get('holdout'):
+    raise ValueError(f'--vectorize: fl.holdout={tuple(config.fl.holdout)!r} is not supported by '
+                     'the vectorized sweep; run the seeds without --vectorize')
+  configs = [sweep.apply(config, {'seed': s}) for s in seeds]
+  dirs = [seed_dir(workdir, s) for s in seeds]
+  for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
+    workdir_lib.check_config(cfg, d)
+  todo = [i for i, d in enumerate(dirs) if not workdir_lib.path(d, workdir_lib.RESULTS).exists()]
+  timing = {'vectorize': bool(vectorize), 'seeds': list(seeds)}
+  if vectorize and len(todo) > 1:
+    started = time.time()
+    fl_vectorized([configs[i] for i in todo], [dirs[i] for i in todo])
+    timing['vectorized_fl_s'] = time.time() - started
+  started = time.time()
+  for i in todo:
+    train.run(configs[i], dirs[i])
+  timing['runs_s'] = time.time() - started
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / 'seeds_timing.json').write_text(json.dumps(timing, indent=1))
+  return aggregate.write(workdir, seeds, dirs)
+
+
+def fl_vectorized(configs, workdirs) -> None:
+  """Reference models seed by seed, then the federated rounds of all of them as one program.
+
+  Leaves each workdir as :func:`fedblood.study.train.run` would at the end of its FL stage
+  (config.json, metrics.jsonl rows, reference and FL checkpoints). Seeds resumed at different
+  rounds first catch up, each with its own round, to the latest one.
+  """
+  centers = data.load_centers(configs[0].data)
+  exps, runs, states, logs, frozens, keys = [], [], [], [], [], []
+  for cfg, workdir in zip(configs, workdirs):
+    workdir_lib.check_config(cfg, workdir)
+    logs.append(runlog.logger(workdir))
+    exps.append(experiment.build(cfg))
+    reference, _ = reference_stage(exps[-1], cfg.reference, centers[0], workdir, logs[-1])
+    run, round_fn, frozen, state = fl_lib.fl_setup(exps[-1], cfg.fl, cfg.checkpoint, reference,
+                                                   centers, workdir)
+    runs.append(run)
+    states.append(state)
+    frozens.append(frozen)
+    keys.append(jax.random.fold_in(exps[-1].key, experiment.STAGE['fl']))
+  sim = simulate.pad_centers([c.train for c in centers])
+  _, sweep_fn = rounds.compiled(rounds.spec(exps[0].loss, configs[0].fl), 'sweep')
+  stacked_frozen, stacked_keys = vectorized.stack(frozens), jnp.stack(keys)
+
+  # The seeds' configs differ in the seed only: one spec, so one (cached) round_fn for all.
+  def train_round(r, members, actives, member_states):
+    if len(members) < len(runs):  # catching up: each seed's own round
+      return [fl_lib.single_round(round_fn, frozens[i], sim, keys[i])(r, [i], [a], [s])[0]
+              for i, a, s in zip(members, actives, member_states)]
+    server = vectorized.stack([s for s, _ in member_states])
+    clients = vectorized.stack([c for _, c in member_states])
+    server, clients, round_metrics = sweep_fn(server, clients, stacked_frozen, sim,
+                                              np.stack(actives), stacked_keys, jnp.int32(r))
+    num = len(runs)
+    return list(zip(vectorized.unstack(server, num), vectorized.unstack(clients, num),
+                    vectorized.unstack(round_metrics, num), actives))
+
+  evaluates = [fl_lib.evaluator(exp, run, frozen, centers)
+               for exp, run, frozen in zip(exps, runs, frozens)]
+  driver.drive(runs, states, train_round, evaluates, logs)
+  for run, workdir in zip(runs, workdirs):
+    run.ckpt.mngr.close()
+    runlog.close(workdir)

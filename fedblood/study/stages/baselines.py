@@ -1,0 +1,109 @@
+"""The baselines: local-only training per center, and pooled (centralized) training."""
+
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from fedblood import data, names
+from fedblood.model import partition
+from fedblood.rundir import runlog
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import centralized
+from fedblood.study.experiment import STAGE, Experiment
+
+INITS = ('reference', 'scratch', 'both')   # baselines.init: where each baseline starts from
+BALANCES = ('none', 'centers')             # baselines.balance: how pooled epochs draw centers
+POOLED_VALS = ('pooled', 'center_mean')    # baselines.pooled_val: the pooled fit's monitor
+
+
+def _concat(splits) -> data.Split:
+  return data.Split(*[np.concatenate([getattr(s, f) for s in splits]) for f in data.Split._fields])
+
+
+class _Stage(NamedTuple):
+  """What every baseline fit of a run shares (see :func:`baselines_stage`'s arguments)."""
+  exp: Experiment
+  scratch_frozen_blocks: int
+  reference_params: Any
+  centers: list
+  workdir: Path
+  log: Callable
+  holdout: tuple
+
+
+def baselines_stage(exp: Experiment, cfg, reference_params, centers, workdir: Path, log, *,
+                    scratch_frozen_blocks: int, holdout=()) -> dict:
+  """Local-only training per center and pooled training: ``{name: {center: metrics}}``.
+
+  Args:
+    exp: the run's experiment.
+    cfg: ``config.baselines``. ``init='both'`` trains each baseline from the reference and
+      from scratch, named ``<baseline>_reference`` / ``<baseline>_scratch``; one init keeps
+      the plain names.
+    reference_params: the reference model.
+    centers: every center, the reference first.
+    workdir: the run's workdir.
+    log: ``log(row)`` for the epoch rows.
+    scratch_frozen_blocks: ``reference.frozen_blocks``, the blocks that stay frozen from scratch
+      (as they did while the reference trained).
+    holdout: ``fl.holdout``: centers that stay out of the pooled training set (they never
+      joined).
+  """
+  if cfg.init not in INITS:
+    raise ValueError(f'baselines.init must be one of {INITS}, got {cfg.init!r}')
+  stage = _Stage(exp, scratch_frozen_blocks, reference_params, centers, workdir, log,
+                 tuple(holdout))
+  if cfg.init != 'both':
+    return _baselines_from(stage, cfg, cfg.init, '')
+  out = {}
+  for init, prefix in (('scratch', 'scratch_'), ('reference', '')):
+    for name, per in _baselines_from(stage, cfg, init, prefix).items():
+      out[f'{name}_{init}'] = per
+  order = [f'{b}_{i}' for b in ('local_only', 'pooled') for i in ('scratch', 'reference')]
+  return {name: out[name] for name in order if name in out}
+
+
+def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> dict:
+  """The baselines from one init; stage names ``local_<prefix><center>``, ``pooled_<prefix>``.
+
+  From scratch, fields of ``baselines.scratch`` (when the config has it) override the recipe.
+  """
+  exp, workdir, centers = stage.exp, stage.workdir, stage.centers
+  out = {}
+  if init == 'reference':
+    start, rules = stage.reference_params, exp.rules
+  else:
+    if 'scratch' in cfg:
+      cfg = ml_collections.ConfigDict({**{k: v for k, v in cfg.to_dict().items() if k != 'scratch'},
+                                      **cfg.scratch.to_dict()})
+    start, rules = exp.init(), partition.frozen_block_rules(stage.scratch_frozen_blocks)
+
+  def run_fit(name, train, val, stage_key, groups=None):
+    return centralized.fit(name, exp, start, rules, train, val, cfg, stage_key,
+                           workdir_lib.checkpoints(workdir, names.slug(name)), log=stage.log,
+                           on_resume=lambda epoch: runlog.truncate(workdir, name, epoch),
+                           groups=groups).params
+
+  if cfg.local_only:
+    out['local_only'] = {}
+    for k, center in enumerate(centers):
+      if init == 'reference' and k == 0:
+        params = stage.reference_params  # the reference model IS local-only training there
+      else:
+        params = run_fit(f'local_{prefix}{center.name}', center.train, center.val,
+                         jax.random.fold_in(exp.key, STAGE['local'] + k))
+      out['local_only'][center.name] = exp.evaluate(*exp.split(params), center.test)
+  if cfg.pooled:
+    joined = [c for c in centers if c.name not in stage.holdout]
+    groups = (np.concatenate([np.full(len(c.train.labels), k) for k, c in enumerate(joined)])
+              if cfg.get('balance', 'none') == 'centers' else None)
+    val = ([c.val for c in joined] if cfg.get('pooled_val', 'pooled') == 'center_mean'
+           else _concat([c.val for c in joined]))
+    params = run_fit('pooled' + ('_' + prefix.rstrip('_') if prefix else ''),
+                     _concat([c.train for c in joined]), val,
+                     jax.random.fold_in(exp.key, STAGE['pooled']), groups)
+    out['pooled'] = exp.evaluate_splits(params, {c.name: c.test for c in centers})
+  return out

@@ -1,0 +1,128 @@
+"""The study, one command: reference model, Table 1, federated fine-tuning, Table 2, baselines.
+
+``run(config, workdir)`` runs the stages in order; each is resumable, so the
+same command in the same workdir picks up where a previous run stopped::
+
+  (a) reference   centralized training on the reference center (or restore it
+                  from ``reference.restore``), early-stopped on its validation split
+  (b) Table 1     the reference model on every center's test split
+  (c) fl          ``fl.rounds`` federated rounds, every center evaluated each round
+  (d) Table 2     the final federated model(s) on every center's test split
+  baselines       local-only training per center and pooled centralized training
+
+The stages live in :mod:`fedblood.study.stages`; each takes the run's
+:class:`fedblood.study.experiment.Experiment` (model, partition, loss, evaluation: built once from
+the config) and its own sub-config. The workdir's files: :mod:`fedblood.rundir.workdir`.
+
+Before anything is written the whole config is checked (:mod:`fedblood.study.validate`), then the
+workdir is locked for the run (:mod:`fedblood.rundir.lock`), the centers are loaded and checked
+(every center needs a training and a test image), and only then is config.json written.
+
+Determinism: every random stream derives from ``config.seed`` by ``fold_in``
+(stage, then epoch or round), and rows of ``metrics.jsonl`` are written before
+the checkpoint that commits them and dropped on resume when no checkpoint
+committed them, so a run killed at any point and resumed ends bit-identical to
+an uninterrupted one.
+"""
+
+import time
+from pathlib import Path
+
+from fedblood import data
+from fedblood.backend import numerics
+from fedblood.model import metrics
+from fedblood.reporting import report
+from fedblood.rundir import lock, runlog
+from fedblood.rundir import workdir as workdir_lib
+from fedblood.study import experiment, validate
+from fedblood.study.stages.baselines import baselines_stage
+from fedblood.study.stages.fl import fl_stage, held_out
+from fedblood.study.stages.reference import reference_stage
+
+
+def study_results(title, algorithm, rounds, names, before, after_models, eval_name, baselines,
+                  reference_info, train_sizes) -> dict:
+  """The results dict of a study (results.json) from full per-center metrics.
+
+  ``title``, ``algorithm``, ``rounds``: ``config.title`` (default 'fedblood run'),
+  ``config.fl.algorithm``, ``config.fl.rounds``.
+  ``before``: ``{center: metrics}`` of the reference model; ``after_models``:
+  ``{model: {center: metrics}}`` after FL; ``baselines``: ``{name: {center: metrics}}``.
+  """
+  after = after_models[eval_name]
+  summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
+  return {
+      'title': title, 'centers': names, 'reference': names[0],
+      'classes': list(metrics.CLASSES), 'algorithm': algorithm,
+      'rounds': rounds, 'eval_model': eval_name,
+      'before': summarize(before), 'after': summarize(after),
+      'after_models': {name: summarize(per) for name, per in after_models.items()},
+      'baselines': {name: summarize(per) for name, per in baselines.items()},
+      'confusion': {'before': {c: m['confusion'] for c, m in before.items()},
+                    'after': {c: m['confusion'] for c, m in after.items()}},
+      'details': {'before': before, 'after': after, **baselines},
+      'reference_training': reference_info,
+      'train_sizes': train_sizes,
+  }
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(config, workdir) -> dict:
+  """Runs (or resumes) the whole study in ``workdir``; returns the results dict."""
+  workdir = Path(workdir)
+  validate.check(config)  # before anything is written: a rejected setting can be corrected
+  with lock.hold(workdir), numerics.applied(config.get('numerics')):
+    workdir_lib.check_config(config, workdir, write=False)
+    return _run(config, workdir)
+
+
+def _run(config, workdir: Path) -> dict:
+  started = time.time()
+  times = {}
+  centers = data.load_centers(config.data)
+  data.require_splits(centers)
+  # The held-out names are checked before config.json is written.
+  holdout = held_out(config.fl.get('holdout', ()), [c.name for c in centers])
+  workdir_lib.check_config(config, workdir)
+  times['data_s'] = time.time() - started
+  names = [c.name for c in centers]
+  exp = experiment.build(config)
+  log = runlog.logger(workdir)
+  tests = {c.name: c.test for c in centers}
+
+  t = time.time()
+  reference_params, reference_info = reference_stage(exp, config.reference, centers[0], workdir,
+                                                     log)
+  times['reference_s'] = time.time() - t
+  before = exp.evaluate_splits(reference_params, tests)
+
+  t = time.time()
+  fl_models, fl_info = fl_stage(exp, config.fl, config.checkpoint, reference_params, centers,
+                                workdir, log)
+  times['fl_s'] = time.time() - t
+  after_models = {name: {c: exp.evaluate(trainable, frozen, split) for c, split in tests.items()}
+                  for name, (trainable, frozen) in fl_models.items()}
+
+  t = time.time()
+  baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
+                              scratch_frozen_blocks=config.reference.frozen_blocks,
+                              holdout=holdout)
+  times['baselines_s'] = time.time() - t
+
+  results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
+                          config.fl.rounds, names, before, after_models, fl_info['eval_model'],
+                          baselines, reference_info,
+                          {c.name: int(len(c.train.labels)) for c in centers})
+  if 'privacy' in fl_info:
+    results['privacy'] = fl_info['privacy']
+  if holdout:
+    results['held_out'] = list(holdout)
+  path = numerics.describe(config.get('numerics'))
+  if path:
+    results['numerics'] = path
+  times['total_s'] = time.time() - started
+  # Timing differs between an interrupted and an uninterrupted run; it lives apart from metrics.
+  workdir_lib.write_results(workdir, results, times)
+  report.write_report(workdir, {**results, 'wall_time_s': times['total_s']})
+  runlog.close(workdir)
+  return results
