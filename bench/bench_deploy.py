@@ -2,6 +2,11 @@ r"""Wall time per FL round deployed on Flower (localhost) against the simulation
 
   python bench/bench_deploy.py               # demo smoke study (3 centers, 32 px), 3 rounds x 2
   python bench/bench_deploy.py --rounds 4 --reps 1 --width 0.125
+  python bench/bench_deploy.py --config configs/wbc.py --rounds 5 --reps 1   # 4 real centers
+  python bench/bench_deploy.py --worker off  # one ClientApp process per message, no warm worker
+
+With ``--config configs/wbc.py`` each SuperNode reads its own center from the config's
+``data.root`` (node config ``data-source='folder' data-root=...``), as a site would.
 
 Same config, model and data on both sides: the simulated round is ``fl_stage``'s (the
 jitted round, every center evaluated, a checkpoint); the deployed round is the ServerApp's
@@ -50,8 +55,8 @@ def simulated_rounds(config, centers, workdir: Path) -> list[float]:
   return [b - a for a, b in zip(marks, marks[1:])]
 
 
-def deployed_rounds(fed, overrides: str, workdir: Path) -> list[float]:
-  out = fed.run({'config': CONFIG, 'overrides': overrides, 'workdir': str(workdir),
+def deployed_rounds(fed, spec: str, overrides: str, workdir: Path) -> list[float]:
+  out = fed.run({'config': spec, 'overrides': overrides, 'workdir': str(workdir),
                  'connect-timeout': 600.0, 'round-timeout': 600.0}, timeout=3600)
   if out['status'] != 'finished:completed':
     raise RuntimeError(out['log'][-3000:])
@@ -63,13 +68,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--reps', type=int, default=2)
-  parser.add_argument('--width', type=float, default=0.0625)
+  parser.add_argument('--width', type=float, default=None,
+                      help='model.width (default: the config\'s; 0.0625 for the demo)')
+  parser.add_argument('--config', default=CONFIG, help='a config file[:arg]')
+  parser.add_argument('--worker', choices=('on', 'off'), default='on',
+                      help='the sites\' warm worker (node config worker=...)')
   args = parser.parse_args()
+  if args.width is None and args.config == CONFIG:
+    args.width = 0.0625
   root = Path(tempfile.mkdtemp(prefix='bench_deploy_'))
   os.environ.setdefault('TFDS_DATA_DIR', str(root / 'tfds'))
-  overrides = (f'fl.rounds={args.rounds} model.width={args.width} baselines.local_only=False '
-               f"baselines.pooled=False reference.restore='{root / 'ref'}'")
-  config = wire.load_config(CONFIG, overrides)
+  overrides = (f'fl.rounds={args.rounds} baselines.local_only=False baselines.pooled=False '
+               f"reference.restore='{root / 'ref'}'"
+               + (f' model.width={args.width}' if args.width is not None else ''))
+  config = wire.load_config(args.config, overrides)
   mngr = checkpoint.manager(root / 'ref')
   checkpoint.save(mngr, 0, {'params': experiment.build(config).init()},
                   {'kind': 'reference model'})
@@ -80,10 +92,13 @@ def main():
     with local.Federation(root / 'fed') as fed:
       fed.start_superlink()
       for k, c in enumerate(centers):
-        fed.start_supernode(f'site{k}', {'center': c.name, 'state-dir': str(root / f'site{k}')})
+        node = {'center': c.name, 'state-dir': str(root / f'site{k}'), 'worker': args.worker}
+        if config.data.source == 'folder':
+          node.update({'data-source': 'folder', 'data-root': config.data.root})
+        fed.start_supernode(f'site{k}', node)
       for rep in range(args.reps):
         sim.append(simulated_rounds(config, centers, root / f'sim{rep}'))
-        dep.append(deployed_rounds(fed, overrides, root / f'dep{rep}'))
+        dep.append(deployed_rounds(fed, args.config, overrides, root / f'dep{rep}'))
   finally:
     shutil.rmtree(root, ignore_errors=True)
   steady = lambda runs: sorted(t for run in runs for t in run[1:])
@@ -93,13 +108,14 @@ def main():
   cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True)
   load = subprocess.run('uptime', capture_output=True, text=True).stdout.strip()
   print(f'machine: {cpu.stdout.strip()}; load: {load}')
-  print(f'{len(centers)} centers {[len(c.train.labels) for c in centers]} train images, '
-        f'VGG16 width {args.width}, {config.data.image_size} px, {args.rounds} rounds x '
-        f'{args.reps} reps, interleaved\n')
+  print(f'{args.config}: {len(centers)} centers {[len(c.train.labels) for c in centers]} train '
+        f'images, VGG16 width {config.model.width}, {config.data.image_size} px, {args.rounds} '
+        f'rounds x {args.reps} reps, interleaved, site worker {args.worker}\n')
   print('| round | simulated s | deployed s | deployed / simulated |\n|---|---|---|---|')
   print(f'| 1 (compiles) | {s1:.2f} | {d1:.2f} | {d1 / s1:.1f}x |')
   print(f'| 2.. (median) | {s:.2f} | {d:.2f} | {d / s:.1f}x |')
-  print(json.dumps({'bench': 'deploy', 'simulated_round_s': s, 'deployed_round_s': d,
+  print(json.dumps({'bench': 'deploy', 'config': args.config, 'worker': args.worker,
+                    'simulated_round_s': s, 'deployed_round_s': d,
                     'ratio': d / s, 'first_round_ratio': d1 / s1, 'simulated': sim,
                     'deployed': dep, 'load': load}))
 

@@ -17,7 +17,7 @@ Every configuration's candidates are compiled, warmed up, then timed INTERLEAVED
 B, C, A, B, C, ...) and the medians compared, so the load of a shared machine hits all alike:
 
 * ``jax``: the step as fedblood compiles it (importing fedblood applies its XLA flags,
-  fedblood.backend.platform.XLA_FLAGS, unless XLA_FLAGS sets them);
+  fedblood.backend.flags.XLA_FLAGS, unless XLA_FLAGS sets them);
 * ``jax[<variant>]``: the same step compiled with other XLA options (``jax.jit``'s
   ``compiler_options``, which act exactly like the XLA_FLAGS of the same name for that one
   program); on CPU by default ``ynn:default``, XLA's own default (YNN convolutions and dots),
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedblood.algorithms import base
-from fedblood.backend import platform
+from fedblood.backend import flags, platform
 from fedblood.model import classifier, models, partition
 
 # Named XLA options a candidate can be compiled with (compiler_options of jax.jit).
@@ -312,7 +312,7 @@ def main(argv=None):
   print(json.dumps(dict(bench='step', backend=backend, device=jax.devices()[0].device_kind,
                         jax=jax.__version__, load_avg=os.getloadavg()[0],
                         xla_flags=os.environ.get('XLA_FLAGS', ''),
-                        fedblood_xla_flags=platform.applied_flags(),
+                        fedblood_xla_flags=flags.applied_flags(),
                         matmul_peak_gflops=peaks, rows=rows)))
 
 

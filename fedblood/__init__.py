@@ -1,9 +1,9 @@
 """fedblood: federated learning of white-blood-cell classifiers across clinical centers."""
 
-from fedblood.backend import platform as _platform
+from fedblood.backend import flags as _flags
 
 # XLA reads XLA_FLAGS when JAX starts its first backend: importing fedblood before any JAX
 # computation is what applies fedblood's measured flags (never overriding the user's).
-_platform.apply_xla_flags()
+_flags.apply_xla_flags()
 
 __version__ = '0.1.0'

@@ -1,41 +1,39 @@
 """A site trusts nothing from the server: its ClientApp called with real Flower messages.
 
-No processes: each test builds the server's request as :mod:`fedblood.deploy.server` does
-(Flower's ``Message`` and records) and calls :mod:`fedblood.deploy.client_app`'s handlers;
+No Flower processes: each test builds the server's request as :mod:`fedblood.deploy.server`
+does (Flower's ``Message`` and records) and calls :mod:`fedblood.deploy.client_app`'s
+handlers, relayed to the site's warm worker or answered in this process (``worker='off'``);
 what a site may change on disk is checked by listing the whole tree before and after.
 """
 
 import json
 import os
 from pathlib import Path
-import time
 
 import pytest
 
 pytest.importorskip('flwr')
 
 # pylint: disable=g-import-not-at-top
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, RecordDict
 
-from fedblood.deploy import client_app, local, server_app, site, study, wire
+from fedblood.deploy import client_app, local, relay, server_app, site, trust, wire
 from fedblood.rundir import lock
+from deploy_helpers import CONFIG, TINY, context, message
 # pylint: enable=g-import-not-at-top
 
-CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo.py') + ':smoke'
-# 3 tiny centers (44 / 26 / 20 training images), VGG16 at width 1/16, 32 px.
-TINY = ('baselines.local_only=False baselines.pooled=False model.width=0.0625 '
-        'data.synthetic.images_per_center=(60,40,30)')
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
 
 def _tree(root: Path) -> dict:
   """``{relative path: (size, mtime_ns)}`` of every file and folder under ``root``.
 
-  Lock files aside: every message takes the state dir's lock, which rewrites ``run.lock``.
+  Lock files and the worker's log aside: every message takes the state dir's lock, which
+  rewrites ``run.lock``, and the site worker logs what it ignored in ``worker.log``.
   """
   out = {}
   for folder, dirs, files in os.walk(root):
-    for name in dirs + [f for f in files if f != 'run.lock']:
+    for name in dirs + [f for f in files if f not in ('run.lock', 'worker.log')]:
       path = Path(folder) / name
       stat = path.lstat()
       out[str(path.relative_to(root))] = (stat.st_size if name in files else 0, stat.st_mtime_ns)
@@ -46,31 +44,8 @@ def _outside(tree: dict, *inside: str) -> dict:
   return {p: v for p, v in tree.items() if not any(p == d or p.startswith(d + '/') for d in inside)}
 
 
-def _message(kind: str, config, study_id: str, with_state: bool = True, **fields) -> Message:
-  """The server's ``kind`` request to center synth1 (index 1), with the seed's fresh state."""
-  request = {'config': wire.config_json(config), 'study': study_id, 'center': 'synth1',
-             'index': 1, 'round': 1, 'nmax': 44, 'committed': 0, 'weight': 0.3,
-             'evaluate': '[]', **fields}
-  content = RecordDict({'request': ConfigRecord(request)})
-  if with_state:
-    fresh = wire.config_from_json(wire.config_json(config))
-    fresh.model.pretrained = ''  # the server's weights file (not made here)
-    st = study.build(fresh)
-    trainable, frozen = st.experiment.split(st.experiment.init())
-    server, _ = st.algorithm.init(trainable, len(st.centers))
-    content['server'], content['frozen'] = wire.to_record(server), wire.to_record(frozen)
-  # As the node receives it from the SuperLink (which sets the message id).
-  return Message(content, metadata=Metadata(
-      run_id=1, message_id=f'{kind}-1', src_node_id=1, dst_node_id=7, reply_to_message_id='',
-      group_id='1', created_at=time.time(), ttl=600.0, message_type=kind))
-
-
-def _context(node_config: dict) -> Context:
-  return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
-
-
-@pytest.fixture
-def hostile(tmp_path):
+@pytest.fixture(params=['on', 'off'])
+def hostile(tmp_path, request):
   """A config whose every path names the server's machine (here: other folders of tmp_path)."""
   config = wire.load_config(CONFIG, TINY)
   config.data.root = str(tmp_path / 'server_data')
@@ -78,8 +53,9 @@ def hostile(tmp_path):
   config.reference.restore = str(tmp_path / 'server_reference')
   config.model.pretrained = str(tmp_path / 'server_weights.npz')
   node = {'center': 'synth1', 'state-dir': str(tmp_path / 'site'),
-          'cache-dir': str(tmp_path / 'site_cache')}
-  return config, node
+          'cache-dir': str(tmp_path / 'site_cache'), 'worker': request.param}
+  yield config, node
+  local.kill_worker(tmp_path / 'site')
 
 
 @pytest.mark.parametrize('study_id', ['../x', '/abs', 'a/../../b', '..', '', '0123456789abcdef/..',
@@ -91,40 +67,40 @@ def test_a_bad_study_id_is_refused_and_nothing_changes(tmp_path, hostile, study_
   before = _tree(tmp_path)
   handler = getattr(client_app, kind)
   with pytest.raises(site.SiteError, match='refused the server\'s request: study id'):
-    handler(_message(kind, config, study_id, with_state=False), _context(node))
+    handler(message(kind, config, study_id, with_state=False), context(node))
   assert _tree(tmp_path) == before  # not even the state dir is created
 
 
 def test_study_ids_the_server_makes_are_accepted_inside_the_state_dir_only(tmp_path):
   config = wire.load_config(CONFIG, TINY)
   study_id = wire.study_id(config, tmp_path / 'server')
-  assert wire.check_study_id(study_id) is None
-  assert site.study_dir(tmp_path, study_id) == tmp_path.resolve() / study_id
+  assert relay.check_study_id(study_id) is None
+  assert trust.study_dir(tmp_path, study_id) == tmp_path.resolve() / study_id
   with pytest.raises(site.SiteError, match='is not'):
-    site.study_dir(tmp_path, 'a\0b')
+    trust.study_dir(tmp_path, 'a\0b')
   (tmp_path / study_id).symlink_to(tmp_path.parent)  # a study folder elsewhere
   with pytest.raises(site.SiteError, match='outside the state dir'):
-    site.study_dir(tmp_path, study_id)
+    trust.study_dir(tmp_path, study_id)
 
 
 def test_server_chosen_paths_are_replaced_by_the_sites_own(tmp_path, hostile, caplog):
   config, node = hostile
-  mine = site.site_config(wire.config_from_json(wire.config_json(config)), node)
+  mine = trust.site_config(wire.config_from_json(wire.config_json(config)), node)
   assert (mine.data.root, mine.data.cache_dir) == ('', node['cache-dir'])
   assert (mine.reference.restore, mine.model.pretrained) == ('', '')
-  mine = site.site_config(wire.config_from_json(wire.config_json(config)),
-                          {**node, 'data-root': str(tmp_path / 'own'), 'data-source': 'folder'})
+  mine = trust.site_config(wire.config_from_json(wire.config_json(config)),
+                           {**node, 'data-root': str(tmp_path / 'own'), 'data-source': 'folder'})
   assert (mine.data.source, mine.data.root) == ('folder', str(tmp_path / 'own'))
   config.data.source = 'folder'  # the server's folder, and none of the site's own
   with pytest.raises(site.SiteError, match='node config needs data-root'):
-    site.site_config(wire.config_from_json(wire.config_json(config)), node)
+    trust.site_config(wire.config_from_json(wire.config_json(config)), node)
 
 
 def test_a_query_reads_and_writes_only_the_sites_folders(tmp_path, hostile):
   config, node = hostile
   before = _tree(tmp_path)
-  reply = client_app.query(_message('query', config, wire.study_id(config, tmp_path),
-                                    with_state=False), _context(node))
+  reply = client_app.query(message('query', config, wire.study_id(config, tmp_path),
+                                    with_state=False), context(node))
   assert dict(reply.content['site'])['center'] == 'synth1'
   after = _tree(tmp_path)
   assert _outside(after, 'site', 'site_cache') == before
@@ -134,9 +110,9 @@ def test_a_query_reads_and_writes_only_the_sites_folders(tmp_path, hostile):
 def test_train_writes_only_the_state_dir_and_never_another_studys_state(tmp_path, hostile):
   config, node = hostile
   study_id = wire.study_id(config, tmp_path / 'server')
-  client_app.query(_message('query', config, study_id, with_state=False), _context(node))
+  client_app.query(message('query', config, study_id, with_state=False), context(node))
   before = _tree(tmp_path)
-  reply = client_app.train(_message('train', config, study_id), _context(node))
+  reply = client_app.train(message('train', config, study_id), context(node))
   assert 'params' in reply.content and reply.content['train']['num-examples'] == 26
   after = _tree(tmp_path)
   assert _outside(after, 'site') == _outside(before, 'site')
@@ -151,23 +127,23 @@ def test_train_writes_only_the_state_dir_and_never_another_studys_state(tmp_path
   other.fl.lr = 0.5
   before = _tree(tmp_path)
   with pytest.raises(site.SiteError, match='config_sha256'):
-    client_app.train(_message('train', other, study_id, round=2), _context(node))
+    client_app.train(message('train', other, study_id, round=2), context(node))
   assert _tree(tmp_path) == before
 
   # Fields the site knows better than the server: its index, the rounds.
   for fields, what in (({'index': 0}, 'index 0'), ({'committed': 1}, 'committed 1'),
                        ({'round': 0}, 'round 0')):
     with pytest.raises(site.SiteError, match=what):
-      client_app.train(_message('train', config, study_id, **fields), _context(node))
+      client_app.train(message('train', config, study_id, **fields), context(node))
   assert _tree(tmp_path) == before
 
 
 def test_two_sites_on_one_state_dir_are_refused(tmp_path):
   config = wire.load_config(CONFIG, TINY)
   node = {'center': 'synth1', 'state-dir': str(tmp_path / 'site'),
-          'cache-dir': str(tmp_path / 'cache')}
-  query = lambda n: client_app.query(_message('query', config, wire.study_id(config, tmp_path),
-                                              with_state=False), _context(n))
+          'cache-dir': str(tmp_path / 'cache'), 'worker': 'off'}  # one process per message
+  query = lambda n: client_app.query(message('query', config, wire.study_id(config, tmp_path),
+                                              with_state=False), context(n))
   query(node)
   with lock.hold(tmp_path / 'site'):  # another SuperNode's ClientApp at work on it
     with pytest.raises(site.SiteError, match='is in use by another process'):
@@ -179,12 +155,13 @@ def test_two_sites_on_one_state_dir_are_refused(tmp_path):
 
 def test_two_servers_on_one_workdir_are_refused(tmp_path):
   workdir = tmp_path / 'server'
-  context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
-                    run_config={'config': CONFIG, 'overrides': TINY, 'workdir': str(workdir)})
+  server_context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                           run_config={'config': CONFIG, 'overrides': TINY,
+                                       'workdir': str(workdir)})
   with lock.hold(workdir):  # the first server's run
     before = _tree(tmp_path)
     with pytest.raises(lock.WorkdirBusy, match=f'PID {os.getpid()}'):
-      server_app.main(None, context)  # refused before it touches the grid or the workdir
+      server_app.main(None, server_context)  # refused before it touches the grid or the workdir
     assert _tree(tmp_path) == before
 
 

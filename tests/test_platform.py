@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from fedblood.backend import platform, xla_cpu
+from fedblood.backend import flags, platform, xla_cpu
 from fedblood.model import models
 
 FLAG = '--xla_cpu_experimental_ynn_fusion_type=dot'
@@ -41,22 +41,22 @@ def test_models_build_resolves_auto_on_this_backend():
 
 def test_apply_xla_flags_adds_missing_flags_after_the_users():
   env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  assert platform.apply_xla_flags([FLAG], env) == [FLAG]
+  assert flags.apply_xla_flags([FLAG], env) == [FLAG]
   assert env['XLA_FLAGS'] == f'--xla_force_host_platform_device_count=2 {FLAG}'
   empty = {}
-  assert platform.apply_xla_flags([FLAG], empty) == [FLAG] and empty == {'XLA_FLAGS': FLAG}
+  assert flags.apply_xla_flags([FLAG], empty) == [FLAG] and empty == {'XLA_FLAGS': FLAG}
 
 
 def test_apply_xla_flags_never_overrides_the_users_value():
   env = {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=eltwise'}
-  assert platform.apply_xla_flags([FLAG], env) == []
+  assert flags.apply_xla_flags([FLAG], env) == []
   assert env == {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type=eltwise'}
 
 
 def test_default_flags_are_added_to_an_empty_environment():
   env = {}
-  assert platform.apply_xla_flags(environ=env) == list(platform.XLA_FLAGS)
-  assert env == {'XLA_FLAGS': ' '.join(platform.XLA_FLAGS)}
+  assert flags.apply_xla_flags(environ=env) == list(flags.XLA_FLAGS)
+  assert env == {'XLA_FLAGS': ' '.join(flags.XLA_FLAGS)}
 
 
 @pytest.mark.parametrize('user_flags', [None, '--xla_cpu_experimental_ynn_fusion_type=eltwise'])
@@ -67,7 +67,7 @@ def test_importing_fedblood_applies_the_flags_but_keeps_the_users(user_flags):
   code = 'import os, fedblood; print(os.environ.get("XLA_FLAGS"))'
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        check=True).stdout.strip()
-  assert out == (user_flags if user_flags is not None else ' '.join(platform.XLA_FLAGS) or 'None')
+  assert out == (user_flags if user_flags is not None else ' '.join(flags.XLA_FLAGS) or 'None')
 
 
 def test_gradient_rewrite_per_backend():

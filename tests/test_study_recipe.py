@@ -16,7 +16,7 @@ import pytest
 
 from configs import common, wbc
 from fedblood import data
-from fedblood.backend import numerics
+from fedblood.backend import flags, numerics
 from fedblood.model import metrics, models, partition
 from fedblood.study import centralized, selection, train
 from fedblood.study import validate
@@ -156,7 +156,7 @@ def test_matmul_precision_is_applied_and_restored():
 def test_xla_flags_off_needs_the_environment_switch():
   config = common.get_config()
   config.numerics.xla_flags = False
-  flag = numerics.platform.XLA_FLAGS[0]
+  flag = flags.XLA_FLAGS[0]
   with pytest.raises(ValueError, match='FEDBLOOD_XLA_FLAGS=0'):
     numerics.check(config.numerics, {'XLA_FLAGS': flag})
   numerics.check(config.numerics, {'XLA_FLAGS': ''})

@@ -5,7 +5,7 @@ another path, to check that its spread stays inside the seed spread::
 
   # matmuls and convolutions at another precision (jax_default_matmul_precision)
   python launch.py --config configs/wbc.py --workdir W2 --config.numerics.matmul_precision=highest
-  # without fedblood's XLA:CPU flag (YNN 'dot' fusion; fedblood.backend.platform.XLA_FLAGS)
+  # without fedblood's XLA:CPU flag (YNN 'dot' fusion; fedblood.backend.flags.XLA_FLAGS)
   FEDBLOOD_XLA_FLAGS=0 python launch.py --config configs/wbc.py --workdir W3 \
       --config.numerics.xla_flags=False
 
@@ -21,7 +21,7 @@ import os
 
 import jax
 
-from fedblood.backend import platform
+from fedblood.backend import flags
 
 # Names jax_default_matmul_precision accepts ('' leaves JAX's default).
 PRECISIONS = ('', 'default', 'high', 'highest', 'bfloat16', 'tensorfloat32', 'float32',
@@ -29,10 +29,10 @@ PRECISIONS = ('', 'default', 'high', 'highest', 'bfloat16', 'tensorfloat32', 'fl
 
 
 def active_flags(environ=None) -> list:
-  """fedblood's XLA flags (:data:`fedblood.backend.platform.XLA_FLAGS`) set in ``XLA_FLAGS`` now."""
+  """fedblood's XLA flags (:data:`fedblood.backend.flags.XLA_FLAGS`) set in ``XLA_FLAGS`` now."""
   environ = os.environ if environ is None else environ
   present = environ.get('XLA_FLAGS', '').split()
-  return [f for f in platform.XLA_FLAGS if f in present]
+  return [f for f in flags.XLA_FLAGS if f in present]
 
 
 def check(numerics, environ=None) -> None:

@@ -6,8 +6,14 @@ A site runs one SuperNode with its node config::
       --auth-supernode-private-key site.key --port 9094 \\
       --node-config "center='synth1' state-dir='/srv/fb' data-source='folder' data-root='/data'"
 
+The ClientApp process only relays each message to the site's warm worker (one process per
+state dir, started on first use: :mod:`fedblood.deploy.relay`, :mod:`fedblood.deploy.worker`);
+``worker='off'`` in the node config answers in the ClientApp process instead, paying the
+start-up (JAX, the study, tracing, the center, the client state) on every message.
+Importing this module imports neither JAX nor the site's code.
+
 Every folder the site reads or writes comes from that node config (``state-dir``,
-``data-root``, ``cache-dir``), never from the server's request (:func:`site.site_config`).
+``data-root``, ``cache-dir``), never from the server's request (:func:`fedblood.deploy.trust.site_config`).
 
 Message contents (all typed records, nothing pickled):
 
@@ -24,7 +30,7 @@ import json
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedblood.deploy import site, wire
+from fedblood.deploy import relay
 
 app = ClientApp()
 
@@ -32,14 +38,18 @@ app = ClientApp()
 def _answer(kind: str, msg: Message, context: Context) -> Message:
   content = msg.content
   request = dict(content['request'])
-  out = site.handle(kind, request, content.get('server'), content.get('frozen'),
-                    context.node_config)
+  args = kind, request, content.get('server'), content.get('frozen'), context.node_config
+  if str(context.node_config.get('worker', 'on')) == 'off':
+    from fedblood.deploy import site  # pylint: disable=g-import-not-at-top  (JAX)
+    out = site.records(site.handle(*args))
+  else:
+    out = relay.call(*args)
   reply = RecordDict({'site': ConfigRecord(out['site'])})
   if 'eval' in out:
     reply['eval'] = ConfigRecord({'json': json.dumps(out['eval'])})
   if 'params' in out:
-    reply['params'] = wire.to_record(out['params'])
-    reply['state'] = wire.to_record(out['state'])
+    reply['params'] = out['params']
+    reply['state'] = out['state']
     reply['train'] = MetricRecord({**out['train'], 'num-examples': out['site']['train_size']})
   return Message(reply, reply_to=msg)
 

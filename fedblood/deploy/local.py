@@ -11,7 +11,6 @@ Python's scripts folder first on ``PATH`` (Flower starts ``flower-superexec`` by
 a virtualenv's ``venv/bin/python`` works without activating it.
 """
 
-import datetime
 import json
 import os
 import re
@@ -22,63 +21,17 @@ import sys
 import time
 from pathlib import Path
 
+from fedblood.deploy.credentials import make_certificates, make_node_key
+
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / 'flower_app'
+TASK_POLL_S = 0.05
 
 
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
-
-
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-  """A CA and a server certificate for 127.0.0.1/localhost: ``(ca.crt, server.pem, server.key)``."""
-  from cryptography import x509  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives import hashes, serialization
-  from cryptography.hazmat.primitives.asymmetric import ec
-  from cryptography.x509.oid import NameOID
-  import ipaddress  # pylint: disable=g-import-not-at-top
-  directory.mkdir(parents=True, exist_ok=True)
-  now = datetime.datetime.now(datetime.timezone.utc)
-
-  def cert(subject, issuer, key, signer, ca: bool, san=None):
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if san:
-      builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-  name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-  ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-  ca = cert(name('fedblood test CA'), name('fedblood test CA'), ca_key, ca_key, True)
-  san = [x509.DNSName('localhost'), x509.IPAddress(ipaddress.ip_address('127.0.0.1'))]
-  server = cert(name('127.0.0.1'), ca.subject, key, ca_key, False, san)
-  paths = directory / 'ca.crt', directory / 'server.pem', directory / 'server.key'
-  paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-  paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-  paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                         serialization.NoEncryption()))
-  return paths
-
-
-def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
-  """An ECDSA key pair in OpenSSH format (what Flower's node authentication reads)."""
-  from cryptography.hazmat.primitives import serialization  # pylint: disable=g-import-not-at-top
-  from cryptography.hazmat.primitives.asymmetric import ec
-  key = ec.generate_private_key(ec.SECP384R1())
-  private, public = directory / name, directory / f'{name}.pub'
-  private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.OpenSSH,
-                                        serialization.NoEncryption()))
-  private.chmod(0o600)
-  public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                   serialization.PublicFormat.OpenSSH))
-  return private, public
 
 
 class Federation:
@@ -93,12 +46,15 @@ class Federation:
     self.logs = self.root / 'logs'
     self.logs.mkdir(parents=True, exist_ok=True)
     self.port = free_port()
-    self.procs, self.runs = {}, []
+    self.procs, self.runs, self.state_dirs = {}, [], {}
     self.auth = auth
     self.env = dict(os.environ, **(env or {}))
     # No process of the federation reports to Flower's telemetry service (a hospital's would
     # not be allowed to); a caller's env may turn it on explicitly.
     self.env['FLWR_TELEMETRY_ENABLED'] = (env or {}).get('FLWR_TELEMETRY_ENABLED', '0')
+    # Each SuperNode's SuperExec looks for a message to run every this many seconds (1 s by
+    # default in Flower 1.42): a round would wait on it twice.
+    self.env.setdefault('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', str(TASK_POLL_S))
     # Flower starts its own commands by name (the SuperLink runs `flower-superexec`): this
     # Python's scripts first on PATH, so an un-activated virtualenv works.
     self.env['PATH'] = os.pathsep.join(
@@ -149,6 +105,8 @@ class Federation:
             '--port', str(free_port()), '--node-config', config]
     if key is not None:
       argv += ['--auth-supernode-private-key', str(key)]
+    if node_config.get('state-dir'):
+      self.state_dirs[name] = Path(str(node_config['state-dir']))
     self._start(name, argv, env)
 
   def flwr(self, *args, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -211,7 +169,9 @@ class Federation:
 
   def kill(self, name: str) -> None:
     """SIGKILL to process ``name``, its session and every descendant (Flower starts its
-    SuperExec in a session of its own)."""
+    SuperExec in a session of its own), and to a SuperNode's site worker."""
+    if name in self.state_dirs:
+      kill_worker(self.state_dirs.pop(name))
     proc = self.procs.pop(name)
     pids = _descendants(proc.pid)
     try:
@@ -245,6 +205,26 @@ class Federation:
           return
       time.sleep(0.2)
     raise TimeoutError(f'{name} did not listen on 127.0.0.1:{port} within {timeout:.0f} s')
+
+
+def worker_pid(state_dir) -> int | None:
+  """The PID of the live site worker of ``state_dir`` (:mod:`fedblood.deploy.worker`), or None."""
+  try:
+    pid = int(json.loads((Path(state_dir) / 'worker.json').read_text())['pid'])
+    cmdline = Path(f'/proc/{pid}/cmdline').read_bytes()
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+  return pid if b'fedblood.deploy.worker' in cmdline else None  # not a reused PID
+
+
+def kill_worker(state_dir) -> None:
+  """SIGKILL to the site worker of ``state_dir``, if one is alive."""
+  pid = worker_pid(state_dir)
+  if pid is not None:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
 
 
 def _descendants(pid: int) -> list[int]:

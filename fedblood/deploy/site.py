@@ -18,31 +18,16 @@ reply leaves; a state the server never accepted (the reply was lost, refused, or
 server restarted) is replaced when that round is trained again from ``committed``. So a
 SuperNode killed at any instant and restarted with the same state dir resumes exactly.
 
-A site trusts nothing the server sends beyond the study's numbers:
-
-* every file or folder it reads or writes comes from its own node config: the config
-  fields naming one (:data:`PATH_FIELDS`: ``data.root``, ``data.cache_dir``,
-  ``model.pretrained``, ``reference.restore``) are replaced by the node config's value or
-  emptied, whatever the server sent (logged when they differed). Overriding rather than
-  refusing is what lets the server's config name its own machine's folders and the
-  deployed run still equal the simulated one; ``data.source`` (a format, not a folder) is
-  the node config's ``data-source`` when set, else the study's;
-* the study id names a folder in the state dir only if it is a study id
-  (:data:`fedblood.deploy.wire.STUDY_ID`) that resolves to a direct child of the state
-  dir; the folder records the digest of the config that made it (``study.json``), so a
-  request carrying another study's id with another config is refused and touches nothing;
-* the center index, round and ``committed`` are checked against the site's own study;
-* one process at a time holds the state dir (:func:`fedblood.rundir.lock.hold`, ``run.lock``),
-  and the state dir belongs to one center (``site.json``): a second SuperNode on the same
-  state dir is refused.
+A site trusts nothing the server sends beyond the study's numbers
+(:mod:`fedblood.deploy.trust`: paths from its own node config, study ids checked, claims
+recorded); one process at a time holds the state dir (:func:`fedblood.rundir.lock.hold`,
+``run.lock``): the warm worker (:mod:`fedblood.deploy.worker`), or one message's process.
 """
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,91 +35,9 @@ import numpy as np
 from fedblood.core import simulate
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
+from fedblood.deploy.relay import SiteError, settings
+from fedblood.deploy.trust import claim, site_config, study_dir
 from fedblood.rundir import checkpoint, lock
-
-
-class SiteError(ValueError):
-  """A request this site refuses (names the node config key or request field at fault)."""
-
-
-def settings(node_config) -> tuple[str, Path]:
-  """``(center, state_dir)`` from the SuperNode's ``--node-config``."""
-  missing = [k for k in ('center', 'state-dir') if not str(node_config.get(k, ''))]
-  if missing:
-    raise SiteError(f'node config is missing {missing} (flower-supernode --node-config '
-                    '"center=\'<name>\' state-dir=\'<dir>\' [data-root=... data-source=... '
-                    'cache-dir=...]")')
-  return str(node_config['center']), Path(str(node_config['state-dir'])).expanduser().absolute()
-
-
-# Config fields naming a file or folder: ``{field: the node config key a site takes it from}``
-# (None: never read on a site, always emptied there).
-PATH_FIELDS = {'data.root': 'data-root', 'data.cache_dir': 'cache-dir',
-               'model.pretrained': None, 'reference.restore': None}
-
-
-def site_config(config, node_config):
-  """The server's ``config`` with every :data:`PATH_FIELDS` entry the site's own (in place).
-
-  Each path field becomes the node config's value (``''``, the loaders' default, when the
-  node config has none); a server value that differs is logged and ignored. ``data.source``
-  is the node config's ``data-source`` when set.
-
-  Raises:
-    SiteError: ``data.source='folder'`` without a ``data-root`` in the node config.
-  """
-  for field, key in PATH_FIELDS.items():
-    group, name = field.split('.')
-    if group not in config or name not in config[group]:
-      continue
-    sent = str(config[group][name] or '')
-    own = str(node_config.get(key, '')) if key else ''
-    if sent and sent != own:
-      logging.warning('ignored the server\'s %s=%r: this site takes it from its node config '
-                      '(%s)', field, sent, f'{key}={own!r}' if key else 'never read here')
-    config[group][name] = own
-  if 'data-source' in node_config:
-    config.data.source = str(node_config['data-source'])
-  if config.data.source == 'folder' and not config.data.root:
-    raise SiteError('data.source=\'folder\': the node config needs data-root=\'<folder holding '
-                    '<center>/<class>/<images>>\' (a site never reads a folder the server names)')
-  return config
-
-
-def study_dir(state_dir: Path, study) -> Path:
-  """``<state-dir>/<study>``, resolved, if ``study`` is a study id naming a child of it.
-
-  Raises:
-    SiteError: naming the id, for anything else (``..``, a separator, an absolute path).
-  """
-  reason = wire.check_study_id(study)
-  root = state_dir.resolve()
-  path = None if reason else (root / study).resolve()
-  if path is not None and path.parent != root:  # (a symlink the site's admin made)
-    reason = f'study id {study!r} resolves to {path}, outside the state dir {root}'
-  if reason:
-    raise SiteError(f'refused the server\'s request: {reason}')
-  return path
-
-
-def _write_json(path: Path, data: dict) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(data, sort_keys=True) + '\n')
-  os.replace(tmp, path)
-
-
-def _claim(path: Path, data: dict, what: str) -> None:
-  """Writes ``data`` to ``path`` on first use; refuses when ``path`` records other values."""
-  if path.exists():
-    held = json.loads(path.read_text())
-    differ = {k: (held.get(k), v) for k, v in data.items() if held.get(k) != v}
-    if differ:
-      raise SiteError(f'{what}: {path} records {({k: a for k, (a, _) in differ.items()})}, this '
-                      f'request has {({k: b for k, (_, b) in differ.items()})}; refused, nothing '
-                      'touched')
-    return
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _write_json(path, data)
 
 
 def enable_compile_cache(state_dir: Path) -> None:
@@ -166,6 +69,44 @@ def _evaluate(st, center, server_state, frozen, request) -> dict:
   return out
 
 
+def _study(config_text: str, node_config, name: str):
+  """``(study, center)``: the server's config with the site's own paths, and its center."""
+  config = site_config(wire.config_from_json(config_text), node_config)
+  st = study_lib.build(config)
+  if name not in st.centers:
+    raise SiteError(f'node config center={name!r} is not a center of this study {st.centers}')
+  return st, study_lib.load_site_center(st.config.data, name, node_config)
+
+
+class Warm:
+  """What a site keeps between requests (:mod:`fedblood.deploy.worker`): built studies with
+  their centers, open checkpoint managers, and each study's newest client state, which is
+  also on disk. A fresh one (a request answered in its own process) rebuilds all of it."""
+
+  def __init__(self):
+    self.tables, self.states = {}, {}
+
+  def get(self, table: str, key, make):
+    """``make()``'s value, made once per ``(table, key)``."""
+    entries = self.tables.setdefault(table, {})
+    if key not in entries:
+      entries[key] = make()
+    return entries[key]
+
+  def client_state(self, folder: Path, committed: int, restore):
+    """The client state of round ``committed``: the one kept, if it is that round's."""
+    kept = self.states.get(folder)
+    return kept[1] if kept is not None and kept[0] == committed else restore()
+
+  def keep_client_state(self, folder: Path, round_index: int, state) -> None:
+    self.states[folder] = (round_index, state)
+
+  def clear(self) -> None:
+    for mngr in self.tables.get('manager', {}).values():
+      mngr.close()
+    self.tables, self.states = {}, {}
+
+
 def _state_manager(folder: Path, every: int):
   # The server commits a round each `every` rounds (checkpoint.every): a restarted server asks
   # for the state of a round up to `every` trained rounds back, plus one never accepted.
@@ -185,9 +126,10 @@ def _restore_client_state(mngr, st, committed: int, center: str):
 
 
 def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dict:
-  """Answers one request; returns ``{'site': ..., 'eval': ..., ['params', 'state', 'train']}``.
+  """Answers one request in this process; returns :func:`answer`'s reply.
 
-  Holds the state dir's lock throughout (:func:`fedblood.rundir.lock.hold`).
+  Holds the state dir's lock throughout (:func:`fedblood.rundir.lock.hold`); the warm worker
+  (:mod:`fedblood.deploy.worker`) holds it for its life and calls :func:`answer` instead.
 
   Args:
     kind: 'query', 'train' or 'evaluate'.
@@ -200,26 +142,43 @@ def handle(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dic
     SiteError: a request or node config this site refuses (Flower sends the server the
       message as the reply's error), before anything on disk changed.
   """
-  name, state_dir = settings(node_config)
+  _, state_dir = settings(node_config)
   if 'study' in request:
     study_dir(state_dir, request['study'])  # refused before the state dir is even created
+  warm = Warm()
   try:
     with lock.hold(state_dir):
-      _claim(state_dir / 'site.json', {'center': name}, f'state-dir={str(state_dir)!r}')
-      return _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
+      return answer(kind, request, server_rec, frozen_rec, node_config, warm)
   except lock.WorkdirBusy as e:
     raise SiteError(f'state-dir={str(state_dir)!r} is in use by another process (two '
                     'SuperNodes on one state dir would overwrite each other\'s client state; '
                     f'give each its own state-dir): {e}') from None
+  finally:
+    warm.clear()
 
 
-def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir) -> dict:
+def answer(kind: str, request: dict, server_rec, frozen_rec, node_config, warm) -> dict:
+  """``{'site': ..., 'eval': ..., ['params', 'state', 'train']}``: one request answered.
+
+  The caller holds the state dir's lock. ``warm`` (a :class:`Warm`) keeps what the next
+  request can reuse; the reply is the same with a fresh one.
+  """
+  name, state_dir = settings(node_config)
+  if 'study' in request:
+    study_dir(state_dir, request['study'])
+  claim(state_dir / 'site.json', {'center': name}, f'state-dir={str(state_dir)!r}')
+  return _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir, warm)
+
+
+def records(out: dict) -> dict:
+  """:func:`answer`'s reply with its ``params`` and ``state`` trees as ArrayRecords."""
+  return {k: wire.to_record(v) if k in ('params', 'state') else v for k, v in out.items()}
+
+
+def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir, warm) -> dict:
   enable_compile_cache(state_dir)
-  config = site_config(wire.config_from_json(request['config']), node_config)
-  st = study_lib.build(config)
-  if name not in st.centers:
-    raise SiteError(f'node config center={name!r} is not a center of this study {st.centers}')
-  center = study_lib.load_site_center(st.config.data, name, node_config)
+  st, center = warm.get('study', (request['config'], json.dumps(dict(node_config), sort_keys=True)),
+                        lambda: _study(request['config'], node_config, name))
   reply = {'site': _sizes(center)}
   if kind == 'query' and server_rec is None:
     return reply
@@ -243,11 +202,13 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
                     'committed must be in [0, round))')
   folder = study_dir(state_dir, request.get('study'))
   digest = hashlib.sha256(request['config'].encode()).hexdigest()
-  _claim(folder / 'study.json', {'config_sha256': digest, 'center': name},
+  claim(folder / 'study.json', {'config_sha256': digest, 'center': name},
          f'study {request["study"]!r}')
   reply['eval'] = _evaluate(st, center, server_state, frozen, request)
-  mngr = _state_manager(folder, st.config.checkpoint.get('every', 1))
-  client_state = _restore_client_state(mngr, st, committed, name)
+  mngr = warm.get('manager', folder,
+                  lambda: _state_manager(folder, st.config.checkpoint.get('every', 1)))
+  client_state = warm.client_state(folder, committed,
+                                   lambda: _restore_client_state(mngr, st, committed, name))
   examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
   size = jnp.int32(len(center.train.labels))
   local, new_state, metrics = study_lib.client_step(st)(
@@ -259,7 +220,7 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir)
     checkpoint.save(mngr, r, {'client': new_state},
                     {'kind': 'client state', 'center': name, 'round': r,
                      'study': request['study']})
-  mngr.close()
+  warm.keep_client_state(folder, r, new_state)
   reply.update(params=local, state=new_state,
                train={m: np.asarray(v).item() for m, v in metrics.items()})
   return reply

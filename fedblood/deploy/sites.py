@@ -7,6 +7,11 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 
 
+# Seconds between the server's pulls for replies (Flower's own send_and_receive sleeps 3 s
+# between pulls, which a round would wait on).
+POLL_S = 0.05
+
+
 def note(workdir: Path, text: str) -> None:
   """A line in ``deploy.log`` and on stdout (Flower streams it to ``flwr run --stream``)."""
   now = time.time()
@@ -33,7 +38,7 @@ class Sites:
     msgs = [Message(RecordDict({'request': ConfigRecord({**self.base, **fields}), **content}),
                     dst_node_id=node, message_type=kind, ttl=self.timeout)
             for node, fields in payloads.items()]
-    replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+    replies = self._exchange(kind, msgs)
     # An error the SuperLink writes (e.g. the node stopped its heartbeat) comes from the
     # SuperLink, not the node: name the node the request went to.
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
@@ -47,6 +52,30 @@ class Sites:
         note(self.workdir, f'{kind}: refused the reply of {who}: no site record')
       else:
         out[node] = reply
+    return out
+
+  def _exchange(self, kind: str, msgs: list) -> list:
+    """Pushes ``msgs`` and pulls their replies until all came or ``timeout`` passed.
+
+    A node that has not answered by then is left out of this exchange (logged); its late
+    reply is never read, as later pulls ask for later messages' replies only.
+    """
+    if not msgs:
+      return []
+    ids = set(self.grid.push_messages(msgs))
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    deadline, out = time.time() + self.timeout, []
+    while ids:
+      got = list(self.grid.pull_messages(ids))
+      out += got
+      ids -= {m.metadata.reply_to_message_id for m in got}
+      if not ids or time.time() > deadline:
+        break
+      time.sleep(POLL_S)
+    if ids:
+      late = sorted(f'node {dst.get(i)} (center {self.center_of(dst.get(i))!r})' for i in ids)
+      note(self.workdir, f'{kind}: no reply within {self.timeout:.0f} s from {", ".join(late)}: '
+                         'left out of this exchange')
     return out
 
   def refresh(self, content: dict | None = None, models=()) -> dict:

@@ -10,7 +10,6 @@ import ast
 import hashlib
 import importlib.util
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -88,23 +87,10 @@ def config_from_json(text: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(text))
 
 
-# What a study id looks like (what :func:`study_id` makes); a site refuses anything else, as
-# the id names a folder in its state dir.
-STUDY_ID = re.compile(r'[0-9a-f]{16}')
-
-
 def study_id(config, workdir) -> str:
   """Names a study: its config and the server's workdir (a site keeps one state per study)."""
   key = config_json(config) + '\n' + str(Path(workdir).absolute())
   return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def check_study_id(value) -> str | None:
-  """Why ``value`` is not a study id (16 lowercase hex digits); None when it is."""
-  if not isinstance(value, str) or not STUDY_ID.fullmatch(value):
-    return (f'study id {value!r} is not {STUDY_ID.pattern} (the server makes it with '
-            'fedblood.deploy.wire.study_id)')
-  return None
 
 
 def load_config(spec: str, overrides: str = '') -> ml_collections.ConfigDict:

@@ -1,7 +1,8 @@
 """A compromised site for tests/test_deploy.py: on PYTHONPATH of one SuperNode only.
 
-With FEDBLOOD_TAMPER_ROUND=r the site's round-r train reply carries NaN parameters; the
-server must refuse it, name the node, and run the round without it.
+With FEDBLOOD_TAMPER_ROUND=r the site's round-r train reply carries NaN parameters (the site's
+warm worker inherits this PYTHONPATH); the server must refuse it, name the node, and run the
+round without it.
 """
 import os
 
@@ -10,9 +11,9 @@ if os.environ.get('FEDBLOOD_TAMPER_ROUND'):
   import numpy as np
   from fedblood.deploy import site
 
-  _honest = site.handle
+  _honest = site.answer
 
-  def _handle(kind, request, *args):
+  def _answer(kind, request, *args):
     out = _honest(kind, request, *args)
     if kind == 'train' and int(request['round']) == int(os.environ['FEDBLOOD_TAMPER_ROUND']):
       leaves, treedef = jax.tree.flatten(out['params'])
@@ -20,4 +21,4 @@ if os.environ.get('FEDBLOOD_TAMPER_ROUND'):
       out['params'] = jax.tree.unflatten(treedef, leaves)
     return out
 
-  site.handle = _handle
+  site.answer = _answer
