@@ -223,7 +223,7 @@ def test_config_json_written_atomically(tmp_path, monkeypatch):
 def test_second_run_in_a_busy_workdir_exits_naming_the_holder(tmp_path):
   workdir = tmp_path / 'run'
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time\nfrom fedblood import lock\n'
+      [sys.executable, '-c', 'import sys, time\nfrom fedblood.rundir import lock\n'
        f'with lock.hold({str(workdir)!r}):\n  print("held", flush=True)\n  time.sleep(120)'],
       stdout=subprocess.PIPE, text=True, env=ENV)
   try:

@@ -161,7 +161,7 @@ def test_xla_flags_off_needs_the_environment_switch():
     numerics.check(config.numerics, {'XLA_FLAGS': flag})
   numerics.check(config.numerics, {'XLA_FLAGS': ''})
   env = {**os.environ, 'PYTHONPATH': str(ROOT), 'XLA_FLAGS': '', 'FEDBLOOD_XLA_FLAGS': '0'}
-  code = ('import os, fedblood; from fedblood import numerics; from configs import common; '
+  code = ('import os, fedblood; from fedblood.backend import numerics; from configs import common; '
           'c = common.get_config(); c.numerics.xla_flags = False; numerics.check(c.numerics); '
           'print(repr(os.environ["XLA_FLAGS"]))')
   out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True,
