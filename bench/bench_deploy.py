@@ -61,7 +61,7 @@ def deployed_rounds(fed, spec: str, overrides: str, workdir: Path) -> list[float
   if out['status'] != 'finished:completed':
     raise RuntimeError(out['log'][-3000:])
   text = (workdir / 'deploy.log').read_text()
-  return [float(s) for s in re.findall(r'round \d+: checkpointed, ([0-9.]+) s', text)]
+  return [float(s) for s in re.findall(r'round \d+: done, ([0-9.]+) s', text)]
 
 
 def main():
@@ -76,6 +76,8 @@ def main():
   args = parser.parse_args()
   if args.width is None and args.config == CONFIG:
     args.width = 0.0625
+  path, sep, arg = args.config.partition(':')
+  args.config = str(Path(path).absolute()) + sep + arg  # the ServerApp runs in another folder
   root = Path(tempfile.mkdtemp(prefix='bench_deploy_'))
   os.environ.setdefault('TFDS_DATA_DIR', str(root / 'tfds'))
   overrides = (f'fl.rounds={args.rounds} baselines.local_only=False baselines.pooled=False '
@@ -87,6 +89,9 @@ def main():
                   {'kind': 'reference model'})
   mngr.close()
   centers = data.load_centers(config.data)
+  if config.data.source != 'synthetic':  # the server has no images: it is told the centers
+    overrides += ' data.centers=(' + ','.join(repr(c.name) for c in centers) + ',)'
+    config = wire.load_config(args.config, overrides)
   sim, dep = [], []
   try:
     with local.Federation(root / 'fed') as fed:

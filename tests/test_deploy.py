@@ -151,30 +151,29 @@ def _masks(log: str, names=('synth0', 'synth1', 'synth2')) -> list:
 
 
 @pytest.mark.slow
-def test_faults_tampered_reply_killed_site_restarted_server(tmp_path, monkeypatch):
-  """FedDyn, 3 rounds: site2's round-1 reply has NaN params (refused, named); site1's
-  SuperNode is killed -9 in round 2 (the round goes on without it) and restarted; the
-  SuperLink (and with it the ServerApp) is killed -9 after round 2 and restarted, and the
-  run resumes from its checkpoint. The final state equals the simulation's round function
-  over the same participation, [1,1,0], [1,0,1], [1,1,1], exactly as FedDyn defines it."""
+def test_faults_tampered_reply_crashed_site_restarted_server(tmp_path, monkeypatch):
+  """FedDyn, 3 rounds: site2's round-1 reply has NaN params (refused, named); site1's worker
+  dies whenever it trains round 2 (the relay's retry dies too: the round goes on without
+  it, and site1 trains round 3 from its round-1 state on disk); the SuperLink (and with it
+  the ServerApp) is killed -9 after round 2 and restarted, and the run resumes from its
+  checkpoint. The final state equals the simulation's round function over the same
+  participation, [1,1,0], [1,0,1], [1,1,1], exactly as FedDyn defines it."""
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   overrides = _reference(tmp_path, TINY + " fl.rounds=3 fl.algorithm='fed_dyn'")
   workdir = tmp_path / 'deployed'
   run_config = _run_config(overrides, workdir, **{'round-timeout': 90.0})
-  tamper = {'FEDBLOOD_TAMPER_ROUND': '1', 'PYTHONPATH': os.pathsep.join(
-      [str(Path(__file__).parent / 'deploy_tamper'), str(local.REPO)])}
+  faulty = os.pathsep.join([str(Path(__file__).parent / 'deploy_tamper'), str(local.REPO)])
   sites = {k: {'center': f'synth{k}', 'state-dir': str(tmp_path / f's{k}')} for k in range(3)}
   with local.Federation(tmp_path / 'fed', persistent=True) as fed:
     fed.start_superlink()
     fed.start_supernode('site0', sites[0])
-    fed.start_supernode('site1', sites[1])
-    fed.start_supernode('site2', sites[2], env=tamper)
+    fed.start_supernode('site1', sites[1],
+                        env={'FEDBLOOD_CRASH_ROUND': '2', 'PYTHONPATH': faulty})
+    fed.start_supernode('site2', sites[2],
+                        env={'FEDBLOOD_TAMPER_ROUND': '1', 'PYTHONPATH': faulty})
     fed.start_run(run_config)
-    _wait_for(workdir / 'checkpoints' / 'fl' / '1', fed)
-    fed.kill('site1')
     _wait_for(workdir / 'checkpoints' / 'fl' / '2', fed)
     fed.kill('superlink')
-    fed.start_supernode('site1', sites[1])
     fed.start_superlink()
     out = fed.wait_run(fed.start_run(run_config), timeout=600)
     assert out['status'] == 'finished:completed', out['log'][-3000:]
@@ -182,6 +181,7 @@ def test_faults_tampered_reply_killed_site_restarted_server(tmp_path, monkeypatc
   refused = [line for line in log.splitlines() if 'refused the reply' in line]
   assert len(refused) == 1 and 'round 1' in refused[0] and "(center 'synth2')" in refused[0]
   assert 'non-finite' in refused[0] and 'node ' in refused[0]
+  assert "train: node" in log and "(center 'synth1') failed" in log  # round 2's crash, named
   assert 'resuming after round 2' in log
   masks = _masks(log)
   assert masks[:2] == [[True, True, False], [True, False, True]]
@@ -200,12 +200,13 @@ def test_faults_tampered_reply_killed_site_restarted_server(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_all_sites_vanish_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
-  """The only site is killed -9 after round 1: round 2 ends the run with a clear error after
-  round-timeout, and round 1's checkpoint stays for a resume."""
+  """The only site is killed -9 once round 1 is checkpointed (by then it has trained round 2
+  too: round 2's train request carried round 1's evaluation): round 3 ends the run with a
+  clear error after round-timeout, and round 2's checkpoint stays for a resume."""
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   overrides = _reference(tmp_path, 'baselines.local_only=False baselines.pooled=False '
                          'model.width=0.0625 data.synthetic.num_centers=1 '
-                         'data.synthetic.images_per_center=(60,) fl.rounds=2')
+                         'data.synthetic.images_per_center=(60,) fl.rounds=3')
   workdir = tmp_path / 'deployed'
   with local.Federation(tmp_path / 'fed') as fed:
     fed.start_superlink()
@@ -216,7 +217,7 @@ def test_all_sites_vanish_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
     out = fed.wait_run(run_id, timeout=300)
   assert out['status'] == 'finished:failed', out['log'][-3000:]
   stopped = (workdir / 'deploy.log').read_text().splitlines()[-1]
-  assert 'stopped: FederationError: round 2: no site answered within 45 s' in stopped
+  assert 'stopped: FederationError: round 3: no site answered within 45 s' in stopped
   assert 'rerun to resume' in stopped
   step, _ = _fl_state(workdir)
-  assert step == 1
+  assert step == 2

@@ -13,7 +13,8 @@ start-up (JAX, the study, tracing, the center, the client state) on every messag
 Importing this module imports neither JAX nor the site's code.
 
 Every folder the site reads or writes comes from that node config (``state-dir``,
-``data-root``, ``cache-dir``), never from the server's request (:func:`fedblood.deploy.trust.site_config`).
+``data-root``, ``cache-dir``), never from the server's request
+(:func:`fedblood.deploy.trust.site_config`).
 
 Message contents (all typed records, nothing pickled):
 

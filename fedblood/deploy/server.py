@@ -11,8 +11,10 @@
   replies that arrive within ``round_timeout`` and pass :func:`fedblood.deploy.wire.check_tree`
   (shapes, dtypes, finite values) are the round's active clients; the simulation's own
   jitted server step (``execution='loop'``) aggregates them with weights ``n_k / sum(n) * C``
-  from the sizes the sites reported. Every connected site then evaluates the new model,
-  the rows go to ``metrics.jsonl`` and the round is checkpointed as a simulated one is (Orbax,
+  from the sizes the sites reported. Every connected site then evaluates the new model (in
+  the same message as the next round's training: a site evaluates the model it receives
+  before it trains from it; a final evaluate message closes the run), the rows go to
+  ``metrics.jsonl`` and the round is checkpointed as a simulated one is (Orbax,
   each ``checkpoint.every`` rounds and the last, the best-validation step kept; the
   simulation's layout plus the sites' sizes, Table 1 and each center's last accepted round);
 * a restarted server resumes from its last checkpoint; a site that missed rounds rejoins
@@ -91,6 +93,7 @@ class Federation(NamedTuple):
   payload: Callable        # server state -> the request's arrays (server state, frozen params)
   fed: dict                # checkpointed: 'committed' round, 'sizes', 'before' per center
   workdir: Path
+  prefetched: dict         # round -> (the server state sent, {node: train reply})
 
 
 def _connect(fd: Federation, grid, server, start: int, eval_name: str, timeout: float) -> None:
@@ -113,28 +116,28 @@ def _connect(fd: Federation, grid, server, start: int, eval_name: str, timeout: 
 
 
 def _trainer(fd: Federation, directory, timeout: float):
-  """The driver's ``train_round``: the drawn centers train at their sites, the server steps."""
+  """The driver's ``train_round``: the drawn centers train at their sites, the server steps.
+
+  Round ``r``'s train replies were usually fetched already, with the evaluation of round
+  ``r - 1``'s model they carry (:func:`_evaluator`); otherwise they are asked for here.
+  """
   names, num, fed = fd.st.centers, len(fd.st.centers), fd.fed
   sizes = jnp.asarray([fed['sizes'][c] for c in names], jnp.int32)
-  weights = np.asarray(base.client_weights(sizes))
-  nmax = int(max(fed['sizes'].values()))
   server_step = study_lib.server_step(fd.st)
 
   def train_round(r, _, actives, states):
     ((chosen, (server, clients)),) = zip(actives, states)
-    fd.sites.refresh()
-    requests = {fd.sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
-                                      'committed': fed['committed'][c],
-                                      'weight': float(weights[k]), 'evaluate': '[]'}
-                for k, c in enumerate(names) if chosen[k] and c in fd.sites.node_of}
-    outs = _accepted(fd, r, fd.sites.send('train', requests, fd.payload(server)))
+    replies = fd.prefetched.pop(r, (None, None))
+    if replies[0] is not server:  # not fetched with this server state: ask now
+      replies = (server, send_train(fd, r, chosen, server, ()))
+    outs = _accepted(fd, r, replies[1])
     active = np.asarray([k in outs for k in range(num)])
     note(fd.workdir, f'round {r}: active centers {[c for k, c in enumerate(names) if active[k]]} '
                      f'of {[c for k, c in enumerate(names) if chosen[k]]}')
     if not active.any():
       raise FederationError(f'round {r}: no site answered within {timeout:.0f} s (asked '
-                            f'{sorted(requests)}); the last checkpoint is kept in '
-                            f'{directory}: rerun to resume')
+                            f'{[c for k, c in enumerate(names) if chosen[k]]}); the last '
+                            f'checkpoint is kept in {directory}: rerun to resume')
     first = outs[int(np.argmax(active))]  # inactive centers' outputs are ignored
     server, clients, round_metrics = server_step(
         server, clients, [outs.get(k, first) for k in range(num)], sizes, jnp.asarray(active))
@@ -144,6 +147,25 @@ def _trainer(fd: Federation, directory, timeout: float):
     return [(server, clients, round_metrics, active)]
 
   return train_round
+
+
+def send_train(fd: Federation, r: int, chosen, server, models) -> dict:
+  """Round ``r``'s train requests to the drawn centers' sites; ``{node: reply}``.
+
+  ``models``: the models of ``server`` each site evaluates before it trains (the reply's
+  ``eval``), so that one message per site and round carries both.
+  """
+  names, fed = fd.st.centers, fd.fed
+  weights = np.asarray(base.client_weights(jnp.asarray([fed['sizes'][c] for c in names],
+                                                       jnp.int32)))
+  nmax = int(max(fed['sizes'].values()))
+  fd.sites.refresh()
+  requests = {fd.sites.node_of[c]: {'center': c, 'index': k, 'round': r, 'nmax': nmax,
+                                    'committed': fed['committed'][c],
+                                    'weight': float(weights[k]),
+                                    'evaluate': json.dumps(list(models))}
+              for k, c in enumerate(names) if chosen[k] and c in fd.sites.node_of}
+  return fd.sites.send('train', requests, fd.payload(server))
 
 
 def _accepted(fd: Federation, r: int, replies: dict) -> dict:
@@ -161,16 +183,28 @@ def _accepted(fd: Federation, r: int, replies: dict) -> dict:
   return outs
 
 
-def _evaluator(fd: Federation, eval_name: str, rounds: int, all_models, final: dict):
-  """The driver's ``evaluate``: every connected site evaluates; the last round's kept in final."""
+def _evaluator(fd: Federation, run, all_models, final: dict):
+  """The driver's ``evaluate``: every connected site evaluates; the last round's kept in final.
+
+  Before the last round, the evaluation rides on the next round's train requests (the sites
+  evaluate the model they receive, then train from it; the replies wait in
+  ``fd.prefetched``); centers not drawn for it, or whose train reply carried no evaluation,
+  are sent an evaluate request.
+  """
   def evaluate(r, server):
-    evals = _evaluate(fd.sites, fd.st.centers, server, fd.payload,
-                      all_models if r == rounds else [eval_name])
-    if r == rounds:
+    models = all_models if r == run.rounds else [run.eval_name]
+    evals = {}
+    if r < run.rounds:
+      replies = send_train(fd, r + 1, run.draw(r + 1), server, models)
+      fd.prefetched[r + 1] = (server, replies)
+      evals = fd.sites.evals(replies)
+    evals.update(fd.sites.evaluate([c for c in fd.st.centers if c not in evals],
+                                    fd.payload(server), models))
+    if r == run.rounds:
       final.update(evals)
-    return {c: (metrics.summary(evals[c][eval_name]['test']),
-                metrics.summary(evals[c][eval_name]['val']) if 'val' in evals[c][eval_name]
-                else {})
+    return {c: (metrics.summary(evals[c][run.eval_name]['test']),
+                metrics.summary(evals[c][run.eval_name]['val'])
+                if 'val' in evals[c][run.eval_name] else {})
             for c in fd.st.centers if c in evals}
   return evaluate
 
@@ -216,7 +250,7 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
   sites.sizes = dict(fed['sizes'])
   frozen_rec = wire.to_record(frozen)
   fd = Federation(st, sites, lambda s: {'server': wire.to_record(s), 'frozen': frozen_rec}, fed,
-                  workdir)
+                  workdir, {})
   _connect(fd, grid, server, fl_run.start, fl_run.eval_name, connect_timeout)
   all_models, final = sorted(fl_run.eval_params(server)), {}
   round_started = [time.time()]
@@ -227,11 +261,11 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
 
   ((server, _),) = driver.drive(
       [fl_run], [(server, clients)], _trainer(fd, fl_run.ckpt.mngr.directory, round_timeout),
-      [_evaluator(fd, fl_run.eval_name, fl_run.rounds, all_models, final)],
+      [_evaluator(fd, fl_run, all_models, final)],
       [runlog.logger(workdir)], on_round=on_round, extra_meta=lambda: {'deploy': fed})
   fl_run.ckpt.mngr.close()
   if not final:  # resumed after the last round: evaluate it again
-    final = _evaluate(sites, st.centers, server, fd.payload, all_models)
+    final = sites.evaluate(st.centers, fd.payload(server), all_models)
   return _finish(config, fd, final, all_models, fl_run.eval_name, ref_info, started)
 
 
@@ -251,12 +285,3 @@ def _finish(config, fd: Federation, final, all_models, eval_name, ref_info, star
   runlog.close(workdir)
   note(workdir, f'done: {workdir / "report.md"}')
   return results
-
-
-def _evaluate(sites, names, server, payload, models) -> dict:
-  """``{center: {model: {split: metrics}}}`` from every connected site."""
-  requests = {sites.node_of[c]: {'center': c, 'evaluate': json.dumps(list(models))}
-              for c in names if c in sites.node_of}
-  replies = sites.send('evaluate', requests, payload(server))
-  return {sites.center_of(n): json.loads(rep.content['eval']['json'])
-          for n, rep in replies.items() if 'eval' in rep.content}

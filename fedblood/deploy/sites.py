@@ -78,6 +78,25 @@ class Sites:
                          'left out of this exchange')
     return out
 
+  def evaluate(self, names, content: dict, models) -> dict:
+    """``{center: {model: {split: metrics}}}`` from the connected sites of ``names``."""
+    requests = {self.node_of[c]: {'center': c, 'evaluate': json.dumps(list(models))}
+                for c in names if c in self.node_of}
+    return self.evals(self.send('evaluate', requests, content) if requests else {})
+
+  def evals(self, replies: dict) -> dict:
+    """The evaluations ``{node: reply}`` carry, by center (empty ones left out)."""
+    out = {}
+    for node, reply in replies.items():
+      center = self.center_of(node)
+      if center is None or reply.content['site']['center'] != center or \
+          'eval' not in reply.content:
+        continue
+      evaluation = json.loads(reply.content['eval']['json'])
+      if evaluation:
+        out[center] = evaluation
+    return out
+
   def refresh(self, content: dict | None = None, models=()) -> dict:
     """Asks nodes not yet known for their center; returns ``{center: eval JSON}`` if asked."""
     ids = set(self.grid.get_node_ids())

@@ -85,7 +85,13 @@ def serve(state_dir: Path, node_config: dict, idle_s: float) -> None:
         continue
       last[0] = float('inf')  # busy: the watchdog waits
       try:
-        conn.send(_answer(warm, conn.recv()))
+        message = conn.recv()
+        started = time.time()
+        reply = _answer(warm, message)
+        print(f'{time.strftime("%H:%M:%S")} {message["kind"]} round '
+              f'{message["request"].get("round", "-")}: answered in {time.time() - started:.3f} s'
+              + (f' (refused: {reply["error"][:120]})' if 'error' in reply else ''), flush=True)
+        conn.send(reply)
       except (OSError, EOFError) as e:  # the ClientApp went away; its message comes again
         print(f'lost the ClientApp: {e}', flush=True)
       except Exception:  # pylint: disable=broad-except

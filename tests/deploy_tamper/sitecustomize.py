@@ -2,7 +2,9 @@
 
 With FEDBLOOD_TAMPER_ROUND=r the site's round-r train reply carries NaN parameters (the site's
 warm worker inherits this PYTHONPATH); the server must refuse it, name the node, and run the
-round without it.
+round without it. With FEDBLOOD_CRASH_ROUND=r the site's worker dies (exit 9) whenever it is
+asked to train round r: the ClientApp's relay starts another, which dies too, and the round
+goes on without the site; it trains again in the next round, from its state on disk.
 """
 import os
 
@@ -22,3 +24,16 @@ if os.environ.get('FEDBLOOD_TAMPER_ROUND'):
     return out
 
   site.answer = _answer
+
+
+if os.environ.get('FEDBLOOD_CRASH_ROUND'):
+  from fedblood.deploy import site
+
+  _alive = site.answer
+
+  def _crashing(kind, request, *args):
+    if kind == 'train' and int(request['round']) == int(os.environ['FEDBLOOD_CRASH_ROUND']):
+      os._exit(9)  # pylint: disable=protected-access
+    return _alive(kind, request, *args)
+
+  site.answer = _crashing
