@@ -19,7 +19,9 @@ not release them). ``fl.dp.target_epsilon > 0`` calibrates sigma before training
 sigma that keeps every center's epsilon over all ``fl.rounds`` within the target.
 """
 
+import contextlib
 import functools
+import logging
 import math
 from typing import NamedTuple, Sequence
 
@@ -69,6 +71,40 @@ def event(mode: str, rate: float, noise_multiplier: float, steps: int):
   return dpa.SelfComposedDpEvent(one, int(steps))
 
 
+class _Unconverged(logging.Filter):
+  """Drops (and counts) dp-accounting's warning for an RDP order it leaves out.
+
+  For low fractional orders (alpha near 1) at small sigma, the RDP accountant's series for the
+  sampled Gaussian does not converge; dp-accounting then logs one warning per order and
+  computes epsilon from the other orders, a valid bound. The epsilon is the accountant's own,
+  unchanged: only the warnings, dozens per call, stay out of the user's log.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.orders = 0
+
+  def filter(self, record) -> bool:
+    text = record.getMessage()
+    if 'failed to converge' in text and 'Excluding this order' in text:
+      self.orders += 1
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_unconverged_orders():
+  logger, dropped = logging.getLogger('absl'), _Unconverged()
+  logger.addFilter(dropped)
+  try:
+    yield
+  finally:
+    logger.removeFilter(dropped)
+    if dropped.orders:
+      logger.debug('dp-accounting left out %d RDP order(s) whose series did not converge; '
+                   'epsilon is its minimum over the other orders', dropped.orders)
+
+
 def _accountant(name: str):
   dpa = _dp_accounting()
   return dpa.rdp.RdpAccountant() if name == 'rdp' else dpa.pld.PLDAccountant()
@@ -81,8 +117,9 @@ def _epsilon(mode, rate, noise_multiplier, steps, delta, accountant) -> float:
   if noise_multiplier == 0:
     return math.inf
   acc = _accountant(accountant)
-  acc.compose(event(mode, rate, noise_multiplier, steps))
-  return float(acc.get_epsilon(delta))
+  with _quiet_unconverged_orders():
+    acc.compose(event(mode, rate, noise_multiplier, steps))
+    return float(acc.get_epsilon(delta))
 
 
 def epsilons(plan: Plan, steps_taken: Sequence[int]) -> list:
@@ -95,11 +132,12 @@ def calibrate(mode, rates, total_steps, target_epsilon, delta, accountant) -> fl
   """The smallest sigma (to dp-accounting's tolerance) with every center's epsilon <= target."""
   dpa = _dp_accounting()
   sigmas = []
-  for rate, steps in zip(rates, total_steps):
-    sigmas.append(dpa.calibrate_dp_mechanism(
-        lambda: _accountant(accountant),
-        lambda sigma, rate=rate, steps=steps: event(mode, rate, sigma, steps),
-        target_epsilon, delta, bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0)))
+  with _quiet_unconverged_orders():
+    for rate, steps in zip(rates, total_steps):
+      sigmas.append(dpa.calibrate_dp_mechanism(
+          lambda: _accountant(accountant),
+          lambda sigma, rate=rate, steps=steps: event(mode, rate, sigma, steps),
+          target_epsilon, delta, bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0)))
   return float(max(sigmas))
 
 

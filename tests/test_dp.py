@@ -4,6 +4,8 @@ The model is a bare linear least-squares problem (params a small pytree) or the 
 mlp_federation.py; everything runs in seconds.
 """
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,6 +274,25 @@ def test_reported_epsilon_is_dp_accountings_for_the_same_event():
   accountant = dp_accounting.rdp.RdpAccountant()
   accountant.compose(dp_accounting.GaussianDpEvent(1.3), 7)
   assert privacy.epsilons(client, [7] * 3) == [accountant.get_epsilon(1e-5)] * 3
+
+
+def test_orders_dp_accounting_leaves_out_stay_out_of_the_log_and_epsilon_is_its_own(caplog):
+  # q=0.1, sigma=0.6: dp-accounting's series fails for the low fractional RDP orders, and it
+  # warns once per order it leaves out.
+  caplog.set_level(logging.DEBUG, logger='absl')
+  direct = independent_epsilon(0.1, 0.6, 300, 1e-5)
+  unconverged = [r for r in caplog.records if 'failed to converge' in r.getMessage()]
+  assert len(unconverged) > 3  # what a user saw before
+  caplog.clear()
+  privacy._epsilon.cache_clear()  # pylint: disable=protected-access
+  eps = privacy._epsilon('example', 0.1, 0.6, 300, 1e-5, 'rdp')  # pylint: disable=protected-access
+  assert eps == direct
+  assert not [r for r in caplog.records if 'failed to converge' in r.getMessage()]
+  said = [r.getMessage() for r in caplog.records if 'did not converge' in r.getMessage()]
+  assert said == [f'dp-accounting left out {len(unconverged)} RDP order(s) whose series did not '
+                  'converge; epsilon is its minimum over the other orders']
+  logging.getLogger('absl').warning('another warning')  # the filter is gone after the call
+  assert caplog.records[-1].getMessage() == 'another warning'
 
 
 def test_target_epsilon_calibrates_the_noise_to_the_most_exposed_center():
