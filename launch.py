@@ -4,6 +4,7 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
   python launch.py --config configs/wbc.py --config.fl.rounds=30 --workdir /tmp/wbc
   python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep  # all get_sweep() points
   python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5  # + seeds_report.md
+  python launch.py --config configs/wbc.py --folds 5 --workdir /tmp/wbc5f   # + folds_report.md
   python launch.py --mode inspect --workdir /tmp/demo
   python launch.py --mode evaluate --workdir /tmp/demo --eval_dir /data/new_center [--round 5]
   python launch.py --mode predict --workdir /tmp/demo --input /data/cells --output preds.csv
@@ -41,6 +42,11 @@ _SWEEP = flags.DEFINE_bool('sweep', False, "Run every point of the config file's
 _SEEDS = flags.DEFINE_string('seeds', None,
                              "Run the study once per seed ('0-4', '0,3,7'), each in "
                              '<workdir>/seed=S, and write seeds_report.md (mean ± sd over seeds).')
+_FOLDS = flags.DEFINE_integer('folds', None,
+                              'Run the study once per fold of a stratified K-fold split of every '
+                              'center (fold i: data.folds=K, data.fold=i, seed + i), each in '
+                              '<workdir>/fold=I, and write folds_report.md: every image is a test '
+                              'image once.')
 _VECTORIZE = flags.DEFINE_bool('vectorize', False,
                                '--seeds: train the seeds\' federated rounds as one vmapped program '
                                '(docs/performance.md: slower on CPU).')
@@ -171,6 +177,12 @@ def _run(mode, workdir):
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')
+  elif _FOLDS.value is not None:
+    from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
+    if _SWEEP.value or _SEEDS.value is not None:
+      raise app.UsageError('--folds cannot be combined with --seeds or --sweep (fold i takes '
+                           'seed config.seed + i)')
+    print(f'report: {seeds.run_folds(_config(), workdir, _FOLDS.value)}')
   elif _SEEDS.value is not None:
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
     if _SWEEP.value:

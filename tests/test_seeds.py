@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from fedblood import data
 from fedblood.reporting import aggregate
 from fedblood.rundir import checkpoint
 from fedblood.rundir import workdir as workdir_lib
-from fedblood.study import seeds
+from fedblood.study import seeds, sweep
 from study_helpers import fl_state, smoke_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,12 +122,42 @@ def test_aggregate_needs_every_seed_finished_and_one_seed_has_no_sd(tmp_path):
 
 def test_launch_seed_flags_are_checked_before_any_work(tmp_path):
   for args, message in ((['--seeds', '3-1'], 'runs backwards'),
-                        (['--vectorize'], '--vectorize needs --seeds')):
+                        (['--vectorize'], '--vectorize needs --seeds'),
+                        (['--folds', '1'], 'expected a number of folds from 2 to 100'),
+                        (['--folds', '2', '--seeds', '0'], '--folds cannot be combined')):
     proc = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--workdir',
                            str(tmp_path / 'w'), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.rounds = 1
+  config.baselines.local_only = config.baselines.pooled = False
+  path = seeds.run_folds(config, tmp_path / 'w', 2)
+  assert path == tmp_path / 'w' / 'folds_report.md' and '2 folds' in path.read_text()
+  tested = {}
+  for i in (0, 1):
+    saved = json.loads((tmp_path / 'w' / f'fold={i}' / 'config.json').read_text())
+    assert (saved['data']['folds'], saved['data']['fold'], saved['seed']) == (2, i, config.seed + i)
+    for center in data.load_centers(sweep.apply(config, {'data.folds': 2, 'data.fold': i}).data):
+      every = set(center.train.files) | set(center.val.files) | set(center.test.files)
+      tested.setdefault(center.name, (every, []))[1].append(set(center.test.files))
+  for name, (every, (first, second)) in tested.items():  # each image tested once over 2 folds
+    assert first and second and not first & second and first | second == every, name
+  summary = json.loads((tmp_path / 'w' / 'folds_summary.json').read_text())
+  assert summary['folds'] == [0, 1]
+  results = [json.loads((tmp_path / 'w' / f'fold={i}' / 'results.json').read_text())
+             for i in (0, 1)]
+  assert summary['tables']['after']['synth1']['accuracy']['values'] == [
+      r['after']['synth1']['accuracy'] for r in results]
+  assert (tmp_path / 'w' / 'figures' / 'accuracy_per_round_folds.png').is_file()
+  # Rerun: both folds are finished, nothing is trained again.
+  stamp = (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns
+  seeds.run_folds(config, tmp_path / 'w', 2)
+  assert (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns == stamp
 
 
 def test_vectorize_refuses_shard_before_any_work(tmp_path):

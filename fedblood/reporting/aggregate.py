@@ -1,4 +1,6 @@
-"""A seed sweep's aggregate: every per-center table of report.md as mean ± sd (min) over seeds.
+"""A seed (or fold) sweep's aggregate: every per-center table of report.md as mean ± sd (min).
+
+A k-fold sweep (``--folds``) writes the same files with ``folds`` for ``seeds`` in their names.
 
 Inputs are the seeds' own outputs (``results.json`` and ``metrics.jsonl`` of each
 sub-workdir), so the aggregate can be rebuilt at any time from them alone::
@@ -155,8 +157,8 @@ def comparison_table(agg: dict, centers, reference, algorithm: str, key: str) ->
   return '\n'.join(lines)
 
 
-def plot_band(rounds: dict, path, reference=None) -> Path:
-  """Mean test accuracy per round per center over the seeds, with a ± sd band."""
+def plot_band(rounds: dict, path, reference=None, over: str = 'seeds') -> Path:
+  """Mean test accuracy per round per center over the runs (``over``), with a ± sd band."""
   fig, ax = report.plt.subplots(figsize=(6.4, 4.0), dpi=110)
   for center, s in rounds.items():
     x = np.asarray(s['round'])
@@ -166,12 +168,12 @@ def plot_band(rounds: dict, path, reference=None) -> Path:
                     linewidth=2.2 if center == reference else 1.4, label=center)
     ax.fill_between(x, mean - sd, mean + sd, color=line.get_color(), alpha=0.2, linewidth=0)
   ax.set_xlabel('federated round (0 = reference model)')
-  ax.set_ylabel('test accuracy (%), mean ± sd over seeds')
+  ax.set_ylabel(f'test accuracy (%), mean ± sd over {over}')
   ax.set_ylim(0, 102)
   ax.xaxis.set_major_locator(report.matplotlib.ticker.MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc='lower right')
-  ax.set_title('Accuracy per round, every center (band: ± 1 sd over seeds)')
+  ax.set_title(f'Accuracy per round, every center (band: ± 1 sd over {over})')
   return report._save(fig, path)  # pylint: disable=protected-access
 
 
@@ -187,45 +189,49 @@ def _title(name: str) -> str:
           else f'Baseline: {report.BASELINE_TITLES.get(model, model)}')
 
 
-def write(workdir, seeds: Sequence[int], dirs: Sequence) -> Path:
-  """Writes the aggregate files of the seeds' runs in ``dirs``; returns ``seeds_report.md``."""
-  workdir = Path(workdir)
+def write(workdir, seeds: Sequence[int], dirs: Sequence, label: str = 'seed') -> Path:
+  """Writes the aggregate files of the runs in ``dirs``; returns ``<label>s_report.md``.
+
+  ``seeds``: what tells the runs apart, by ``label``: their seeds (``'seed'``, a seed sweep)
+  or their folds (``'fold'``, a k-fold sweep, :func:`fedblood.study.seeds.run_folds`).
+  """
+  workdir, many = Path(workdir), f'{label}s'
   results_list = []
   for d in dirs:
     path = workdir_lib.path(d, workdir_lib.RESULTS)
     if not path.exists():
-      raise FileNotFoundError(f'seed sweep: {path} is missing (that seed has not finished)')
+      raise FileNotFoundError(f'{label} sweep: {path} is missing (that {label} has not finished)')
     results_list.append(workdir_lib.read_results(d))
   first = results_list[0]
   centers, reference = first['centers'], first.get('reference')
   agg = tables(results_list)
   rounds = per_round([workdir_lib.read_rows(d) for d in dirs], [r['before'] for r in results_list])
   figure = plot_band(rounds, workdir_lib.path(workdir, workdir_lib.FIGURES)
-                     / 'accuracy_per_round_seeds.png', reference)
+                     / f'accuracy_per_round_{many}.png', reference, many)
 
   buf = io.StringIO()
   writer = csv.writer(buf)
-  writer.writerow(['table', 'row', 'metric', 'mean', 'sd', 'min', 'max', 'seeds', 'values'])
+  writer.writerow(['table', 'row', 'metric', 'mean', 'sd', 'min', 'max', many, 'values'])
   for name, rows in agg.items():
     for row, cells in rows.items():
       for metric, s in cells.items():
         writer.writerow([name, row, metric, *('' if s[k] is None else repr(s[k])
                                               for k in ('mean', 'sd', 'min', 'max')),
                          len(s['values']), ';'.join(repr(v) for v in s['values'])])
-  (workdir / 'seeds_summary.csv').write_text(buf.getvalue())
-  (workdir / 'seeds_summary.json').write_text(json.dumps(
-      {'seeds': list(seeds), 'workdirs': [str(d) for d in dirs], 'centers': centers,
+  (workdir / f'{many}_summary.csv').write_text(buf.getvalue())
+  (workdir / f'{many}_summary.json').write_text(json.dumps(
+      {many: list(seeds), 'workdirs': [str(d) for d in dirs], 'centers': centers,
        'reference': reference, 'sd': 'sample standard deviation (ddof=1)', 'tables': agg,
        'accuracy_per_round': rounds}, indent=1))
 
   algorithm = first.get('algorithm', '')
-  parts = [f'# {first.get("title", "fedblood run")}: {len(seeds)} seeds', '',
-           f'- seeds: {", ".join(str(s) for s in seeds)} (runs in '
+  parts = [f'# {first.get("title", "fedblood run")}: {len(seeds)} {many}', '',
+           f'- {many}: {", ".join(str(s) for s in seeds)} (runs in '
            f'{", ".join(f"`{Path(d).name}`" for d in dirs)})',
            f'- algorithm: `{algorithm}`, rounds: {first.get("rounds", "?")}, reference center: '
            f'`{reference}`', '',
-           'Metrics in %, each cell mean ± sd (min) over the seeds; sd is the sample standard '
-           'deviation. A mean row is averaged over centers per seed, then over seeds.', '']
+           f'Metrics in %, each cell mean ± sd (min) over the {many}; sd is the sample standard '
+           f'deviation. A mean row is averaged over centers per {label}, then over {many}.', '']
   for name, rows in agg.items():
     if name.startswith('after_models/') and rows == agg['after']:
       continue  # as report.md: a model's table only where it differs from Table 2
@@ -234,8 +240,8 @@ def write(workdir, seeds: Sequence[int], dirs: Sequence) -> Path:
             comparison_table(agg, centers, reference, algorithm, 'accuracy'), '',
             '### The same, macro F1', '',
             comparison_table(agg, centers, reference, algorithm, 'f1'), '',
-            '## Accuracy per round (mean ± sd over seeds)', '',
+            f'## Accuracy per round (mean ± sd over {many})', '',
             f'![accuracy per round](figures/{figure.name})', '']
-  path = workdir / 'seeds_report.md'
+  path = workdir / f'{many}_report.md'
   path.write_text('\n'.join(parts))
   return path

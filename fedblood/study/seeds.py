@@ -1,9 +1,16 @@
-"""Seed sweeps: the study once per seed, each in ``<workdir>/seed=S``, then one aggregate report.
+"""Seed and fold sweeps: the study once per seed (``<workdir>/seed=S``) or per fold of a
+stratified k-fold split (``<workdir>/fold=I``), then one aggregate report.
 
 ::
 
   python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5            # in turn
   python launch.py --config configs/wbc.py --seeds 0-4 --vectorize --workdir /tmp/wbc5
+  python launch.py --config configs/wbc.py --folds 5 --workdir /tmp/wbc5f   # every image tested
+
+``--folds K`` runs fold ``i`` = 0..K-1 with ``data.folds=K``, ``data.fold=i`` and
+``seed = config.seed + i``: across the K runs every image of every center is a test image
+exactly once, and each run also draws its own seed, so the spread over folds holds both the
+split's and the training's variance (``folds_report.md``).
 
 Each seed's sub-workdir is an ordinary run (config.json with its ``seed``, report.md,
 checkpoints...): rerunning the command skips finished seeds and resumes the others.
@@ -67,6 +74,47 @@ def parse_seeds(text: str) -> list[int]:
   return seeds
 
 
+MAX_FOLDS = 100
+
+
+def check_folds(folds) -> int:
+  """``--folds K``: an integer in [2, MAX_FOLDS]."""
+  if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= MAX_FOLDS:
+    raise ValueError(f'--folds {folds!r}: expected a number of folds from 2 to {MAX_FOLDS}')
+  return folds
+
+
+def fold_dir(workdir, fold: int) -> Path:
+  return Path(workdir) / f'fold={fold}'
+
+
+def run_folds(config, workdir, folds: int) -> Path:
+  """Runs (or resumes) each fold of a ``folds``-fold split; returns ``folds_report.md``."""
+  check_folds(folds)
+  points = [{'data.folds': folds, 'data.fold': i, 'seed': int(config.seed) + i}
+            for i in range(folds)]
+  if int(config.seed) + folds - 1 >= SEED_LIMIT:
+    raise ValueError(f'--folds {folds}: fold seeds config.seed + i reach 2^32')
+  configs = [sweep.apply(config, p) for p in points]
+  dirs = [fold_dir(workdir, i) for i in range(folds)]
+  _run_all(configs, dirs, Path(workdir), {'folds': folds}, 'folds_timing.json')
+  return aggregate.write(workdir, list(range(folds)), dirs, label='fold')
+
+
+def _run_all(configs, dirs, workdir: Path, timing: dict, timing_file: str) -> None:
+  """Each unfinished run in turn (a run's workdir of another config refused before any);
+  ``timing`` (with ``runs_s`` added) goes to ``<workdir>/<timing_file>``."""
+  for cfg, d in zip(configs, dirs):
+    workdir_lib.check_config(cfg, d)
+  started = time.time()
+  for cfg, d in zip(configs, dirs):
+    if not workdir_lib.path(d, workdir_lib.RESULTS).exists():
+      train.run(cfg, d)
+  timing['runs_s'] = time.time() - started
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / timing_file).write_text(json.dumps(timing, indent=1))
+
+
 def seed_dir(workdir, seed: int) -> Path:
   return Path(workdir) / sweep.point_name({'seed': seed})
 
@@ -96,12 +144,7 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
     started = time.time()
     fl_vectorized([configs[i] for i in todo], [dirs[i] for i in todo])
     timing['vectorized_fl_s'] = time.time() - started
-  started = time.time()
-  for i in todo:
-    train.run(configs[i], dirs[i])
-  timing['runs_s'] = time.time() - started
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / 'seeds_timing.json').write_text(json.dumps(timing, indent=1))
+  _run_all(configs, dirs, workdir, timing, 'seeds_timing.json')
   return aggregate.write(workdir, seeds, dirs)
 
 
