@@ -181,3 +181,10 @@ def test_the_readme_turns_telemetry_off_for_every_flower_command():
   section = section[:section.index('\n## ', 1)]
   assert 'export FLWR_TELEMETRY_ENABLED=0' in section
   assert section.index('export FLWR_TELEMETRY_ENABLED=0') < section.index('flower-superlink')
+
+
+def test_the_loopback_federation_picks_ports_no_outgoing_connection_can_take():
+  low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+  for _ in range(20):
+    port = local.free_port()
+    assert 1024 <= port < low  # below the kernel's ephemeral range

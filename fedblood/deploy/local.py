@@ -13,6 +13,7 @@ a virtualenv's ``venv/bin/python`` works without activating it.
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -29,6 +30,22 @@ TASK_POLL_S = 0.05
 
 
 def free_port() -> int:
+  """A free TCP port below the kernel's ephemeral range, so that no process's outgoing
+  connection can take it between this call and the server's bind (Flower's processes open
+  many); the ephemeral range itself if none is found."""
+  try:
+    low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+  except (OSError, ValueError, IndexError):
+    low = 32768
+  rng = random.Random()
+  for _ in range(100):
+    port = rng.randrange(max(1024, low - 12000), low)
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -101,13 +118,22 @@ class Federation:
     """A SuperNode ``name`` with ``--node-config`` from ``node_config`` (and extra ``env``)."""
     security = (['--root-certificates', str(self.certs[0])] if self.certs else ['--insecure'])
     config = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
-    argv = [_bin('flower-supernode'), *security, '--superlink', f'127.0.0.1:{self.port}',
-            '--port', str(free_port()), '--node-config', config]
-    if key is not None:
-      argv += ['--auth-supernode-private-key', str(key)]
     if node_config.get('state-dir'):
       self.state_dirs[name] = Path(str(node_config['state-dir']))
-    self._start(name, argv, env)
+    for attempt in range(3):
+      port = free_port()
+      argv = [_bin('flower-supernode'), *security, '--superlink', f'127.0.0.1:{self.port}',
+              '--port', str(port), '--node-config', config]
+      if key is not None:
+        argv += ['--auth-supernode-private-key', str(key)]
+      self._start(name, argv, env)
+      try:
+        self._wait_port(port, name)  # its runtime API listens on --port
+        return
+      except RuntimeError:  # it exited: another process took the port between free_port and bind
+        if attempt == 2:
+          raise
+        self.procs.pop(name).wait(timeout=30)
 
   def flwr(self, *args, timeout: float = 60.0) -> subprocess.CompletedProcess:
     return subprocess.run([_bin('flwr'), *args], env=self.env, cwd=self.root, timeout=timeout,
