@@ -143,8 +143,9 @@ def call(kind: str, request: dict, server_rec, frozen_rec, node_config) -> dict:
     SiteError: the site refused the request (the worker's message), or the worker failed.
   """
   _, state_dir = settings(node_config)
-  if 'study' in request and check_study_id(request['study']):  # before the worker, or a folder
-    raise SiteError(f'refused the server\'s request: {check_study_id(request["study"])}')
+  reason = check_study_id(request['study']) if 'study' in request else None
+  if reason:  # refused before a worker starts, or a folder is made
+    raise SiteError(f'refused the server\'s request: {reason}')
   message = {'kind': kind, 'request': dict(request), 'server': pack(server_rec),
              'frozen': pack(frozen_rec), 'node_config': dict(node_config)}
   for attempt in range(2):

@@ -46,7 +46,7 @@ def _answer(warm, message: dict) -> dict:
   try:
     out = site.answer(message['kind'], message['request'], relay.unpack(message['server']),
                       relay.unpack(message['frozen']), message['node_config'], warm)
-  except (relay.SiteError, ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # SiteError is a ValueError
     return {'error': str(e)}
   out = site.records(out)
   for field in ('params', 'state'):
