@@ -2,6 +2,7 @@
 
 import io
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,45 +17,72 @@ TEMPLATE = {'block4': {'kernel': jnp.zeros((3, 3, 2, 4)), 'bias': jnp.zeros(4)},
             'steps': jnp.zeros((), jnp.int32)}
 
 
-def _record(**changes):
+def _tree(**changes):
   tree = {'block4': {'kernel': np.ones((3, 3, 2, 4), np.float32), 'bias': np.ones(4, np.float32)},
           'steps': np.int32(3)}
-  record = wire.to_record(tree)
   for name, array in changes.items():
-    record[name.replace('__', '/')] = array
-  return record
+    *parents, leaf = name.split('__')
+    node = tree
+    for key in parents:
+      node = node[key]
+    node[leaf] = array
+  return tree
 
 
-def test_round_trip_is_exact():
+def _record(**changes):
+  return wire.to_record(_tree(**changes))
+
+
+def test_round_trip_is_exact_in_two_arrays():
   record = _record()
   assert wire.check_tree(record, TEMPLATE, 'params') is None
   back = wire.from_record(record, TEMPLATE)
-  assert sorted(record.keys()) == ['block4/bias', 'block4/kernel', 'steps']
+  assert sorted(record.keys()) == ['data', 'layout']  # two objects on the wire, not one per leaf
+  assert record['data'].numpy().size == (3 * 3 * 2 * 4 + 4 + 1) * 4
   np.testing.assert_array_equal(back['block4']['kernel'], np.ones((3, 3, 2, 4), np.float32))
   assert back['steps'].dtype == np.int32 and int(back['steps']) == 3
+  rng = np.random.default_rng(0)
+  tree = _tree(block4__kernel=rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+               block4__bias=rng.normal(size=4).astype(np.float32))
+  back = wire.from_record(wire.to_record(tree), TEMPLATE)
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+    assert a.tobytes() == b.tobytes() and a.dtype == b.dtype and a.shape == b.shape
 
 
 @pytest.mark.parametrize('changes, reason', [
-    ({'block4__bias': Array(np.ones(5, np.float32))}, 'params/block4/bias: float32[5], expected '
-                                                      'float32[4]'),
-    ({'block4__bias': Array(np.ones(4, np.float64))}, 'params/block4/bias: float64[4], expected '
-                                                      'float32[4]'),
-    ({'block4__kernel': Array(np.full((3, 3, 2, 4), np.inf, np.float32))},
+    ({'block4__bias': np.ones(5, np.float32)}, 'params/block4/bias: float32[5], expected '
+                                               'float32[4]'),
+    ({'block4__bias': np.ones(4, np.float64)}, 'params/block4/bias: float64[4], expected '
+                                               'float32[4]'),
+    ({'block4__kernel': np.full((3, 3, 2, 4), np.inf, np.float32)},
      'params/block4/kernel: non-finite values'),
-    ({'block4__bias': Array(np.array([1, np.nan, 0, 0], np.float32))},
+    ({'block4__bias': np.array([1, np.nan, 0, 0], np.float32)},
      'params/block4/bias: non-finite values'),
-    ({'extra': Array(np.ones(1, np.float32))}, "unexpected ['extra']"),
+    ({'extra': np.ones(1, np.float32)}, "unexpected ['extra']"),
 ])
 def test_bad_trees_are_refused_with_the_leaf_named(changes, reason):
   got = wire.check_tree(_record(**changes), TEMPLATE, 'params')
   assert got is not None and reason in got
 
 
-def test_missing_record_and_missing_leaf():
+def test_missing_record_leaf_or_array_and_data_that_disagrees_with_its_layout():
   assert wire.check_tree(None, TEMPLATE, 'state') == 'state: missing'
+  tree = _tree()
+  del tree['steps']
+  assert "missing ['steps']" in wire.check_tree(wire.to_record(tree), TEMPLATE, 'params')
   record = _record()
-  del record['steps']
-  assert "missing ['steps']" in wire.check_tree(record, TEMPLATE, 'params')
+  del record['data']
+  assert wire.check_tree(record, TEMPLATE, 'params').startswith("params: holds ['layout']")
+  record = _record()
+  record['data'] = Array(record['data'].numpy()[:-4])  # the layout says 4 bytes more
+  assert wire.check_tree(record, TEMPLATE, 'params') == 'params/data: 304 bytes, expected 308'
+  record = _record()
+  record['layout'] = Array(np.frombuffer(b'{not json', np.uint8).copy())
+  assert wire.check_tree(record, TEMPLATE, 'params').startswith('params/layout: unreadable')
+  record = _record()
+  record['data'] = Array(record['data'].numpy().view(np.float32))
+  assert 'params/data: float32[77], expected a 1-D uint8 array' in wire.check_tree(
+      record, TEMPLATE, 'params')
 
 
 class _Boom:
@@ -62,13 +90,15 @@ class _Boom:
     return (exec, ("raise SystemExit('unpickled!')",))
 
 
-def test_a_pickle_on_the_wire_is_never_unpickled():
+@pytest.mark.parametrize('key', ['data', 'layout'])
+def test_a_pickle_on_the_wire_is_never_unpickled(key):
   buf = io.BytesIO()
   np.save(buf, np.array([_Boom()], dtype=object), allow_pickle=True)
   assert b'unpickled!' in buf.getvalue()  # a real pickle payload, executed if ever loaded
-  evil = Array(dtype='float32', shape=(4,), stype='numpy.ndarray', data=buf.getvalue())
-  got = wire.check_tree(_record(block4__bias=evil), TEMPLATE, 'params')
-  assert got.startswith('params/block4/bias: unreadable')
+  record = _record()
+  record[key] = Array(dtype='uint8', shape=(4,), stype='numpy.ndarray', data=buf.getvalue())
+  got = wire.check_tree(record, TEMPLATE, 'params')
+  assert got.startswith(f'params/{key}: unreadable')
 
 
 def test_load_config_overrides_and_their_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""What travels between the server and the sites: pytrees as flat named arrays, the config as JSON.
+"""What travels between the server and the sites: a pytree as its layout and its bytes, the config as JSON.
 
 Nothing is pickled: arrays go as ``.npy`` bytes (Flower's ``Array``, saved and loaded with
 ``allow_pickle=False``), every other value as JSON text or Flower's typed scalar records.
@@ -34,10 +34,39 @@ def _key(k) -> str:
   return str(k)
 
 
+LAYOUT, DATA = 'layout', 'data'
+
+
+def _layout(tree) -> list:
+  """``[[leaf path, dtype string, shape], ...]`` in ``jax.tree`` order."""
+  return [[n, np.dtype(x.dtype).str, list(np.shape(x))]
+          for n, x in zip(leaf_names(tree), jax.tree.leaves(tree))]
+
+
 def to_record(tree) -> ArrayRecord:
-  """A pytree of arrays as an ``ArrayRecord`` keyed by leaf path."""
-  names, leaves = leaf_names(tree), jax.tree.leaves(tree)
-  return ArrayRecord(array_dict={n: Array(np.asarray(x)) for n, x in zip(names, leaves)})
+  """A pytree of arrays as an ``ArrayRecord`` of two arrays: ``layout`` (the leaves' paths,
+  dtypes and shapes as JSON text) and ``data`` (their bytes, one after the other).
+
+  Two arrays, not one per leaf: Flower moves every array as its own objects, one request
+  each, so a VGG16 tree of ~30 leaves cost hundreds of requests a round (docs/performance.md).
+  """
+  leaves = [np.ascontiguousarray(x) for x in jax.tree.leaves(tree)]
+  spec = json.dumps(_layout(tree)).encode()
+  data = (np.concatenate([x.reshape(-1).view(np.uint8) for x in leaves]) if leaves
+          else np.zeros(0, np.uint8))
+  return ArrayRecord(array_dict={LAYOUT: Array(np.frombuffer(spec, np.uint8).copy()),
+                                 DATA: Array(data)})
+
+
+def _read(record, key: str) -> np.ndarray:
+  """``record[key]`` as a 1-D uint8 array (never unpickled); ValueError saying why not."""
+  try:
+    x = record[key].numpy()
+  except (TypeError, ValueError) as e:  # not a numpy array, or one np.load refuses
+    raise ValueError(f'unreadable ({e})') from None
+  if x.dtype != np.uint8 or x.ndim != 1:
+    raise ValueError(f'{x.dtype}{list(x.shape)}, expected a 1-D uint8 array')
+  return x
 
 
 def check_tree(record, template, what: str) -> str | None:
@@ -49,33 +78,57 @@ def check_tree(record, template, what: str) -> str | None:
     what: named in the reason, e.g. ``"params"``.
 
   Returns:
-    A one-line reason: missing or unexpected leaves, a wrong shape or dtype, or
-    non-finite values; None if every leaf matches and is finite.
+    A one-line reason: not a packed tree, missing or unexpected leaves, a wrong shape or
+    dtype, data of the wrong length, or non-finite values; None if every leaf matches and
+    is finite.
   """
-  names = leaf_names(template)
   if record is None:
     return f'{what}: missing'
-  got = set(record.keys())
-  if got != set(names):
-    missing, extra = sorted(set(names) - got), sorted(got - set(names))
+  if set(record.keys()) != {LAYOUT, DATA}:
+    return f'{what}: holds {sorted(record.keys())[:4]}, expected {[DATA, LAYOUT]}'
+  try:
+    got = json.loads(_read(record, LAYOUT).tobytes().decode())
+    got = {str(n): (str(d), [int(k) for k in s]) for n, d, s in got}
+  except (ValueError, TypeError) as e:
+    return f'{what}/{LAYOUT}: unreadable ({e})'
+  expected = _layout(template)
+  names = [n for n, _, _ in expected]
+  if set(got) != set(names):
+    missing, extra = sorted(set(names) - set(got)), sorted(set(got) - set(names))
     return f'{what}: leaves differ (missing {missing[:3]}, unexpected {extra[:3]})'
-  for name, leaf in zip(names, jax.tree.leaves(template)):
-    try:
-      x = record[name].numpy()
-    except (TypeError, ValueError) as e:  # not a numpy array, or one np.load refuses
-      return f'{what}/{name}: unreadable ({e})'
-    shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
-    if x.shape != shape or x.dtype != dtype:
-      return f'{what}/{name}: {x.dtype}{list(x.shape)}, expected {dtype}{list(shape)}'
+  for name, dtype, shape in expected:
+    if got[name] != (dtype, shape):
+      d, s = got[name]
+      return (f'{what}/{name}: {np.dtype(d).name}{s}, expected '
+              f'{np.dtype(dtype).name}{shape}')
+  try:
+    data = _read(record, DATA)
+  except ValueError as e:
+    return f'{what}/{DATA}: {e}'
+  size = sum(np.dtype(d).itemsize * int(np.prod(s)) for _, d, s in expected)
+  if data.size != size:
+    return f'{what}/{DATA}: {data.size} bytes, expected {size}'
+  for name, x in zip(names, _split(data, template)):
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
       return f'{what}/{name}: non-finite values'
   return None
 
 
+def _split(data: np.ndarray, template) -> list:
+  """``data``'s bytes as ``template``'s leaves (own, aligned copies)."""
+  out, offset = [], 0
+  for leaf in jax.tree.leaves(template):
+    dtype, shape = np.dtype(leaf.dtype), tuple(np.shape(leaf))
+    count = int(np.prod(shape))
+    out.append(np.frombuffer(data, dtype, count, offset).reshape(shape).copy())
+    offset += count * dtype.itemsize
+  return out
+
+
 def from_record(record, template):
   """The pytree of ``template``'s structure holding ``record``'s arrays (check it first)."""
-  names = leaf_names(template)
-  return jax.tree.unflatten(jax.tree.structure(template), [record[n].numpy() for n in names])
+  leaves = _split(_read(record, DATA), template)
+  return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
 # ------------------------------------------------------------------------------------ config
