@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip('flwr')
 
 from fedblood.core import simulate
-from fedblood.deploy import local, wire  # pylint: disable=g-import-not-at-top
+from fedblood.deploy import credentials, local, wire  # pylint: disable=g-import-not-at-top
 from fedblood.rundir import checkpoint  # pylint: disable=g-import-not-at-top
 from fedblood.study import experiment, train
 from fedblood.study.experiment import STAGE  # pylint: disable=g-import-not-at-top
@@ -72,17 +72,18 @@ def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch)
   """FedDyn and SCAFFOLD over TLS with node authentication == fedblood's simulation.
 
   Three registered sites and one node with an unregistered key, which the SuperLink refuses.
+  Site 2 runs Flower's ``flower-supernode`` as shipped, the others ``fedblood-supernode``.
   """
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   overrides = _reference(tmp_path, TINY + ' fl.rounds=2')
   with local.Federation(tmp_path / 'fed', tls=True, auth=True) as fed:
     fed.start_superlink()
     for k in range(3):
-      private, public = local.make_node_key(fed.root, f'site{k}')
+      private, public = credentials.make_node_key(fed.root, f'site{k}')
       fed.register(public)
       fed.start_supernode(f'site{k}', {'center': f'synth{k}', 'state-dir': str(tmp_path / f's{k}')},
-                          key=private)
-    intruder, _ = local.make_node_key(fed.root, 'intruder')
+                          key=private, supernode='flower' if k == 2 else None)
+    intruder, _ = credentials.make_node_key(fed.root, 'intruder')
     fed.start_supernode('intruder', {'center': 'synth1', 'state-dir': str(tmp_path / 'x')},
                         key=intruder)
     for algorithm in ('fed_dyn', 'scaffold'):

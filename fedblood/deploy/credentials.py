@@ -1,10 +1,11 @@
 """Credentials to try a TLS federation with node authentication on one machine.
 
 A consortium uses its own PKI; these are what :class:`fedblood.deploy.local.Federation` and
-``python -m fedblood.deploy.local certs DIR`` / ``keys DIR NAME...`` make for 127.0.0.1.
+``python -m fedblood.deploy.credentials certs DIR`` / ``keys DIR NAME...`` make for 127.0.0.1.
 """
 
 import datetime
+import sys
 from pathlib import Path
 
 
@@ -55,3 +56,20 @@ def make_node_key(directory: Path, name: str) -> tuple[Path, Path]:
   public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                    serialization.PublicFormat.OpenSSH))
   return private, public
+
+
+def main(argv) -> None:
+  """``certs DIR``: a CA + server certificate for 127.0.0.1/localhost (trying it on one
+  machine; a consortium uses its own PKI). ``keys DIR NAME...``: a node key pair per name."""
+  if len(argv) >= 2 and argv[0] == 'certs':
+    print('\n'.join(map(str, make_certificates(Path(argv[1])))))
+  elif len(argv) >= 3 and argv[0] == 'keys':
+    Path(argv[1]).mkdir(parents=True, exist_ok=True)
+    for name in argv[2:]:
+      print('\n'.join(map(str, make_node_key(Path(argv[1]), name))))
+  else:
+    raise SystemExit('usage: python -m fedblood.deploy.credentials certs DIR | keys DIR NAME...')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

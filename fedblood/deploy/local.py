@@ -22,11 +22,15 @@ import sys
 import time
 from pathlib import Path
 
-from fedblood.deploy.credentials import make_certificates, make_node_key
+from fedblood.deploy.credentials import make_certificates
 
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / 'flower_app'
 TASK_POLL_S = 0.05
+# How each SuperNode starts: fedblood's (Flower's with a short pull interval, see
+# fedblood/deploy/supernode.py) or Flower's own.
+SUPERNODES = {'fedblood': [sys.executable, '-m', 'fedblood.deploy.supernode'],
+              'flower': None}
 
 
 def free_port() -> int:
@@ -55,9 +59,14 @@ class Federation:
   """SuperLink + SuperNodes + ``flwr`` CLI in ``root`` (logs in ``root/logs``)."""
 
   def __init__(self, root, *, tls: bool = False, auth: bool = False, env: dict | None = None,
-               persistent: bool = False):
+               persistent: bool = False, supernode: str = 'fedblood'):
     """Args: root (logs, keys, certificates, FLWR_HOME), tls, auth, env (of every process),
-    persistent (the SuperLink keeps its state in ``root/superlink.db`` across restarts)."""
+    persistent (the SuperLink keeps its state in ``root/superlink.db`` across restarts),
+    supernode ('fedblood': ``fedblood-supernode``, Flower's SuperNode pulling every 0.1 s;
+    'flower': ``flower-supernode`` as shipped, 3 s between empty pulls)."""
+    if supernode not in SUPERNODES:
+      raise ValueError(f'supernode must be one of {sorted(SUPERNODES)}, got {supernode!r}')
+    self.supernode = SUPERNODES[supernode]
     self.root = Path(root)
     self.persistent = persistent
     self.logs = self.root / 'logs'
@@ -114,15 +123,17 @@ class Federation:
     self._wait_port(self.port, 'superlink')
 
   def start_supernode(self, name: str, node_config: dict, key: Path | None = None,
-                      env: dict | None = None) -> None:
-    """A SuperNode ``name`` with ``--node-config`` from ``node_config`` (and extra ``env``)."""
+                      env: dict | None = None, supernode: str | None = None) -> None:
+    """A SuperNode ``name`` with ``--node-config`` from ``node_config`` (and extra ``env``);
+    ``supernode`` ('fedblood' / 'flower') for this one, the federation's by default."""
+    command = self.supernode if supernode is None else SUPERNODES[supernode]
     security = (['--root-certificates', str(self.certs[0])] if self.certs else ['--insecure'])
     config = ' '.join(f'{k}={json.dumps(v)}' for k, v in node_config.items())
     if node_config.get('state-dir'):
       self.state_dirs[name] = Path(str(node_config['state-dir']))
     for attempt in range(3):
       port = free_port()
-      argv = [_bin('flower-supernode'), *security, '--superlink', f'127.0.0.1:{self.port}',
+      argv = [*(command or [_bin('flower-supernode')]), *security, '--superlink', f'127.0.0.1:{self.port}',
               '--port', str(port), '--node-config', config]
       if key is not None:
         argv += ['--auth-supernode-private-key', str(key)]
@@ -279,20 +290,3 @@ def _bin_dir() -> str:
 
 def _bin(name: str) -> str:
   return str(Path(_bin_dir()) / name)
-
-
-def main(argv) -> None:
-  """``certs DIR``: a CA + server certificate for 127.0.0.1/localhost (trying it on one
-  machine; a consortium uses its own PKI). ``keys DIR NAME...``: a node key pair per name."""
-  if len(argv) >= 2 and argv[0] == 'certs':
-    print('\n'.join(map(str, make_certificates(Path(argv[1])))))
-  elif len(argv) >= 3 and argv[0] == 'keys':
-    Path(argv[1]).mkdir(parents=True, exist_ok=True)
-    for name in argv[2:]:
-      print('\n'.join(map(str, make_node_key(Path(argv[1]), name))))
-  else:
-    raise SystemExit('usage: python -m fedblood.deploy.local certs DIR | keys DIR NAME...')
-
-
-if __name__ == '__main__':
-  main(sys.argv[1:])

@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedblood.deploy import server, wire
+from fedblood.deploy import polls, server, wire
 from fedblood.rundir import lock
 
 app = ServerApp()
@@ -26,6 +26,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+  polls.shorten()  # a reply's arrays are pulled 0.1 s after they are pushed, not 1 s
   rc = context.run_config
   if not str(rc.get('workdir', '')) or not str(rc.get('config', '')):
     raise ValueError("run config needs config='<config.py[:arg]>' and workdir='<dir>'")
