@@ -4,6 +4,7 @@ r"""Wall time per FL round deployed on Flower (localhost) against the simulation
   python bench/bench_deploy.py --rounds 4 --reps 1 --width 0.125
   python bench/bench_deploy.py --config configs/wbc.py --rounds 5 --reps 1   # 4 real centers
   python bench/bench_deploy.py --worker off  # one ClientApp process per message, no warm worker
+  python bench/bench_deploy.py --supernode flower  # Flower's SuperNode as shipped (3 s pulls)
 
 With ``--config configs/wbc.py`` each SuperNode reads its own center from the config's
 ``data.root`` (node config ``data-source='folder' data-root=...``), as a site would.
@@ -73,6 +74,9 @@ def main():
   parser.add_argument('--config', default=CONFIG, help='a config file[:arg]')
   parser.add_argument('--worker', choices=('on', 'off'), default='on',
                       help='the sites\' warm worker (node config worker=...)')
+  parser.add_argument('--supernode', choices=sorted(local.SUPERNODES), default='fedblood',
+                      help="'fedblood': Flower's SuperNode pulling every 0.1 s (fedblood-supernode);"
+                           " 'flower': as shipped, 3 s between empty pulls")
   args = parser.parse_args()
   if args.width is None and args.config == CONFIG:
     args.width = 0.0625
@@ -94,7 +98,7 @@ def main():
     config = wire.load_config(args.config, overrides)
   sim, dep = [], []
   try:
-    with local.Federation(root / 'fed') as fed:
+    with local.Federation(root / 'fed', supernode=args.supernode) as fed:
       fed.start_superlink()
       for k, c in enumerate(centers):
         node = {'center': c.name, 'state-dir': str(root / f'site{k}'), 'worker': args.worker}
@@ -115,11 +119,13 @@ def main():
   print(f'machine: {cpu.stdout.strip()}; load: {load}')
   print(f'{args.config}: {len(centers)} centers {[len(c.train.labels) for c in centers]} train '
         f'images, VGG16 width {config.model.width}, {config.data.image_size} px, {args.rounds} '
-        f'rounds x {args.reps} reps, interleaved, site worker {args.worker}\n')
+        f'rounds x {args.reps} reps, interleaved, site worker {args.worker}, '
+        f'{args.supernode} SuperNode\n')
   print('| round | simulated s | deployed s | deployed / simulated |\n|---|---|---|---|')
   print(f'| 1 (compiles) | {s1:.2f} | {d1:.2f} | {d1 / s1:.1f}x |')
   print(f'| 2.. (median) | {s:.2f} | {d:.2f} | {d / s:.1f}x |')
   print(json.dumps({'bench': 'deploy', 'config': args.config, 'worker': args.worker,
+                    'supernode': args.supernode,
                     'simulated_round_s': s, 'deployed_round_s': d,
                     'ratio': d / s, 'first_round_ratio': d1 / s1, 'simulated': sim,
                     'deployed': dep, 'load': load}))
