@@ -154,6 +154,18 @@ def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
   assert summary['tables']['after']['synth1']['accuracy']['values'] == [
       r['after']['synth1']['accuracy'] for r in results]
   assert (tmp_path / 'w' / 'figures' / 'accuracy_per_round_folds.png').is_file()
+  # Every test image once: the pooled counts are the folds' own, the intervals hold them.
+  images = json.loads((tmp_path / 'w' / 'folds_per_image.json').read_text())
+  for name, (_, tests) in tested.items():
+    pooled = images['accuracy']['after'][name]
+    assert pooled['n'] == sum(len(t) for t in tests)
+    assert pooled['correct'] == round(sum(r['after'][name]['accuracy'] * r['after'][name]['n']
+                                          for r in results))
+    assert pooled['low'] <= pooled['accuracy'] <= pooled['high']
+    vs = images['paired']['before'][name]  # FL against the reference model, same images
+    assert vs['n'] == pooled['n'] and vs['accuracy_a'] == pooled['accuracy']
+    assert abs(vs['difference'] - (vs['a_only'] - vs['b_only']) / vs['n']) < 1e-12
+  assert 'Every test image over the folds' in path.read_text()
   # Rerun: both folds are finished, nothing is trained again.
   stamp = (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns
   seeds.run_folds(config, tmp_path / 'w', 2)

@@ -56,15 +56,20 @@ def _sizes(center) -> dict:
           'val_size': len(center.val.labels), 'test_size': len(center.test.labels)}
 
 
+PER_IMAGE = ('labels', 'predictions')
+
+
 def _evaluate(st, center, server_state, frozen, request) -> dict:
-  """``{model: {split: full metrics}}`` of the requested ``eval_params`` models."""
+  """``{model: {split: full metrics}}`` of the requested ``eval_params`` models, without the
+  per-image labels and predictions (they stay at the site)."""
   wanted = json.loads(request.get('evaluate', '[]'))
   models = st.algorithm.eval_params(server_state)
   out = {}
   for name in wanted:
     if name not in models:
       raise SiteError(f'evaluate: no model {name!r} (have {sorted(models)})')
-    out[name] = {s: st.experiment.evaluate(models[name], frozen, getattr(center, s))
+    out[name] = {s: {k: v for k, v in st.experiment.evaluate(
+        models[name], frozen, getattr(center, s)).items() if k not in PER_IMAGE}
                  for s in ('val', 'test') if len(getattr(center, s).labels)}
   return out
 

@@ -56,7 +56,8 @@ def classify(y_true, y_pred, class_names: Sequence[str] = CLASSES) -> dict:
     ``precision``, ``recall`` (sensitivity), ``specificity``, ``f1`` over the
     classes present in ``y_true``; ``classes_present``; ``per_class``
     ({name: {precision, recall, specificity, f1, support}}) and ``confusion``
-    (K x K list, rows = true class, columns = predicted class).
+    (K x K list, rows = true class, columns = predicted class); ``labels`` and
+    ``predictions`` (per image, as lists).
 
   Raises:
     ValueError: on mismatched lengths or labels outside 0..K-1.
@@ -84,6 +85,8 @@ def classify(y_true, y_pred, class_names: Sequence[str] = CLASSES) -> dict:
       'classes_present': [class_names[c] for c in present],
       'per_class': _per_class(class_names, confusion, precision, recall, f1, specificity),
       'confusion': confusion.astype(int).tolist(),
+      'labels': y_true.tolist(),        # per image, in the split's order: what pooled
+      'predictions': y_pred.tolist(),   # intervals and paired comparisons are made of
   }
 
 

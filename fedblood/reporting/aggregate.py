@@ -15,7 +15,10 @@ writes, in ``workdir``:
 - ``seeds_summary.csv``: one row per (table, row, metric): mean, sd, min, max, the values;
 - ``seeds_summary.json``: the same statistics, and per center the accuracy per round;
 - ``figures/accuracy_per_round_seeds.png``: mean test accuracy per round per center, with a
-  band of ± one sd.
+  band of ± one sd;
+- for folds only, ``folds_per_image.json`` and two more sections of the report: every test
+  image over the folds, each table's accuracy with a 95 % interval and FL against each other
+  model on the same images (:mod:`fedblood.reporting.per_image`).
 
 ``sd`` is the sample standard deviation (``ddof=1``); with one seed it is undefined (``None``,
 shown ``–``). A row's mean over centers is taken per seed first, then over seeds, so the
@@ -31,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fedblood.reporting import report
+from fedblood.reporting import per_image, report
 from fedblood.rundir import workdir as workdir_lib
 
 METRICS = tuple(k for k, _ in report.COLUMNS)
@@ -242,6 +245,10 @@ def write(workdir, seeds: Sequence[int], dirs: Sequence, label: str = 'seed') ->
             comparison_table(agg, centers, reference, algorithm, 'f1'), '',
             f'## Accuracy per round (mean ± sd over {many})', '',
             f'![accuracy per round](figures/{figure.name})', '']
+  if label == 'fold':  # every image is tested once over the folds: pooled intervals
+    images = per_image.summarize(results_list, centers, reference)
+    (workdir / 'folds_per_image.json').write_text(json.dumps(images, indent=1))
+    parts += per_image.section(images, centers, reference, label)
   path = workdir / f'{many}_report.md'
   path.write_text('\n'.join(parts))
   return path
