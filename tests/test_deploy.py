@@ -200,6 +200,44 @@ def test_faults_tampered_reply_crashed_site_restarted_server(tmp_path, monkeypat
 
 
 @pytest.mark.slow
+def test_a_hung_site_drops_out_of_its_round_and_rejoins_with_its_state(tmp_path, monkeypatch):
+  """FedDyn, 3 rounds, 2 sites: site1's worker hangs (SIGSTOP) when asked to train round 2.
+  The server waits round-timeout (bounded, logged), runs round 2 without it, and discards its
+  late reply (sent after the test's SIGCONT); site1 trains round 3 from its round-1 state. The
+  final state equals the simulation's round function over [1,1], [1,0], [1,1]."""
+  import signal  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  overrides = _reference(tmp_path, 'baselines.local_only=False baselines.pooled=False '
+                         'model.width=0.0625 data.synthetic.num_centers=2 '
+                         "data.synthetic.images_per_center=(60,40) fl.rounds=3 "
+                         "fl.algorithm='fed_dyn'")
+  workdir = tmp_path / 'deployed'
+  hang = os.pathsep.join([str(Path(__file__).parent / 'deploy_tamper'), str(local.REPO)])
+  with local.Federation(tmp_path / 'fed') as fed:
+    fed.start_superlink()
+    fed.start_supernode('site0', {'center': 'synth0', 'state-dir': str(tmp_path / 's0')})
+    fed.start_supernode('site1', {'center': 'synth1', 'state-dir': str(tmp_path / 's1')},
+                        env={'FEDBLOOD_HANG_ROUND': '2', 'PYTHONPATH': hang})
+    run_id = fed.start_run(_run_config(overrides, workdir, **{'round-timeout': 60.0}))
+    _wait_for(workdir / 'checkpoints' / 'fl' / '2', fed)  # round 2 went on without site1
+    pid = local.worker_pid(tmp_path / 's1')
+    assert pid is not None and Path(f'/proc/{pid}/stat').read_text().split(')')[1].split()[0] == 'T'
+    os.kill(pid, signal.SIGCONT)  # its round-2 reply now arrives, late
+    out = fed.wait_run(run_id, timeout=300)
+    assert out['status'] == 'finished:completed', out['log'][-3000:]
+  log = (workdir / 'deploy.log').read_text()
+  assert "no reply within 60 s from node" in log and "(center 'synth1'): left out" in log
+  masks = _masks(log, names=('synth0', 'synth1'))
+  assert masks == [[True, True], [True, False], [True, True]]
+  template = _replay(overrides, masks)
+  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl')
+  state, meta = checkpoint.restore(mngr, template)
+  mngr.close()
+  assert meta['round'] == 3
+  assert max_rel_diff(template, state) == 0
+
+
+@pytest.mark.slow
 def test_all_sites_vanish_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
   """The only site is killed -9 once round 1 is checkpointed (by then it has trained round 2
   too: round 2's train request carried round 1's evaluation): round 3 ends the run with a

@@ -4,7 +4,9 @@ With FEDBLOOD_TAMPER_ROUND=r the site's round-r train reply carries NaN paramete
 warm worker inherits this PYTHONPATH); the server must refuse it, name the node, and run the
 round without it. With FEDBLOOD_CRASH_ROUND=r the site's worker dies (exit 9) whenever it is
 asked to train round r: the ClientApp's relay starts another, which dies too, and the round
-goes on without the site; it trains again in the next round, from its state on disk.
+goes on without the site; it trains again in the next round, from its state on disk. With
+FEDBLOOD_HANG_ROUND=r the worker stops itself (SIGSTOP) when asked to train round r, and
+answers once the test sends SIGCONT: a hung site, whose late reply the server must discard.
 """
 import os
 
@@ -37,3 +39,17 @@ if os.environ.get('FEDBLOOD_CRASH_ROUND'):
     return _alive(kind, request, *args)
 
   site.answer = _crashing
+
+
+if os.environ.get('FEDBLOOD_HANG_ROUND'):
+  import signal
+  from fedblood.deploy import site
+
+  _awake = site.answer
+
+  def _hanging(kind, request, *args):
+    if kind == 'train' and int(request['round']) == int(os.environ['FEDBLOOD_HANG_ROUND']):
+      os.kill(os.getpid(), signal.SIGSTOP)  # hung, heartbeats and all, until the test's SIGCONT
+    return _awake(kind, request, *args)
+
+  site.answer = _hanging
