@@ -189,16 +189,18 @@ def _evaluator(fd: Federation, run, all_models, final: dict):
   Before the last round, the evaluation rides on the next round's train requests (the sites
   evaluate the model they receive, then train from it; the replies wait in
   ``fd.prefetched``); centers not drawn for it, or whose train reply carried no evaluation,
-  are sent an evaluate request.
+  are sent an evaluate request, except those that did not answer the train request within
+  ``round_timeout`` (a hung site would make the round wait once more, in vain).
   """
   def evaluate(r, server):
     models = all_models if r == run.rounds else [run.eval_name]
-    evals = {}
+    evals, silent = {}, set()
     if r < run.rounds:
       replies = send_train(fd, r + 1, run.draw(r + 1), server, models)
       fd.prefetched[r + 1] = (server, replies)
       evals = fd.sites.evals(replies)
-    evals.update(fd.sites.evaluate([c for c in fd.st.centers if c not in evals],
+      silent = {fd.sites.center_of(node) for node in fd.sites.unanswered}
+    evals.update(fd.sites.evaluate([c for c in fd.st.centers if c not in set(evals) | silent],
                                     fd.payload(server), models))
     if r == run.rounds:
       final.update(evals)

@@ -10,6 +10,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 # Seconds between the server's pulls for replies (Flower's own send_and_receive sleeps 3 s
 # between pulls, which a round would wait on).
 POLL_S = 0.05
+# A request outlives the server's wait by this much, so that the server's own deadline, not
+# the message's expiry, decides that a site did not answer (and deploy.log says so).
+TTL_MARGIN_S = 30.0
 
 
 def note(workdir: Path, text: str) -> None:
@@ -29,6 +32,7 @@ class Sites:
     self.grid, self.st, self.base, self.workdir, self.timeout = (
         grid, st, base_request, workdir, timeout)
     self.node_of, self.sizes = {}, {}
+    self.unanswered = set()  # nodes the last exchange waited for in vain (hung or gone)
 
   def center_of(self, node_id):
     return {n: c for c, n in self.node_of.items()}.get(node_id)
@@ -36,7 +40,7 @@ class Sites:
   def send(self, kind: str, payloads: dict, content: dict) -> dict:
     """Sends ``kind`` to ``{node_id: request fields}``; returns ``{node_id: reply}`` (no errors)."""
     msgs = [Message(RecordDict({'request': ConfigRecord({**self.base, **fields}), **content}),
-                    dst_node_id=node, message_type=kind, ttl=self.timeout)
+                    dst_node_id=node, message_type=kind, ttl=self.timeout + TTL_MARGIN_S)
             for node, fields in payloads.items()]
     replies = self._exchange(kind, msgs)
     # An error the SuperLink writes (e.g. the node stopped its heartbeat) comes from the
@@ -72,6 +76,7 @@ class Sites:
       if not ids or time.time() > deadline:
         break
       time.sleep(POLL_S)
+    self.unanswered = {dst.get(i) for i in ids}
     if ids:
       late = sorted(f'node {dst.get(i)} (center {self.center_of(dst.get(i))!r})' for i in ids)
       note(self.workdir, f'{kind}: no reply within {self.timeout:.0f} s from {", ".join(late)}: '
@@ -80,6 +85,7 @@ class Sites:
 
   def evaluate(self, names, content: dict, models) -> dict:
     """``{center: {model: {split: metrics}}}`` from the connected sites of ``names``."""
+    self.unanswered = set()
     requests = {self.node_of[c]: {'center': c, 'evaluate': json.dumps(list(models))}
                 for c in names if c in self.node_of}
     return self.evals(self.send('evaluate', requests, content) if requests else {})

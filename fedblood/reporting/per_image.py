@@ -96,7 +96,7 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
       a = accuracy[t].get(c)
       cells.append(f'{_pct(a["accuracy"])} [{_pct(a["low"])}, {_pct(a["high"])}]' if a else '–')
     out.append(f'| {name(c)} | {accuracy["after"][c]["n"]} | ' + ' | '.join(cells) + ' |')
-  out += ['', f'## FL (`after`, Table 2) against each other model on the same images', '',
+  out += ['', '## FL (`after`, Table 2) against each other model on the same images', '',
           'Difference of accuracy in points with a paired bootstrap 95 % interval (images '
           'resampled), the images only FL / only the other gets right, and McNemar\'s exact '
           'p. "above" / "below" only when the interval excludes 0.', '',
