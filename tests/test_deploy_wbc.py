@@ -15,7 +15,7 @@ pytest.importorskip('flwr')
 
 from fedblood import data  # pylint: disable=g-import-not-at-top
 from fedblood.deploy import credentials, local, wire  # pylint: disable=g-import-not-at-top
-from fedblood.rundir import checkpoint  # pylint: disable=g-import-not-at-top
+from fedblood.rundir import checkpoint, checkpoint_listing  # pylint: disable=g-import-not-at-top
 from fedblood.study import experiment, train  # pylint: disable=g-import-not-at-top
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +28,8 @@ pytestmark = [pytest.mark.skipif(not WBC.is_dir(), reason=f'{WBC} not found'), p
 
 
 def _fl_state(workdir: Path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  mngr = checkpoint.manager(workdir / 'checkpoints' / 'fl')
-  step = mngr.latest_step()
-  out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  mngr.close()
-  return step, jax.tree.leaves(out['state'])
+  step, state = checkpoint_listing.stored_state(workdir / 'checkpoints' / 'fl')
+  return step, jax.tree.leaves(state)
 
 
 def _rows(workdir: Path) -> list:

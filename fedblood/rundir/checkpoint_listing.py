@@ -1,5 +1,8 @@
 """``--mode inspect``: every checkpoint of a workdir listed, without loading arrays; the
-parameter counts a step's meta stores for it (:func:`param_summary`)."""
+parameter counts a step's meta stores for it (:func:`param_summary`); a step's arrays as
+stored (:func:`stored_state`)."""
+
+from typing import Any
 
 import jax
 import numpy as np
@@ -95,3 +98,16 @@ def inspect(workdir) -> str:
             f'{k} {v["scalars"]:,} scalars / {v["leaves"]} leaves' for k, v in sizes.items()))
     mngr.close()
   return '\n'.join(lines)
+
+
+def stored_state(directory, step: int | None = None) -> tuple[int, Any]:
+  """``(step, arrays)`` of a checkpoint (the latest by default) as stored: no template, so
+  two runs' states can be compared leaf by leaf (what the deployed-equals-simulated checks
+  do). ``directory``: e.g. ``<workdir>/checkpoints/fl``."""
+  mngr = checkpoint.manager(directory)
+  try:
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    mngr.close()
+  return step, out['state']
