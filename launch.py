@@ -55,6 +55,10 @@ _ROUND = flags.DEFINE_integer('round', None,
                               'evaluate/predict: FL round (default latest; 0 = reference).')
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image or a folder of images.')
 _OUTPUT = flags.DEFINE_string('output', None, 'evaluate: JSON path; predict: CSV path.')
+_PRIORS = flags.DEFINE_enum('priors', 'train', ['train', 'em'],
+                            "evaluate / predict: 'train' (the model as trained) or 'em' (the "
+                            "folder's class priors re-estimated on its images by EM, Saerens et "
+                            'al. 2002, and the predictions corrected for them).')
 _CROP = flags.DEFINE_float('crop', None,
                            'evaluate / predict: the central fraction of each image side to keep '
                            "(that site's scale normalisation, as data.crop); default: the run's "
@@ -165,15 +169,15 @@ def _run(mode, workdir):
     if not _EVAL_DIR.value:
       raise app.UsageError('--mode evaluate needs --eval_dir')
     result = inference.evaluate_folder(workdir, _EVAL_DIR.value, _ROUND.value, _OUTPUT.value,
-                                       crop=_CROP.value)
+                                       crop=_CROP.value, priors=_PRIORS.value)
     print(inference.format_metrics(result))
-    print(f'written: {result["output"]}')
+    print(f'written: {result["output"]}, {result["report"]}')
   elif mode == 'predict':
     from fedblood.study import inference  # pylint: disable=g-import-not-at-top
     if not _INPUT.value or not _OUTPUT.value:
       raise app.UsageError('--mode predict needs --input and --output')
     count = inference.predict_folder(workdir, _INPUT.value, _OUTPUT.value, _ROUND.value,
-                                     crop=_CROP.value)
+                                     crop=_CROP.value, priors=_PRIORS.value)
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')

@@ -77,6 +77,59 @@ def test_evaluate_folder_equals_in_run_metrics(smoke, external, tmp_path):
   assert before['metrics'] == results['details']['before']['synth2']
 
 
+def test_evaluate_writes_the_per_class_table_and_confusion_matrix(smoke, external, tmp_path):
+  _, workdir = smoke
+  folder, _ = external
+  result = inference.evaluate_folder(workdir, folder, None, tmp_path / 'new_center.json')
+  report = Path(result['report'])
+  assert report == tmp_path / 'new_center.md' and (tmp_path / 'new_center_confusion.png').is_file()
+  text = report.read_text()
+  m = result['metrics']
+  for name, row in zip(metrics.CLASSES, m['confusion']):  # every row, as counted
+    assert f'| {name} | ' + ' | '.join(str(v) for v in row) + ' |' in text
+  for name, pc in m['per_class'].items():
+    assert f'| {name} | {pc["support"]} |' in text
+  assert result['priors'] is None and 're-estimated' not in text
+
+
+def test_em_priors_follow_the_folder_and_correct_the_predictions(smoke, external, tmp_path):
+  """--priors em: the training shares are the listing's (reference center for round 0, the
+  FL centers pooled after FL); the folder's shares are EM's on the model's posteriors; the
+  predictions are the corrected posteriors' argmax, in evaluate and predict alike."""
+  from fedblood import stats  # pylint: disable=g-import-not-at-top
+  from fedblood.study import priors  # pylint: disable=g-import-not-at-top
+  config, workdir = smoke
+  folder, split = external
+  centers = data.load_centers(config.data)
+  shares = lambda labels: np.maximum(np.bincount(labels, minlength=5), 1) / np.maximum(
+      np.bincount(labels, minlength=5), 1).sum()
+  np.testing.assert_allclose(priors.train_priors(config, 0), shares(centers[0].train.labels))
+  np.testing.assert_allclose(priors.train_priors(config, 3), shares(
+      np.concatenate([c.train.labels for c in centers])))
+  out = launch('--mode', 'evaluate', '--workdir', str(workdir), '--eval_dir', str(folder),
+               '--output', str(tmp_path / 'em.json'), '--priors', 'em')
+  assert out.returncode == 0, out.stderr
+  em = json.loads((tmp_path / 'em.json').read_text())
+  loaded = inference.load_model(workdir)
+  raw = np.asarray(inference._probs(loaded, split.images))  # pylint: disable=protected-access
+  expected = stats.em_priors(raw, priors.train_priors(config, 3))
+  assert em['priors']['estimated'] == pytest.approx(dict(zip(metrics.CLASSES, expected.priors)))
+  assert sum(em['priors']['estimated'].values()) == pytest.approx(1.0)
+  assert em['metrics'] == metrics.classify(split.labels, expected.posteriors.argmax(-1))
+  assert 're-estimated on these images' in (tmp_path / 'em.md').read_text()
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  for i, image in enumerate(split.images):
+    Image.fromarray(image).save(flat / f'cell{i:03d}.png')
+  inference.predict_folder(workdir, flat, tmp_path / 'em.csv', priors='em')
+  with open(tmp_path / 'em.csv') as f:
+    rows = list(csv.DictReader(f))
+  probs = np.asarray([[float(r[f'p_{c}']) for c in metrics.CLASSES] for r in rows])
+  np.testing.assert_allclose(probs, expected.posteriors, atol=1e-6)
+  with pytest.raises(ValueError, match="--priors 'flat'"):
+    inference.evaluate_folder(workdir, folder, priors='flat')
+
+
 def test_predict_writes_csv_and_skips_non_images(smoke, external, tmp_path):
   config, workdir = smoke
   folder, split = external

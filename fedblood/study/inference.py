@@ -17,9 +17,10 @@ import numpy as np
 
 from fedblood import data
 from fedblood.model import metrics, partition
+from fedblood.reporting import evaluation_report
 from fedblood.rundir import checkpoint
 from fedblood.rundir import workdir as workdir_lib
-from fedblood.study import experiment
+from fedblood.study import experiment, priors as priors_lib
 from fedblood.study.stages import fl
 
 
@@ -115,8 +116,9 @@ def _crop(cfg, path, crop: float | None) -> float:
 
 
 def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
-                    crop: float | None = None) -> dict:
-  """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON.
+                    crop: float | None = None, priors: str = 'train') -> dict:
+  """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON, and as a
+  report (``<name>.md``: per-class table, confusion matrix; ``<name>_confusion.png``).
 
   Args:
     workdir: the run's workdir.
@@ -125,11 +127,16 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
     output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
     crop: the folder's central crop fraction (see ``data.crop``); None: the run's ``data.crop``
       of the center named like the folder, else 1.0.
+    priors: 'train' (the model as trained) or 'em' (the folder's class priors re-estimated on
+      its images, labels unused, and the predictions corrected: :mod:`fedblood.study.priors`).
 
   Returns:
-    ``{'model', 'round', 'eval_dir', 'metrics'}`` (metrics as :func:`fedblood.model.metrics.classify`).
+    ``{'model', 'round', 'eval_dir', 'metrics', 'priors', 'output', 'report'}`` (metrics as
+    :func:`fedblood.model.metrics.classify`; priors: None, or the training and estimated shares).
   """
   crop = _check_crop(crop)
+  if priors not in priors_lib.PRIORS:
+    raise ValueError(f'--priors {priors!r}: expected one of {priors_lib.PRIORS}')
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
@@ -141,9 +148,10 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   if len(split.labels) == 0:
     raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
                      f'{metrics.CLASSES}')
-  probs = _probs(loaded, split.images)
+  probs, prior_info = priors_lib.adjust(_probs(loaded, split.images), loaded.config, loaded.round,
+                                        priors)
   result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
-            'metrics': metrics.classify(split.labels, probs.argmax(-1))}
+            'metrics': metrics.classify(split.labels, probs.argmax(-1)), 'priors': prior_info}
   if output is None:
     name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
     output = workdir_lib.path(workdir, workdir_lib.EVALUATION) / name
@@ -151,6 +159,7 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(result, indent=1))
   result['output'] = str(output)
+  result['report'] = str(evaluation_report.write(result, output))
   return result
 
 
@@ -169,13 +178,16 @@ def format_metrics(result: dict) -> str:
 
 
 def predict_folder(workdir, input_path, output, round_index: int | None = None,
-                   crop: float | None = None) -> int:
+                   crop: float | None = None, priors: str = 'train') -> int:
   """Classifies every image under ``input_path`` into a CSV: file, predicted class, probabilities.
 
   Returns the number of images classified. Files without an image extension are
   skipped with a warning; a file with an image extension that cannot be decoded
-  is an error naming it (nothing is written then). ``crop`` as in :func:`evaluate_folder`.
+  is an error naming it (nothing is written then). ``crop`` and ``priors`` as in
+  :func:`evaluate_folder` (with 'em' the probabilities written are the corrected ones).
   """
+  if priors not in priors_lib.PRIORS:
+    raise ValueError(f'--priors {priors!r}: expected one of {priors_lib.PRIORS}')
   output = Path(output)
   if output.is_dir():
     raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '
@@ -188,7 +200,7 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None,
                                      _crop(cfg, input_path, crop))
   except ValueError as e:
     raise ValueError(f'--input {input_path}: {e}') from e
-  probs = _probs(loaded, images)
+  probs, _ = priors_lib.adjust(_probs(loaded, images), loaded.config, loaded.round, priors)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.with_name(output.name + '.tmp')
   try:

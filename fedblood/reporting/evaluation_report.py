@@ -1,0 +1,50 @@
+"""``--mode evaluate``'s report of one labelled folder: a new center's numbers, readable.
+
+Next to the evaluation's JSON, ``<name>.md`` holds the headline metrics, the per-class table
+(support, precision, recall, specificity, F1) and the confusion matrix (rows the true class,
+columns the predicted one), as report.md gives them for the run's own centers, and
+``<name>_confusion.png`` the same matrix as a figure; with re-estimated priors, the training
+and estimated class shares.
+"""
+
+from pathlib import Path
+
+from fedblood.labels import CLASSES
+from fedblood.reporting import report
+
+
+def _pct(v) -> str:
+  return '–' if v is None else f'{100 * v:.1f}'
+
+
+def write(result: dict, json_path) -> Path:
+  """Writes ``<json stem>.md`` and ``<json stem>_confusion.png``; returns the markdown path."""
+  json_path = Path(json_path)
+  m = result['metrics']
+  figure = json_path.with_name(f'{json_path.stem}_confusion.png')
+  report.plot_confusion(m['confusion'], figure, f'{Path(result["eval_dir"]).name}: '
+                        f'{result["model"]}')
+  headline = ('accuracy', 'balanced_accuracy', 'precision', 'specificity', 'f1')
+  lines = [f'# {result["model"]} on `{result["eval_dir"]}`', '',
+           f'{m["n"]} images; metrics in %, macro over the classes present.', '',
+           '| ' + ' | '.join(headline) + ' |', '|' + '---|' * len(headline),
+           '| ' + ' | '.join(_pct(m[k]) for k in headline) + ' |', '',
+           '## Per class', '', '| class | images | precision | recall | specificity | F1 |',
+           '|---|---|---|---|---|---|']
+  for name, pc in m['per_class'].items():
+    lines.append(f'| {name} | {pc["support"]} | {_pct(pc["precision"])} | {_pct(pc["recall"])} '
+                 f'| {_pct(pc["specificity"])} | {_pct(pc["f1"])} |')
+  lines += ['', '## Confusion matrix (rows: true class, columns: predicted)', '',
+            '| true \\ predicted | ' + ' | '.join(CLASSES) + ' |', '|---|' + '---|' * len(CLASSES)]
+  for name, row in zip(CLASSES, m['confusion']):
+    lines.append(f'| {name} | ' + ' | '.join(str(v) for v in row) + ' |')
+  lines += ['', f'![confusion matrix]({figure.name})', '']
+  if result.get('priors'):
+    p = result['priors']
+    lines += [f'## Class priors re-estimated on these images (EM, {p["iterations"]} steps)', '',
+              '| class | training share | estimated here |', '|---|---|---|']
+    lines += [f'| {c} | {_pct(p["train"][c])} | {_pct(p["estimated"][c])} |' for c in CLASSES]
+    lines.append('')
+  path = json_path.with_suffix('.md')
+  path.write_text('\n'.join(lines))
+  return path
