@@ -1,6 +1,7 @@
 """What a deployed server or site accepts off the wire (no processes; Flower's real records)."""
 
 import io
+import json
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,11 @@ def test_missing_record_leaf_or_array_and_data_that_disagrees_with_its_layout():
   record = _record()
   record['layout'] = Array(np.frombuffer(b'{not json', np.uint8).copy())
   assert wire.check_tree(record, TEMPLATE, 'params').startswith('params/layout: unreadable')
+  record = _record()  # a dtype numpy does not know: refused, named, never raised
+  layout = [['block4/bias', 'zz', [4]], ['block4/kernel', '<f4', [3, 3, 2, 4]], ['steps', '<i4', []]]
+  record['layout'] = Array(np.frombuffer(json.dumps(layout).encode(), np.uint8).copy())
+  assert wire.check_tree(record, TEMPLATE, 'params') == (
+      "params/block4/bias: 'zz'[4], expected float32[4]")
   record = _record()
   record['data'] = Array(record['data'].numpy().view(np.float32))
   assert 'params/data: float32[77], expected a 1-D uint8 array' in wire.check_tree(

@@ -99,8 +99,7 @@ def check_tree(record, template, what: str) -> str | None:
   for name, dtype, shape in expected:
     if got[name] != (dtype, shape):
       d, s = got[name]
-      return (f'{what}/{name}: {np.dtype(d).name}{s}, expected '
-              f'{np.dtype(dtype).name}{shape}')
+      return f'{what}/{name}: {_dtype_name(d)}{s}, expected {_dtype_name(dtype)}{shape}'
   try:
     data = _read(record, DATA)
   except ValueError as e:
@@ -112,6 +111,14 @@ def check_tree(record, template, what: str) -> str | None:
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
       return f'{what}/{name}: non-finite values'
   return None
+
+
+def _dtype_name(text: str) -> str:
+  """``'<f4'`` as ``'float32'``; a string numpy does not know, quoted (it came off the wire)."""
+  try:
+    return np.dtype(text).name
+  except TypeError:
+    return repr(text)
 
 
 def _split(data: np.ndarray, template) -> list:
