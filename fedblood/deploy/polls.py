@@ -33,6 +33,15 @@ class ShortSleep:
     time.sleep(min(seconds, self.cap))
 
 
+def replace(module, name: str, expected, replacement) -> bool:
+  """``module.<name> = replacement`` if it is ``expected`` (what Flower 1.42 holds there);
+  False, and nothing changed, otherwise. fedblood changes Flower's code this way only."""
+  if getattr(module, name, None) is not expected:
+    return False
+  setattr(module, name, replacement)
+  return True
+
+
 def cap_sleeps(module, cap: float) -> bool:
   """``module``'s ``time.sleep`` calls capped at ``cap`` s; False (unchanged) if it holds no
   ``time`` module."""
@@ -40,10 +49,7 @@ def cap_sleeps(module, cap: float) -> bool:
   if isinstance(held, ShortSleep):
     held.cap = cap
     return True
-  if held is not time:
-    return False
-  module.time = ShortSleep(cap)
-  return True
+  return replace(module, 'time', time, ShortSleep(cap))
 
 
 def cap_first_backoff(cap: float) -> bool:

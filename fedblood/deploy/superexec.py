@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+from fedblood.deploy import polls
+
 CLIENTAPP = 'flwr-clientapp'
 PRELOAD = ['flwr.supernode.cli.flwr_clientapp', 'fedblood.deploy.client_app']
 
@@ -58,20 +60,18 @@ def install() -> bool:
   """ClientApps forked warm in this process's SuperExec; False (unchanged) if Flower's
   executor holds no ``subprocess`` module."""
   from flwr.supercore.superexec.executor import subprocess_executor  # pylint: disable=g-import-not-at-top
-  if getattr(subprocess_executor, 'subprocess', None) is not subprocess:
-    return False
-  subprocess_executor.subprocess = WarmLauncher()
-  return True
+  return polls.replace(subprocess_executor, 'subprocess', subprocess, WarmLauncher())
 
 
 def main() -> None:
-  from fedblood.deploy import polls, supernode  # pylint: disable=g-import-not-at-top
+  from fedblood.deploy import supernode  # pylint: disable=g-import-not-at-top
   try:
     cap = supernode.poll_interval(os.environ)
   except ValueError as e:
     sys.exit(f'fedblood-superexec: error: {e}')
+  # Its own wait is Flower's setting; it pulls no message arrays (the ClientApps it starts
+  # read them from the SuperNode, which has them all by then).
   os.environ.setdefault('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', str(cap))
-  polls.shorten(cap)
   if not install():
     print('fedblood-superexec: this Flower release differs from 1.42 in its subprocess '
           'executor: ClientApps start as new processes', file=sys.stderr)

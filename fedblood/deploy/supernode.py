@@ -55,9 +55,7 @@ def main() -> None:
     sys.exit(f'fedblood-supernode: error: {e}')
   missed = polls.shorten(cap, supernode=True)
   from flwr.supernode import start_client_internal  # pylint: disable=g-import-not-at-top
-  if getattr(start_client_internal, 'subprocess', None) is subprocess:
-    start_client_internal.subprocess = SuperExecLauncher()
-  else:
+  if not polls.replace(start_client_internal, 'subprocess', subprocess, SuperExecLauncher()):
     missed.append('the SuperExec it starts')
   if missed:
     print(f'fedblood-supernode: this Flower release differs from 1.42 at {", ".join(missed)}: '
