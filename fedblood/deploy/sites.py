@@ -85,7 +85,6 @@ class Sites:
 
   def evaluate(self, names, content: dict, models) -> dict:
     """``{center: {model: {split: metrics}}}`` from the connected sites of ``names``."""
-    self.unanswered = set()
     requests = {self.node_of[c]: {'center': c, 'evaluate': json.dumps(list(models))}
                 for c in names if c in self.node_of}
     return self.evals(self.send('evaluate', requests, content) if requests else {})
