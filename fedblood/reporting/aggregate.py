@@ -116,7 +116,7 @@ def per_round(histories: Sequence[Sequence[dict]], befores: Sequence[dict]) -> d
 
 
 def _cell(s: dict, with_min: bool = True) -> str:
-  pct = report._pct  # pylint: disable=protected-access
+  pct = report.pct
   if s['mean'] is None:
     return '–'
   text = pct(s['mean']) + (f' ± {pct(s["sd"])}' if s['sd'] is not None else '')

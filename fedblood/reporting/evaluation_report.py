@@ -13,10 +13,6 @@ from fedblood.labels import CLASSES
 from fedblood.reporting import report
 
 
-def _pct(v) -> str:
-  return '–' if v is None else f'{100 * v:.1f}'
-
-
 def write(result: dict, json_path) -> Path:
   """Writes ``<json stem>.md`` and ``<json stem>_confusion.png``; returns the markdown path."""
   json_path = Path(json_path)
@@ -28,12 +24,12 @@ def write(result: dict, json_path) -> Path:
   lines = [f'# {result["model"]} on `{result["eval_dir"]}`', '',
            f'{m["n"]} images; metrics in %, macro over the classes present.', '',
            '| ' + ' | '.join(headline) + ' |', '|' + '---|' * len(headline),
-           '| ' + ' | '.join(_pct(m[k]) for k in headline) + ' |', '',
+           '| ' + ' | '.join(report.pct(m[k]) for k in headline) + ' |', '',
            '## Per class', '', '| class | images | precision | recall | specificity | F1 |',
            '|---|---|---|---|---|---|']
   for name, pc in m['per_class'].items():
-    lines.append(f'| {name} | {pc["support"]} | {_pct(pc["precision"])} | {_pct(pc["recall"])} '
-                 f'| {_pct(pc["specificity"])} | {_pct(pc["f1"])} |')
+    lines.append(f'| {name} | {pc["support"]} | {report.pct(pc["precision"])} | {report.pct(pc["recall"])} '
+                 f'| {report.pct(pc["specificity"])} | {report.pct(pc["f1"])} |')
   lines += ['', '## Confusion matrix (rows: true class, columns: predicted)', '',
             '| true \\ predicted | ' + ' | '.join(CLASSES) + ' |', '|---|' + '---|' * len(CLASSES)]
   for name, row in zip(CLASSES, m['confusion']):
@@ -43,7 +39,7 @@ def write(result: dict, json_path) -> Path:
     p = result['priors']
     lines += [f'## Class priors re-estimated on these images (EM, {p["iterations"]} steps)', '',
               '| class | training share | estimated here |', '|---|---|---|']
-    lines += [f'| {c} | {_pct(p["train"][c])} | {_pct(p["estimated"][c])} |' for c in CLASSES]
+    lines += [f'| {c} | {report.pct(p["train"][c])} | {report.pct(p["estimated"][c])} |' for c in CLASSES]
     lines.append('')
   path = json_path.with_suffix('.md')
   path.write_text('\n'.join(lines))

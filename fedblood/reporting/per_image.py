@@ -18,18 +18,17 @@ Runs without per-image predictions (a deployed run: they stay at the sites) give
 import numpy as np
 
 from fedblood import stats
+from fedblood.reporting import report
 
 EXTERNAL = 'all external images'
 
 
-def correctness(results_list, tables=None) -> dict:
+def correctness(results_list) -> dict:
   """``{table: {center: bool array}}``: every run's per-image correctness, runs concatenated
   in order (tables missing a center's predictions in any run are left out)."""
   out = {}
   for results in results_list:
     for table, per_center in (results.get('details') or {}).items():
-      if tables is not None and table not in tables:
-        continue
       for center, m in per_center.items():
         if 'predictions' not in m or 'labels' not in m:
           continue
@@ -71,10 +70,6 @@ def summarize(results_list, centers, reference) -> dict:
   return {'accuracy': accuracy, 'paired': paired}
 
 
-def _pct(x: float) -> str:
-  return f'{100 * x:.1f}'
-
-
 def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]:
   """report lines: the intervals table and the paired comparisons (empty without data)."""
   accuracy, paired = summary['accuracy'], summary['paired']
@@ -94,7 +89,7 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
     cells = []
     for t in tables:
       a = accuracy[t].get(c)
-      cells.append(f'{_pct(a["accuracy"])} [{_pct(a["low"])}, {_pct(a["high"])}]' if a else '–')
+      cells.append(f'{report.pct(a["accuracy"])} [{report.pct(a["low"])}, {report.pct(a["high"])}]' if a else '–')
     out.append(f'| {name(c)} | {accuracy["after"][c]["n"]} | ' + ' | '.join(cells) + ' |')
   out += ['', '## FL (`after`, Table 2) against each other model on the same images', '',
           'Difference of accuracy in points with a paired bootstrap 95 % interval (images '
@@ -107,7 +102,7 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
       p = per.get(c)
       if p is None:
         continue
-      out.append(f'| `{table}` | {name(c)} | {_pct(p["accuracy_a"])} | {_pct(p["accuracy_b"])} | '
+      out.append(f'| `{table}` | {name(c)} | {report.pct(p["accuracy_a"])} | {report.pct(p["accuracy_b"])} | '
                  f'{100 * p["difference"]:+.1f} [{100 * p["low"]:+.1f}, {100 * p["high"]:+.1f}] | '
                  f'{p["a_only"]} / {p["b_only"]} | {p["p_mcnemar"]:.3g} | {p["verdict"]} |')
   return out + ['']

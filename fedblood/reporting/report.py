@@ -45,7 +45,7 @@ def _center_name(c: str, reference: str | None, held_out=()) -> str:
   return f'{name} (held out)' if c in held_out else name
 
 
-def _pct(x) -> str:
+def pct(x) -> str:
   return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
 
 
@@ -65,13 +65,13 @@ def center_table(per_center: dict, centers: Sequence[str], reference: str | None
   for c in centers:
     m = per_center[c]
     name = _center_name(c, reference, held_out)
-    rows.append(f'| {name} | {m["n"]} | ' + ' | '.join(_pct(m.get(k)) for k, _ in COLUMNS) + ' |')
+    rows.append(f'| {name} | {m["n"]} | ' + ' | '.join(pct(m.get(k)) for k, _ in COLUMNS) + ' |')
   external = [c for c in centers if c != reference]
   groups = [('mean, external centers', external)] if reference in centers and external else []
   groups.append(('mean, all centers', list(centers)))
   for label, names in groups:
     rows.append(f'| *{label}* | {sum(per_center[c]["n"] for c in names)} | ' + ' | '.join(
-        _pct(_mean(per_center[c].get(k) for c in names)) for k, _ in COLUMNS) + ' |')
+        pct(_mean(per_center[c].get(k) for c in names)) for k, _ in COLUMNS) + ' |')
   return '\n'.join(rows)
 
 
@@ -89,12 +89,12 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
           '|' + '---|' * (len(columns) + 1)]
   for c in centers:
     name = _center_name(c, reference, results.get('held_out', ()))
-    cells = ' | '.join(_pct(pc.get(c, {}).get(key)) for _, pc in columns)
+    cells = ' | '.join(pct(pc.get(c, {}).get(key)) for _, pc in columns)
     rows.append(f'| {name} | {cells} |')
   external = [c for c in centers if c != reference]
   if external:
     rows.append('| *mean, external* | ' + ' | '.join(
-        _pct(_mean(pc.get(c, {}).get(key) for c in external)) for _, pc in columns) + ' |')
+        pct(_mean(pc.get(c, {}).get(key) for c in external)) for _, pc in columns) + ' |')
   return '\n'.join(rows)
 
 
@@ -289,7 +289,7 @@ def write_sweep_summary(points: Sequence[dict], directory) -> tuple[Path, Path]:
                      *('' if h.get(k) is None else f'{h[k]:.6f}' for k in metric_keys)])
     status = '' if p.get('results') else ' (not finished)'
     md.append(f'| {p["name"]}{status} | ' + ' | '.join(str(v) for v in over) + ' | ' +
-              ' | '.join(_pct(h.get(k)) for k in metric_keys) + ' |')
+              ' | '.join(pct(h.get(k)) for k in metric_keys) + ' |')
   csv_path, md_path = directory / 'sweep_summary.csv', directory / 'sweep_summary.md'
   csv_path.write_text(buf.getvalue())
   md_path.write_text('# Sweep summary (metrics in %)\n\n' + '\n'.join(md) + '\n')
