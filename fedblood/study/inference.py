@@ -135,8 +135,7 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
     :func:`fedblood.model.metrics.classify`; priors: None, or the training and estimated shares).
   """
   crop = _check_crop(crop)
-  if priors not in priors_lib.PRIORS:
-    raise ValueError(f'--priors {priors!r}: expected one of {priors_lib.PRIORS}')
+  priors_lib.check(priors)  # before any work
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
@@ -186,8 +185,7 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None,
   is an error naming it (nothing is written then). ``crop`` and ``priors`` as in
   :func:`evaluate_folder` (with 'em' the probabilities written are the corrected ones).
   """
-  if priors not in priors_lib.PRIORS:
-    raise ValueError(f'--priors {priors!r}: expected one of {priors_lib.PRIORS}')
+  priors_lib.check(priors)  # before any work
   output = Path(output)
   if output.is_dir():
     raise ValueError(f'--output {output} is a directory; give the path of the CSV file to write, '

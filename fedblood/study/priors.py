@@ -37,13 +37,18 @@ def train_priors(config, round_index: int) -> np.ndarray:
   return counts / counts.sum()
 
 
+def check(priors: str) -> str:
+  """``priors`` if it is one of :data:`PRIORS`; ValueError naming ``--priors`` otherwise."""
+  if priors not in PRIORS:
+    raise ValueError(f'--priors {priors!r}: expected one of {PRIORS}')
+  return priors
+
+
 def adjust(probs, config, round_index: int, priors: str):
   """``(probs to classify with, info or None)``: ``probs`` as they are for 'train'; for 'em'
   corrected for the priors EM estimates on them, with ``info`` = {'train', 'estimated',
   'iterations'} (priors by class name)."""
-  if priors not in PRIORS:
-    raise ValueError(f'priors must be one of {PRIORS}, got {priors!r}')
-  if priors == 'train':
+  if check(priors) == 'train':
     return probs, None
   train = train_priors(config, round_index)
   out = stats.em_priors(probs, train)
