@@ -113,6 +113,7 @@ def test_em_priors_follow_the_folder_and_correct_the_predictions(smoke, external
   loaded = inference.load_model(workdir)
   raw = np.asarray(inference._probs(loaded, split.images))  # pylint: disable=protected-access
   expected = stats.em_priors(raw, priors.train_priors(config, 3))
+  assert np.abs(expected.posteriors - raw).max() > 1e-3  # the option acts on the probabilities
   assert em['priors']['estimated'] == pytest.approx(dict(zip(metrics.CLASSES, expected.priors)))
   assert sum(em['priors']['estimated'].values()) == pytest.approx(1.0)
   assert em['metrics'] == metrics.classify(split.labels, expected.posteriors.argmax(-1))
