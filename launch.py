@@ -52,7 +52,8 @@ _VECTORIZE = flags.DEFINE_bool('vectorize', False,
                                '(docs/performance.md: slower on CPU).')
 _EVAL_DIR = flags.DEFINE_string('eval_dir', None, 'evaluate: a <class>/<images> folder.')
 _ROUND = flags.DEFINE_integer('round', None,
-                              'evaluate/predict: FL round (default latest; 0 = reference).')
+                              'evaluate/predict: FL round (default: the round Table 2 reports, '
+                              'chosen by fl.select; 0 = reference).')
 _INPUT = flags.DEFINE_string('input', None, 'predict: an image or a folder of images.')
 _OUTPUT = flags.DEFINE_string('output', None, 'evaluate: JSON path; predict: CSV path.')
 _PRIORS = flags.DEFINE_enum('priors', 'train', ['train', 'em'],

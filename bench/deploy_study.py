@@ -39,7 +39,8 @@ from fedblood.rundir import checkpoint_listing  # pylint: disable=g-import-not-a
 from fedblood.study import train  # pylint: disable=g-import-not-at-top
 
 CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'wbc.py')
-TABLES = ('centers', 'before', 'after', 'after_models', 'confusion', 'train_sizes')
+TABLES = ('centers', 'before', 'after', 'after_models', 'after_last', 'selection', 'confusion',
+          'train_sizes')
 
 
 def fl_state(workdir: Path):

@@ -85,6 +85,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).
   config.fl.eval_model = 'active_mean'
+  # Which round Table 2 reports: 'val', the checkpointed round with the best mean validation
+  # accuracy over the training centers (as every baseline picks its epoch), or 'last'. The last
+  # round is reported beside it either way. Only the final evaluation reads it.
+  config.fl.select = 'val'
   # Differential privacy (fedblood.algorithms.dp, accounted by fedblood.privacy; needs the `dp`
   # extra). 'off' runs exactly the path without it; 'example': DP-SGD in every center's local
   # step (Poisson-sampled batches of expected size fl.batch_size, per-example clipping, Gaussian

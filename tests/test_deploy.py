@@ -99,7 +99,8 @@ def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch)
       # Same per-round rows and Tables 1/2 as the simulated run (baselines are not deployed).
       assert _rows(deployed) == _rows(simulated)
       res_d, res_s = (json.loads((w / 'results.json').read_text()) for w in (deployed, simulated))
-      for key in ('centers', 'before', 'after', 'after_models', 'confusion', 'train_sizes'):
+      for key in ('centers', 'before', 'after', 'after_models', 'after_last', 'selection',
+                  'confusion', 'train_sizes'):
         assert res_d[key] == res_s[key], key
       assert (deployed / 'report.md').exists()
       assert (deployed / 'figures' / 'accuracy_per_round.png').stat().st_size > 0

@@ -72,7 +72,8 @@ def test_real_centers_deployed_equal_simulated(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert _rows(deployed) == _rows(simulated) and len(_rows(deployed)) == 2 * 4
   res_d, res_s = (json.loads((w / 'results.json').read_text()) for w in (deployed, simulated))
-  for key in ('centers', 'before', 'after', 'after_models', 'confusion', 'train_sizes'):
+  for key in ('centers', 'before', 'after', 'after_models', 'after_last', 'selection',
+              'confusion', 'train_sizes'):
     assert res_d[key] == res_s[key], key
   log = (deployed / 'deploy.log').read_text()
   assert all(f"center '{n}'" in log or f'center {n!r}' in log for n in names), log[-2000:]

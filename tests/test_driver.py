@@ -122,6 +122,44 @@ def test_non_finite_parameters_stop_the_run(tmp_path):
   run.ckpt.mngr.close()
 
 
+def _reopen(workdir, rounds):
+  run, state, _ = _run(workdir, rounds=rounds, every=1)
+  return run, state
+
+
+def test_select_takes_the_best_validation_round_and_restores_it(tmp_path):
+  _drive(tmp_path, rounds=5, every=2)  # kept: 2 (the best, val 0.9) and 5 (the last)
+  run, state = _reopen(tmp_path, 5)
+  selection, server = driver.select(run, state, 'val')
+  assert selection == {'rule': 'val', 'round': 2, 'last_round': 5}
+  assert float(server['w'][0]) == 3.0  # 1 + 2: round 2's state, not the last one's (15)
+  selection, server = driver.select(run, state, 'last')
+  assert selection['round'] == 5 and server is state[0]
+  models, info = driver.finish(run, state, 'frozen', 'val')
+  assert float(models['server'][0][0]) == 3.0 and models['server'][1] == 'frozen'
+  assert float(info['last'][0][0]) == 15.0 and info['selection']['round'] == 2
+  with pytest.raises(ValueError, match='fl.select must be one of'):
+    driver.selected_round(run.ckpt.mngr, 'best', 5)
+
+
+def test_select_ties_go_to_the_earliest_round_and_no_validation_means_last(tmp_path, monkeypatch):
+  monkeypatch.setitem(VAL, 3, 0.9)  # rounds 2 and 3 tie
+  _drive(tmp_path / 'tie', rounds=4, every=1)
+  run, state = _reopen(tmp_path / 'tie', 4)
+  assert driver.select(run, state, 'val')[0]['round'] == 2
+  run.ckpt.mngr.close()
+
+  def no_val(r, server):
+    return {name: (test, {}) for name, (test, _) in _evaluate(r, server).items()}
+
+  workdir = tmp_path / 'noval'
+  workdir.mkdir()
+  run, state, _ = _run(workdir, rounds=3, every=1)
+  (state,) = driver.drive([run], [state], _train_round, [no_val], [lambda row: None])
+  assert driver.select(run, state, 'val')[0]['round'] == 3
+  run.ckpt.mngr.close()
+
+
 def test_participation_and_eval_model():
   key = jax.random.key(3)
   assert driver.participation(0.5, key, 2, 4).sum() == 2

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedblood.reporting import report
+from fedblood.reporting import report, sweep_summary
 from report_samples import CENTERS, sample_history, sample_results
 
 
@@ -30,6 +30,22 @@ def test_comparison_table_side_by_side():
                       'Pooled (centralized) |')
   assert table[3] == '| ext_a | 25.0 | 87.5 | 25.0 | 87.5 |'
   assert table[-1] == '| *mean, external* | 50.0 | 93.8 | 50.0 | 93.8 |'
+
+
+def test_the_last_round_stands_beside_a_selected_table_2():
+  res = sample_results()
+  res['after_last'] = res['before']  # the last round fell back to the reference's scores
+  res['selection'] = {'rule': 'val', 'round': 1, 'last_round': 2}
+  table = report.comparison_table(res).splitlines()
+  assert table[0].split(' | ')[2:4] == ['FL (Table 2)', 'FL, last round (2)']
+  assert table[3] == '| ext_a | 25.0 | 87.5 | 25.0 | 25.0 | 87.5 |'
+  assert report.selection_line(res['selection']) == (
+      "- Table 2 reports round 1 of 2, the best mean validation accuracy over the training "
+      "centers (`fl.select='val'`, as the baselines pick their epoch); the last round is beside "
+      'it in the comparison')
+  res['selection']['round'] = 2  # the best round is the last: no second column
+  assert 'last round' not in report.comparison_table(res)
+  assert sweep_summary.headline(res)['last_acc_external'] == pytest.approx(0.5)
 
 
 def test_write_report_figures_and_markdown(tmp_path):
@@ -55,14 +71,14 @@ def test_write_report_figures_and_markdown(tmp_path):
 
 def test_headline_and_sweep_summary(tmp_path):
   res = sample_results()
-  h = report.headline(res)
+  h = sweep_summary.headline(res)
   assert h['before_acc_external'] == pytest.approx(0.5)
   assert h['after_acc_external'] == pytest.approx((0.875 + 1.0) / 2)
   assert h['after_acc_reference'] == 1.0
   assert h['pooled_acc_external'] == pytest.approx(0.9375)
   points = [{'name': 'fl.alpha=0.1', 'overrides': {'fl.alpha': 0.1}, 'results': res},
             {'name': 'fl.alpha=0.01', 'overrides': {'fl.alpha': 0.01}, 'results': None}]
-  md, csv_path = report.write_sweep_summary(points, tmp_path)
+  md, csv_path = sweep_summary.write_sweep_summary(points, tmp_path)
   rows = list(csv.reader(csv_path.open()))
   assert rows[0][:3] == ['name', 'fl.alpha', 'before_acc_external']
   assert rows[1][:3] == ['fl.alpha=0.1', '0.1', '0.500000']

@@ -53,9 +53,17 @@ def test_smoke_outputs(smoke):
       (r, c) for r in (1, 2, 3) for c in results['centers']]
   assert [r['epoch'] for r in rows if r['stage'] == 'reference'] == [1, 2]
   assert {r['stage'] for r in rows} == {'reference', 'fl', 'local_synth1', 'local_synth2', 'pooled'}
-  # The last round's logged test metrics are Table 2's.
-  for r in fl_rows[-3:]:
-    assert r['accuracy'] == results['after'][r['center']]['accuracy']
+  # Table 2 is the round with the best mean validation accuracy (fl.select='val', ties to the
+  # earliest), its logged test metrics exactly; the last round's are beside it.
+  mean_val = {r: np.mean([row['val_accuracy'] for row in fl_rows if row['round'] == r])
+              for r in (1, 2, 3)}
+  chosen = max(mean_val, key=lambda r: (mean_val[r], -r))
+  assert results['selection'] == {'rule': 'val', 'round': chosen, 'last_round': 3}
+  for r in fl_rows:
+    if r['round'] == chosen:
+      assert r['accuracy'] == results['after'][r['center']]['accuracy']
+    if r['round'] == 3:
+      assert r['accuracy'] == results['after_last'][r['center']]['accuracy']
   report = (workdir / 'report.md').read_text()
   assert '## Table 1' in report and '## Table 2' in report and 'Local-only' in report
   # Checkpoints: every round was saved; the last one (keep=1) and the best survive.

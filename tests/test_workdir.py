@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from configs import demo
 from fedblood.reporting import report
 from fedblood.rundir import runlog
 from fedblood.rundir import workdir as workdir_lib
@@ -73,3 +74,33 @@ def test_a_stage_replaying_steps_puts_its_rows_before_later_stages(tmp_path):
   runlog.truncate(tmp_path, 'fl', 1)
   runlog.close(tmp_path)  # no later stage: close puts them back
   assert workdir_lib.read_rows(tmp_path, held=False) == ref + fl[:1] + local
+
+
+def test_an_older_config_without_a_later_field_still_matches(tmp_path):
+  config = demo.get_config('smoke')
+  workdir_lib.check_config(config, tmp_path)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['fl']['select'] == 'val'
+  del saved['fl']['select']  # as a run written before fl.select existed
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  before = (tmp_path / 'config.json').read_bytes()
+  for rule in ('val', 'last'):  # it only picks among saved rounds: either resumes
+    other = demo.get_config('smoke')
+    with other.unlocked():
+      other.fl.select = rule
+    workdir_lib.check_config(other, tmp_path)
+  assert (tmp_path / 'config.json').read_bytes() == before  # its fingerprint stays
+  other = demo.get_config('smoke')
+  with other.unlocked():
+    other.fl.rounds += 1  # any other field still refuses
+  with pytest.raises(ValueError, match=r'fl\.rounds: 3 in the workdir, 4 now'):
+    workdir_lib.check_config(other, tmp_path)
+
+
+def test_a_config_with_the_later_field_must_match_it(tmp_path):
+  workdir_lib.check_config(demo.get_config('smoke'), tmp_path)
+  other = demo.get_config('smoke')
+  with other.unlocked():
+    other.fl.select = 'last'
+  with pytest.raises(ValueError, match=r"fl\.select: 'val' in the workdir, 'last' now"):
+    workdir_lib.check_config(other, tmp_path)

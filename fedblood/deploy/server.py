@@ -261,26 +261,37 @@ def run(grid, config, workdir, *, connect_timeout: float = 600.0,
     note(workdir, f'round {r}: done, {time.time() - round_started[0]:.3f} s')
     round_started[0] = time.time()
 
-  ((server, _),) = driver.drive(
+  (state,) = driver.drive(
       [fl_run], [(server, clients)], _trainer(fd, fl_run.ckpt.mngr.directory, round_timeout),
       [_evaluator(fd, fl_run, all_models, final)],
       [runlog.logger(workdir)], on_round=on_round, extra_meta=lambda: {'deploy': fed})
+  selection, selected_server = driver.select(fl_run, state, config.fl.get('select', 'val'))
   fl_run.ckpt.mngr.close()
   if not final:  # resumed after the last round: evaluate it again
-    final = sites.evaluate(st.centers, fd.payload(server), all_models)
-  return _finish(config, fd, final, all_models, fl_run.eval_name, ref_info, started)
+    final = sites.evaluate(st.centers, fd.payload(state[0]), all_models)
+  selected = final
+  if selection['round'] != selection['last_round']:  # Table 2's round: every site evaluates it
+    note(workdir, f'Table 2 reports round {selection["round"]} (fl.select)')
+    selected = sites.evaluate(st.centers, fd.payload(selected_server), all_models)
+  return _finish(config, fd, (selected, final), all_models, fl_run.eval_name, ref_info,
+                 selection, started)
 
 
-def _finish(config, fd: Federation, final, all_models, eval_name, ref_info, started) -> dict:
-  """Writes results.json and report.md from the sites' evaluations of the final model."""
+def _finish(config, fd: Federation, evals, all_models, eval_name, ref_info, selection,
+            started) -> dict:
+  """Writes results.json and report.md from ``evals`` = ``(selected, last)``: the sites'
+  ``{center: {model: {'test', 'val'}}}`` of Table 2's round (``selection``) and of the last."""
   names, workdir = fd.st.centers, fd.workdir
-  missing = [c for c in names if c not in final]
+  missing = sorted({c for final in evals for c in names if c not in final})
   if missing:
     raise FederationError(f'centers {missing} did not evaluate the final model; rerun to retry')
-  after_models = {m: {c: final[c][m]['test'] for c in names} for m in all_models}
+  selected, last = evals
+  after_models = {m: {c: selected[c][m]['test'] for c in names} for m in all_models}
   results = train.study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
                           config.fl.rounds, list(names), fd.fed['before'], after_models,
-                          eval_name, {}, ref_info, fd.fed['sizes'])
+                          eval_name, {}, ref_info, fd.fed['sizes'],
+                          after_last={c: last[c][eval_name]['test'] for c in names},
+                          selection=selection)
   results['deployment'] = {'nodes': {c: int(n) for c, n in fd.sites.node_of.items()}}
   workdir_lib.write_results(workdir, results, {'total_s': time.time() - started})
   report.write_report(workdir, {**results, 'wall_time_s': time.time() - started})

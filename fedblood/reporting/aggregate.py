@@ -57,6 +57,8 @@ def table_sources(results: dict) -> dict:
   out = {'before': results['before'], 'after': results['after']}
   for name, per in (results.get('after_models') or {}).items():
     out[f'after_models/{name}'] = per
+  if 'after_last' in results:
+    out['after_last'] = results['after_last']
   for name, per in (results.get('baselines') or {}).items():
     out[f'baselines/{name}'] = per
   return out
@@ -147,6 +149,8 @@ def comparison_table(agg: dict, centers, reference, algorithm: str, key: str) ->
   models = [n for n in agg if n.startswith('after_models/')] or ['after']
   columns += [(f'FL {algorithm} {n.split("/", 1)[1]} (Table 2)' if '/' in n else 'FL (Table 2)',
                n) for n in models]
+  if 'after_last' in agg:
+    columns.append(('FL, last round', 'after_last'))
   columns += [(report.BASELINE_TITLES.get(n.split('/', 1)[1], n.split('/', 1)[1]), n)
               for n in agg if n.startswith('baselines/')]
   lines = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
@@ -181,7 +185,8 @@ def plot_band(rounds: dict, path, reference=None, over: str = 'seeds') -> Path:
 
 
 TITLES = {'before': 'Table 1: reference model on every center (before FL)',
-          'after': 'Table 2: after federated fine-tuning'}
+          'after': 'Table 2: after federated fine-tuning',
+          'after_last': 'FL at the last round (beside Table 2)'}
 
 
 def _title(name: str) -> str:
@@ -190,6 +195,16 @@ def _title(name: str) -> str:
   kind, _, model = name.partition('/')
   return (f'Table 2 with the `{model}` model' if kind == 'after_models'
           else f'Baseline: {report.BASELINE_TITLES.get(model, model)}')
+
+
+def _selection_lines(results_list, label: str) -> list[str]:
+  """The round each run's Table 2 reports (``fl.select``), when the runs say."""
+  chosen = [r.get('selection') for r in results_list]
+  if not all(chosen):
+    return []
+  rounds = ', '.join(str(s['round']) for s in chosen)
+  return [f"- Table 2's round per {label} (`fl.select='{chosen[0]['rule']}'`): {rounds}, of "
+          f"{chosen[0]['last_round']}"]
 
 
 def write(workdir, seeds: Sequence[int], dirs: Sequence, label: str = 'seed') -> Path:
@@ -232,7 +247,7 @@ def write(workdir, seeds: Sequence[int], dirs: Sequence, label: str = 'seed') ->
            f'- {many}: {", ".join(str(s) for s in seeds)} (runs in '
            f'{", ".join(f"`{Path(d).name}`" for d in dirs)})',
            f'- algorithm: `{algorithm}`, rounds: {first.get("rounds", "?")}, reference center: '
-           f'`{reference}`', '',
+           f'`{reference}`', *_selection_lines(results_list, label), '',
            f'Metrics in %, each cell mean ± sd (min) over the {many}; sd is the sample standard '
            f'deviation. A mean row is averaged over centers per {label}, then over {many}.', '']
   for name, rows in agg.items():

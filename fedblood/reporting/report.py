@@ -1,4 +1,4 @@
-"""Tables (markdown, csv, json) and figures (png) of a run and of a sweep.
+"""Tables (markdown) and figures (png) of a run: ``report.md``.
 
 Inputs are plain dicts, so a report can be rebuilt from ``results.json`` and
 ``metrics.jsonl`` alone (``write_report(workdir)`` after a run, or by hand):
@@ -14,8 +14,6 @@ Inputs are plain dicts, so a report can be rebuilt from ``results.json`` and
 Figures use matplotlib's Agg backend (no display needed).
 """
 
-import csv
-import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -49,7 +47,8 @@ def pct(x) -> str:
   return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
 
 
-def _mean(values) -> float | None:
+def mean(values) -> float | None:
+  """The mean of the values that are not None (None if there are none)."""
   vals = [v for v in values if v is not None]
   return sum(vals) / len(vals) if vals else None
 
@@ -71,7 +70,7 @@ def center_table(per_center: dict, centers: Sequence[str], reference: str | None
   groups.append(('mean, all centers', list(centers)))
   for label, names in groups:
     rows.append(f'| *{label}* | {sum(per_center[c]["n"] for c in names)} | ' + ' | '.join(
-        pct(_mean(per_center[c].get(k) for c in names)) for k, _ in COLUMNS) + ' |')
+        pct(mean(per_center[c].get(k) for c in names)) for k, _ in COLUMNS) + ' |')
   return '\n'.join(rows)
 
 
@@ -83,6 +82,9 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
   for name, per_center in after_models.items():
     columns.append((f'FL {results.get("algorithm", "")} {name}'.strip() + ' (Table 2)'
                     if name else 'FL (Table 2)', per_center))
+  if _last_differs(results):
+    columns.append((f'FL, last round ({results["selection"]["last_round"]})',
+                    results['after_last']))
   for name, per_center in (results.get('baselines') or {}).items():
     columns.append((BASELINE_TITLES.get(name, name), per_center))
   rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
@@ -94,7 +96,7 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
   external = [c for c in centers if c != reference]
   if external:
     rows.append('| *mean, external* | ' + ' | '.join(
-        pct(_mean(pc.get(c, {}).get(key) for c in external)) for _, pc in columns) + ' |')
+        pct(mean(pc.get(c, {}).get(key) for c in external)) for _, pc in columns) + ' |')
   return '\n'.join(rows)
 
 
@@ -180,12 +182,30 @@ def _confusion_figures(results: dict, figures: Path) -> list[str]:
   return confusion_md
 
 
+def _last_differs(results: dict) -> bool:
+  """Whether Table 2 reports another round than the last (``fl.select``)."""
+  chosen = results.get('selection')
+  return bool(chosen) and 'after_last' in results and chosen['round'] != chosen['last_round']
+
+
+def selection_line(selection: dict) -> str:
+  """The report's line on which round Table 2 reports (results.json's ``selection``)."""
+  chosen, last = selection['round'], selection['last_round']
+  if selection['rule'] == 'last':
+    return f"- Table 2 reports the last round ({last}; `fl.select='last'`)"
+  beside = '; the last round is beside it in the comparison' if chosen != last else ''
+  return (f'- Table 2 reports round {chosen} of {last}, the best mean validation accuracy over '
+          f"the training centers (`fl.select='val'`, as the baselines pick their epoch){beside}")
+
+
 def _facts(results: dict) -> list[str]:
   """The bullet lines under the report's title: algorithm, models, privacy, held out."""
   facts = [f'- algorithm: `{results.get("algorithm", "?")}`, rounds: {results.get("rounds", "?")}, '
            f'reference center: {center_names.code(results.get("reference"))}']
   if results.get('eval_model'):
     facts.append(f'- Table 2 evaluates the `{results["eval_model"]}` model')
+  if results.get('selection'):
+    facts.append(selection_line(results['selection']))
   if 'active_mean' in (results.get('after_models') or {}):
     facts.append('- FedDyn\'s two models: `active_mean` is the plain average of the active '
                  'clients\' models (what the FedDyn paper reports), `server` the corrected server '
@@ -245,53 +265,3 @@ def write_report(workdir, results: dict | None = None,
   path = workdir_lib.path(workdir, workdir_lib.REPORT)
   path.write_text('\n'.join(parts))
   return path
-
-
-def headline(results: dict) -> dict:
-  """The few numbers a sweep table shows for one run."""
-  centers, reference = results['centers'], results.get('reference')
-  external = [c for c in centers if c != reference] or list(centers)
-  out = {}
-  for stage in ('before', 'after'):
-    per = results[stage]
-    out[f'{stage}_acc_external'] = _mean(per[c]['accuracy'] for c in external)
-    out[f'{stage}_f1_external'] = _mean(per[c]['f1'] for c in external)
-    if reference in per:
-      out[f'{stage}_acc_reference'] = per[reference]['accuracy']
-  out['after_acc_all'] = _mean(results['after'][c]['accuracy'] for c in centers)
-  for name, per in (results.get('baselines') or {}).items():
-    out[f'{name}_acc_external'] = _mean(per[c]['accuracy'] for c in external if c in per)
-  return out
-
-
-def write_sweep_summary(points: Sequence[dict], directory) -> tuple[Path, Path]:
-  """Writes ``sweep_summary.md`` and ``sweep_summary.csv`` of every sweep point.
-
-  Args:
-    points: dicts with ``name`` (sub-workdir), ``overrides`` (flat dict) and
-      ``results`` (that point's results dict, or None if it has not finished).
-    directory: the sweep's parent workdir.
-  """
-  directory = Path(directory)
-  override_keys = sorted({k for p in points for k in p['overrides']})
-  heads = [headline(p['results']) if p.get('results') else {} for p in points]
-  metric_keys = []
-  for h in heads:
-    metric_keys += [k for k in h if k not in metric_keys]
-  buf = io.StringIO()
-  writer = csv.writer(buf)
-  writer.writerow(['name', *override_keys, *metric_keys])
-  md = ['| run | ' + ' | '.join(override_keys + metric_keys) + ' |',
-        '|' + '---|' * (1 + len(override_keys) + len(metric_keys))]
-  for p, h in zip(points, heads):
-    over = [p['overrides'].get(k, '') for k in override_keys]
-    writer.writerow([p['name'], *over,
-                     *('' if h.get(k) is None else f'{h[k]:.6f}' for k in metric_keys)])
-    status = '' if p.get('results') else ' (not finished)'
-    md.append(f'| {p["name"]}{status} | ' + ' | '.join(str(v) for v in over) + ' | ' +
-              ' | '.join(pct(h.get(k)) for k in metric_keys) + ' |')
-  csv_path, md_path = directory / 'sweep_summary.csv', directory / 'sweep_summary.md'
-  csv_path.write_text(buf.getvalue())
-  md_path.write_text('# Sweep summary (metrics in %)\n\n' + '\n'.join(md) + '\n')
-  return md_path, csv_path
-

@@ -21,6 +21,9 @@ The run's fingerprint (:func:`fingerprint`) is the SHA-256 of ``config.json``'s 
 (the whole config as JSON, keys sorted, no whitespace): every field, including those that do
 not change results (``progress``, ``data.cache_dir``), as :func:`check_config` compares them
 all. Every checkpoint step written in a workdir carries it (:mod:`fedblood.rundir.checkpoint`).
+One exception: a field of :data:`LATER_FIELDS`, added to the config after runs without it were
+written and choosing only among what a run saved, may be absent from an older run's config.json
+(which stays as written, so its checkpoints keep their fingerprint).
 """
 
 import hashlib
@@ -30,6 +33,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from absl import logging
+
+# Fields an older config.json may lack: they choose among a run's saved rounds, never what it
+# trains or saves (fl.select: which round Table 2 reports).
+LATER_FIELDS = ('fl.select',)
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
@@ -172,7 +179,9 @@ def check_config(config, workdir, write: bool = True) -> None:
         'checked against this config; refusing to take it as a new run. Put back that run\'s '
         f'config.json (or rerun its command), or use a new --workdir.')
   if old is not None:
-    diff = config_diff(old, config_dict(config))
+    absent = set(LATER_FIELDS) - set(_flatten(old))
+    diff = [line for line in config_diff(old, config_dict(config))
+            if line.split(':', 1)[0] not in absent]
     if diff:
       raise ValueError(
           f'{workdir} holds a run of a different config, refusing to resume it. '

@@ -31,6 +31,8 @@ from fedblood.study import centralized
 
 EVAL_MODELS = ('server', 'active_mean')
 BEST_METRIC = 'val_accuracy'
+# fl.select: which round Table 2 reports ('val': the best mean validation accuracy; 'last').
+SELECT_RULES = ('val', 'last')
 
 
 def participation(fraction: float, key, round_index: int, num: int) -> np.ndarray:
@@ -184,8 +186,45 @@ def drive(runs, states: list, train_round: Callable, evaluates, logs, *,
   return states
 
 
-def finish(run: Run, server, frozen) -> tuple[dict, dict]:
-  """Closes the run's checkpoints; the final ``({name: (trainable, frozen)}, info)``."""
+def selected_round(mngr, rule: str, last: int) -> int:
+  """The round ``fl.select`` picks among the kept steps of ``mngr``; ``last``: ``fl.rounds``.
+
+  'val': the step with the best mean validation accuracy over the training centers (ties to the
+  earliest round; only checkpointed rounds compete, see ``checkpoint.every``), or ``last`` when
+  no center has a validation split; 'last': ``last``.
+  """
+  if rule not in SELECT_RULES:
+    raise ValueError(f'fl.select must be one of {SELECT_RULES}, got {rule!r}')
+  best = mngr.best_step() if rule == 'val' else None
+  if best is None or checkpoint.read_meta(mngr, best)['metrics'].get(BEST_METRIC) is None:
+    return last
+  return int(best)
+
+
+def select(run: Run, state, rule: str) -> tuple[dict, Any]:
+  """``(selection, server)``: the round ``fl.select`` = ``rule`` picks, and its server state.
+
+  ``selection``: results.json's ``{'rule', 'round', 'last_round'}``; ``state``: the last round's
+  ``(server, clients)``, as :func:`drive` returns it (another round's is restored).
+  """
+  chosen = selected_round(run.ckpt.mngr, rule, run.rounds)
+  selection = {'rule': rule, 'round': chosen, 'last_round': run.rounds}
+  if chosen == run.rounds:
+    return selection, state[0]
+  template = {'server': state[0], 'clients': state[1], 'rng': run.ckpt.rng}
+  restored, _ = checkpoint.restore(run.ckpt.mngr, template, chosen)
+  return selection, restored['server']
+
+
+def finish(run: Run, state, frozen, rule: str) -> tuple[dict, dict]:
+  """Closes the run's checkpoints; ``({name: (trainable, frozen)}, info)`` of the selected round.
+
+  ``state``: the last round's ``(server, clients)``; ``rule``: ``fl.select``. ``info['last']``:
+  the last round's ``(trainable, frozen)`` of the evaluated model, ``info['selection']``: which
+  round, by which rule (:func:`select`).
+  """
+  selection, server = select(run, state, rule)
   run.ckpt.mngr.close()
   models_out = {name: (p, frozen) for name, p in run.eval_params(server).items()}
-  return models_out, {'eval_model': run.eval_name, 'rounds': run.rounds}
+  return models_out, {'eval_model': run.eval_name, 'rounds': run.rounds, 'selection': selection,
+                      'last': (run.eval_params(state[0])[run.eval_name], frozen)}

@@ -3,7 +3,8 @@
 The model is rebuilt from the workdir's own ``config.json`` (not the command
 line's), with the reference model from ``checkpoints/reference_model`` (which
 holds the frozen blocks) and the trainable part from an FL round checkpoint.
-``round=None`` takes the latest round, ``round=0`` the reference model itself.
+``round=None`` takes the round Table 2 reports (``fl.select``: the best mean validation accuracy,
+or the latest round), ``round=0`` the reference model itself.
 """
 
 import contextlib
@@ -20,7 +21,7 @@ from fedblood.model import metrics, partition
 from fedblood.reporting import evaluation_report
 from fedblood.rundir import checkpoint
 from fedblood.rundir import workdir as workdir_lib
-from fedblood.study import experiment, priors as priors_lib
+from fedblood.study import driver, experiment, priors as priors_lib
 from fedblood.study.stages import fl
 
 
@@ -53,7 +54,7 @@ def load_config(workdir) -> ml_collections.ConfigDict:
 
 
 def load_model(workdir, round_index: int | None = None) -> Loaded:
-  """The model of FL round ``round_index`` (None: latest; 0: the reference model)."""
+  """The model of FL round ``round_index`` (None: Table 2's, by ``fl.select``; 0: the reference)."""
   workdir = Path(workdir)
   config = load_config(workdir)
   exp = experiment.build(config)
@@ -71,7 +72,8 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   if round_index == 0 or (round_index is None and not steps):
     return Loaded(config, exp, reference, 0, 'reference model')
   if round_index is None:
-    round_index = steps[-1]
+    with _named_damage(mngr, mngr.best_step()):
+      round_index = driver.selected_round(mngr, config.fl.get('select', 'val'), steps[-1])
   if round_index not in steps:
     raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
                             f'kept rounds: {steps} '
@@ -123,7 +125,7 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   Args:
     workdir: the run's workdir.
     eval_dir: a folder of class folders (may be a center never seen in training).
-    round_index: FL round (None = latest, 0 = reference model).
+    round_index: FL round (None = Table 2's round, 0 = reference model).
     output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
     crop: the folder's central crop fraction (see ``data.crop``); None: the run's ``data.crop``
       of the center named like the folder, else 1.0.

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 import re
 
-from fedblood.reporting import report
+from fedblood.reporting import sweep_summary
 from fedblood.rundir import workdir as workdir_lib
 from fedblood.study import train, validate
 
@@ -81,5 +81,5 @@ def run(config, config_file: str, workdir) -> str:
     results_path = workdir / p['name'] / 'results.json'
     p['results'] = (json.loads(results_path.read_text()) if results_path.exists()
                     else train.run(p['config'], workdir / p['name']))
-  md, _ = report.write_sweep_summary(points, workdir)
+  md, _ = sweep_summary.write_sweep_summary(points, workdir)
   return md.read_text()

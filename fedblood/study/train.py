@@ -41,17 +41,19 @@ from fedblood.study.stages.reference import reference_stage
 
 
 def study_results(title, algorithm, rounds, names, before, after_models, eval_name, baselines,
-                  reference_info, train_sizes) -> dict:
+                  reference_info, train_sizes, *, after_last=None, selection=None) -> dict:
   """The results dict of a study (results.json) from full per-center metrics.
 
   ``title``, ``algorithm``, ``rounds``: ``config.title`` (default 'fedblood run'),
   ``config.fl.algorithm``, ``config.fl.rounds``.
   ``before``: ``{center: metrics}`` of the reference model; ``after_models``:
-  ``{model: {center: metrics}}`` after FL; ``baselines``: ``{name: {center: metrics}}``.
+  ``{model: {center: metrics}}`` of the round ``fl.select`` picked (Table 2); ``baselines``:
+  ``{name: {center: metrics}}``; ``after_last``: ``{center: metrics}`` of the last round's
+  evaluated model and ``selection`` (:func:`fedblood.study.driver.selection`), when known.
   """
   after = after_models[eval_name]
   summarize = lambda per: {c: metrics.summary(m) for c, m in per.items()}
-  return {
+  out = {
       'title': title, 'centers': names, 'reference': names[0],
       'classes': list(metrics.CLASSES), 'algorithm': algorithm,
       'rounds': rounds, 'eval_model': eval_name,
@@ -64,6 +66,12 @@ def study_results(title, algorithm, rounds, names, before, after_models, eval_na
       'reference_training': reference_info,
       'train_sizes': train_sizes,
   }
+  if selection is not None:
+    out['selection'] = selection
+  if after_last is not None:
+    out['after_last'] = summarize(after_last)
+    out['details']['after_last'] = after_last
+  return out
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -100,8 +108,11 @@ def _run(config, workdir: Path) -> dict:
   fl_models, fl_info = fl_stage(exp, config.fl, config.checkpoint, reference_params, centers,
                                 workdir, log)
   times['fl_s'] = time.time() - t
-  after_models = {name: {c: exp.evaluate(trainable, frozen, split) for c, split in tests.items()}
-                  for name, (trainable, frozen) in fl_models.items()}
+  on_tests = lambda trainable, frozen: {c: exp.evaluate(trainable, frozen, split)
+                                        for c, split in tests.items()}
+  after_models = {name: on_tests(*model) for name, model in fl_models.items()}
+  last = (after_models[fl_info['eval_model']] if fl_info['selection']['round'] == config.fl.rounds
+          else on_tests(*fl_info['last']))
 
   t = time.time()
   baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
@@ -112,7 +123,8 @@ def _run(config, workdir: Path) -> dict:
   results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,
                           config.fl.rounds, names, before, after_models, fl_info['eval_model'],
                           baselines, reference_info,
-                          {c.name: int(len(c.train.labels)) for c in centers})
+                          {c.name: int(len(c.train.labels)) for c in centers},
+                          after_last=last, selection=fl_info['selection'])
   if 'privacy' in fl_info:
     results['privacy'] = fl_info['privacy']
   if holdout:

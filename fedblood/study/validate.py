@@ -155,6 +155,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.participation': fraction,
     'fl.execution': one_of(*simulate.EXECUTIONS),
     'fl.eval_model': one_of(*driver.EVAL_MODELS),
+    'fl.select': one_of(*driver.SELECT_RULES),
     'fl.holdout': center_names,
     **_recipe('baselines'),
     'fl.dp.mode': one_of(*dp.MODES),

@@ -108,7 +108,10 @@ def single_round(round_fn, frozen, sim, fl_key):
 
 def fl_stage(exp: Experiment, fl, checkpoint_cfg, reference_params, centers, workdir: Path,
              log) -> tuple[dict, dict]:
-  """Runs (or resumes) the federated rounds; returns the final models and the info.
+  """Runs (or resumes) the federated rounds; returns Table 2's models and the info.
+
+  Table 2's models are those of the round ``fl.select`` picks (:func:`driver.finish`); the
+  info's ``last`` holds the last round's evaluated model.
 
   Centers named in ``fl.holdout`` never train: they are evaluated every round as centers that
   never joined (rows marked ``held_out``) and stay out of the validation mean that ranks rounds.
@@ -126,10 +129,10 @@ def fl_stage(exp: Experiment, fl, checkpoint_cfg, reference_params, centers, wor
     bar.update(1)
     bar.set_postfix(round=r, loss=f'{summary["loss"]:.3f}', acc=f'{summary["test_accuracy"]:.3f}')
 
-  ((server, _),) = driver.drive([run], [state], single_round(round_fn, frozen, sim, fl_key),
+  (state,) = driver.drive([run], [state], single_round(round_fn, frozen, sim, fl_key),
                                 [evaluator(exp, run, frozen, trained + held)], [log],
                                 on_round=on_round if bar is not None else None)
   if bar is not None:
     bar.close()
-  models_out, info = driver.finish(run, server, frozen)
+  models_out, info = driver.finish(run, state, frozen, fl.get('select', 'val'))
   return models_out, {**info, **privacy_info(fl, trained, run)}
