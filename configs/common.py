@@ -104,6 +104,10 @@ def get_config() -> ml_collections.ConfigDict:
   # the memory for configs/wbc.py's model (bench/bench_dp.py, docs/privacy.md).
   config.fl.dp.microbatch = 8
   config.fl.dp.seed = 0                # noise stream of the client-level mode
+  # Per-center epsilon budgets, e.g. dict(bccd=3.0): a center whose epsilon would pass its budget
+  # sits out every round from then on (fedblood/study/budgets.py; a deployed site sets its own
+  # dp-epsilon-budget). Empty: no budget.
+  config.fl.dp.budget = ml_collections.ConfigDict()
   # Centers that never join (leave-one-center-out): no FL training, not in the pooled baseline;
   # evaluated every round and in Table 2 as new centers, marked held out. E.g. ('bccd',).
   config.fl.holdout = ()

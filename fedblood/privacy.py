@@ -112,13 +112,21 @@ def _accountant(name: str):
 
 @functools.lru_cache(maxsize=4096)
 def _epsilon(mode, rate, noise_multiplier, steps, delta, accountant) -> float:
-  if steps == 0:
+  return composed_epsilon(((mode, rate, noise_multiplier, steps),), delta, accountant)
+
+
+def composed_epsilon(mechanisms: Sequence[tuple], delta: float, accountant: str = 'rdp') -> float:
+  """dp-accounting's epsilon at ``delta`` of ``mechanisms`` composed, each ``(mode, rate,
+  noise_multiplier, steps)`` as :func:`event` takes them (0 for none, inf for a noiseless one)."""
+  mechanisms = [m for m in mechanisms if int(m[3]) > 0]
+  if not mechanisms:
     return 0.0
-  if noise_multiplier == 0:
+  if any(m[2] == 0 for m in mechanisms):
     return math.inf
   acc = _accountant(accountant)
   with _quiet_unconverged_orders():
-    acc.compose(event(mode, rate, noise_multiplier, steps))
+    for mode, rate, noise_multiplier, steps in mechanisms:
+      acc.compose(event(mode, rate, noise_multiplier, steps))
     return float(acc.get_epsilon(delta))
 
 
@@ -238,11 +246,17 @@ def summary(plan: Plan, steps: Sequence[int], target_epsilon: float = 0.0) -> di
 
 
 def report_lines(privacy: dict) -> list:
-  """Markdown lines of a results.json ``privacy`` entry for report.md."""
+  """Markdown lines of a results.json ``privacy`` entry for report.md (simulated or deployed:
+  a deployed run's sites each report their own noise multiplier, and their noise is secret)."""
   level = 'record level (DP-SGD per center)' if privacy['mode'] == 'example' else (
       'client level (DP-FedAvg)')
-  lines = [f'- differential privacy, {level}: noise multiplier {privacy["noise_multiplier"]:.4g}, '
-           f'clip {privacy["clip"]:g}, delta {privacy["delta"]:g}, {privacy["accountant"]} '
-           f'accountant, sampling: {privacy["sampling"]}; epsilon per center: '
-           + ', '.join(f'`{c}` {v["epsilon"]:.3g}' for c, v in privacy['centers'].items())]
-  return lines
+  sigma = privacy.get('noise_multiplier')
+  per_center = lambda c, v: (f'`{c}` {v["epsilon"]:.3g}' if sigma is not None else
+                             f'`{c}` {v["epsilon"]:.3g} (noise multiplier '
+                             f'{v["noise_multiplier"]:.4g}, {v["steps"]} steps)')
+  head = f'noise multiplier {sigma:.4g}, ' if sigma is not None else ''
+  noise = f', noise: {privacy["noise"]}' if privacy.get('noise') else ''
+  return [f'- differential privacy, {level}: {head}clip {privacy["clip"]:g}, delta '
+          f'{privacy["delta"]:g}, {privacy["accountant"]} accountant, sampling: '
+          f'{privacy["sampling"]}{noise}; epsilon per center: '
+          + ', '.join(per_center(c, v) for c, v in privacy['centers'].items())]

@@ -265,7 +265,49 @@ def test_all_sites_vanish_ends_with_an_error_not_a_hang(tmp_path, monkeypatch):
     out = fed.wait_run(run_id, timeout=300)
   assert out['status'] == 'finished:failed', out['log'][-3000:]
   stopped = (workdir / 'deploy.log').read_text().splitlines()[-1]
-  assert 'stopped: FederationError: round 3: no site answered within 45 s' in stopped
+  assert 'stopped: FederationError: round 3: no site trained within 45 s' in stopped
   assert 'rerun to resume' in stopped
   step, _ = _fl_state(workdir)
   assert step == 2
+
+
+@pytest.mark.slow
+def test_deployed_dp_sites_account_for_themselves_and_one_at_its_budget_drops_out(tmp_path,
+                                                                                  monkeypatch):
+  """DP-SGD at each site: the epsilon each reports is dp-accounting's for what it ran; synth2's
+  budget holds one round, so it declines round 2 and the run completes without it."""
+  dpa = pytest.importorskip('dp_accounting')
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
+  sigma, batch, sizes = 1.2, 8, {'synth0': 44, 'synth1': 26, 'synth2': 20}
+
+  def epsilon(center, rounds):
+    n = sizes[center]
+    acc = dpa.rdp.RdpAccountant()
+    acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(
+        batch / n, dpa.GaussianDpEvent(sigma)), rounds * -(-n // batch)))
+    return acc.get_epsilon(1e-5)
+
+  overrides = _reference(tmp_path, f"{TINY} fl.rounds=2 fl.dp.mode='example' "
+                                   f'fl.dp.noise_multiplier={sigma} fl.batch_size={batch}')
+  budget = (epsilon('synth2', 1) + epsilon('synth2', 2)) / 2
+  with local.Federation(tmp_path / 'fed') as fed:
+    fed.start_superlink()
+    for k in range(3):
+      fed.start_supernode(f'site{k}', {'center': f'synth{k}', 'state-dir': str(tmp_path / f's{k}'),
+                                       **({'dp-epsilon-budget': budget} if k == 2 else {})})
+    deployed = tmp_path / 'deployed'
+    out = fed.run(_run_config(overrides, deployed), timeout=600)
+  assert out['status'] == 'finished:completed', out['log'][-3000:]
+  log = (deployed / 'deploy.log').read_text()
+  assert "round 2: center 'synth2' declined to train: privacy budget" in log, log[-3000:]
+  active = {(r['round'], r['center']): r['active'] for r in _rows(deployed)}
+  assert active == {(r, c): not (r == 2 and c == 'synth2') for r in (1, 2) for c in sizes}
+  results = json.loads((deployed / 'results.json').read_text())
+  privacy = results['privacy']
+  assert privacy['noise'].startswith('secret')
+  for center, rounds in (('synth0', 2), ('synth1', 2), ('synth2', 1)):
+    assert privacy['centers'][center]['epsilon'] == pytest.approx(epsilon(center, rounds),
+                                                                  rel=1e-9), center
+  epsilons = {r['center']: r['epsilon'] for r in _rows(deployed) if r['round'] == 2}
+  assert epsilons == {c: privacy['centers'][c]['epsilon'] for c in sizes}
+  assert 'epsilon per center' in (deployed / 'report.md').read_text()

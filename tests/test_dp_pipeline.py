@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fedblood import privacy
+from fedblood import data, privacy
 from fedblood.rundir import checkpoint
 from fedblood.study import train
 from study_helpers import interrupt_saves, smoke_config
@@ -95,3 +95,43 @@ def test_privacy_report_table_and_figure(smoke, tmp_path):
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   with pytest.raises(ValueError, match='round 9 asked, only 3 logged'):
     privacy_report.parse_point(f'fed_dyn=inf:{workdir}', 9)
+
+
+@pytest.mark.slow
+def test_a_center_at_its_budget_stops_and_the_others_go_on(smoke, tmp_path):
+  config, reference_dir = smoke
+  config = dp_config(config, reference_dir)
+  config.fl.dp.target_epsilon = 0.0
+  config.fl.dp.noise_multiplier = 1.5
+  sizes = {c.name: len(c.train.labels) for c in data.load_centers(config.data)}
+  plan = privacy.plan(config.fl, sizes)
+  k = plan.centers.index('synth2')
+  one, two = (privacy.epsilons(plan, [rounds * s for s in plan.steps_per_round])[k]
+              for rounds in (1, 2))
+  config.fl.dp.budget = {'synth2': (one + two) / 2}  # room for one round, not two
+  workdir = tmp_path / 'run'
+  results = train.run(config, workdir)
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  active = {(r['round'], r['center']): r['active'] for r in rows if r['stage'] == 'fl'}
+  assert active == {(r, c): not (c == 'synth2' and r > 1) for r in (1, 2, 3) for c in sizes}
+  n = sizes['synth2']
+  accountant = dp_accounting.rdp.RdpAccountant()  # one round of synth2, built independently
+  accountant.compose(dp_accounting.PoissonSampledDpEvent(
+      32 / n, dp_accounting.GaussianDpEvent(1.5)), -(-n // 32))
+  assert results['privacy']['centers']['synth2'] == {
+      'epsilon': accountant.get_epsilon(1e-5), 'rate': 32 / n, 'steps': -(-n // 32),
+      'budget': (one + two) / 2}
+  assert results['privacy']['centers']['synth0']['steps'] == 3 * plan.steps_per_round[0]
+
+
+@pytest.mark.parametrize('mode, budget, says', [
+    ('example', {'nowhere': 1.0}, r'fl.dp.budget.nowhere: no training center named'),
+    ('example', {'synth1': -1.0}, r'fl.dp.budget.synth1=-1.0 must be a number > 0'),
+    ('off', {'synth1': 3.0}, r"fl.dp.budget=.* needs fl.dp.mode='example' or 'client'")])
+def test_a_bad_budget_is_refused_before_any_work(tmp_path, mode, budget, says):
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.dp.mode = mode
+  config.fl.dp.budget = budget
+  with pytest.raises(ValueError, match=says):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()

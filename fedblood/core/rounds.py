@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 
 from fedblood import algorithms
+from fedblood.algorithms import dp as dp_lib
 from fedblood.core import simulate, vectorized
 
 FORMS = ('round', 'sweep', 'client', 'server')
@@ -108,7 +109,7 @@ def compiled(round_spec: RoundSpec, form: str = 'round') -> tuple[Any, Any]:
                                                    **sizes)
   if form == 'server':
     return algorithm, simulate.build_round(algorithm, loss, execution='loop', **sizes).server_step
-  client = simulate.client_fn(algorithm, loss, **sizes)
+  client = simulate.client_fn(algorithm, loss, **sizes, dp=dp_lib.from_config(fl))
 
   @jax.jit
   def step(server_state, client_state, weight, frozen, examples, size, rng_key):

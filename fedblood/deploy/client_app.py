@@ -23,7 +23,9 @@ Message contents (all typed records, nothing pickled):
   state), ``ArrayRecord 'frozen'`` (the frozen params); a bare query has the first only.
 * reply: ``ConfigRecord 'site'`` (center and split sizes), ``ConfigRecord 'eval'`` (JSON
   metrics), and for ``train`` ``ArrayRecord 'params'`` / ``'state'`` and ``MetricRecord
-  'train'`` (loss, accuracy, num_steps, num-examples).
+  'train'`` (loss, accuracy, num_steps, num-examples); under ``fl.dp`` ``ConfigRecord
+  'privacy'`` (JSON: the site's epsilon, :mod:`fedblood.deploy.site_privacy`), and
+  ``ConfigRecord 'declined'`` (its reason) instead of the update when the site's budget is spent.
 """
 
 import json
@@ -46,8 +48,11 @@ def _answer(kind: str, msg: Message, context: Context) -> Message:
   else:
     out = relay.call(*args)
   reply = RecordDict({'site': ConfigRecord(out['site'])})
-  if 'eval' in out:
-    reply['eval'] = ConfigRecord({'json': json.dumps(out['eval'])})
+  for key in ('eval', 'privacy'):
+    if key in out:
+      reply[key] = ConfigRecord({'json': json.dumps(out[key])})
+  if 'declined' in out:
+    reply['declined'] = ConfigRecord({'reason': out['declined']})
   if 'params' in out:
     reply['params'] = out['params']
     reply['state'] = out['state']

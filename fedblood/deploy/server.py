@@ -37,6 +37,8 @@ import numpy as np
 
 from fedblood import data
 from fedblood.algorithms import base
+from fedblood.deploy import replies as replies_lib
+from fedblood.deploy import site_privacy
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 from fedblood.model import metrics
@@ -51,7 +53,7 @@ from fedblood.deploy.sites import Sites, note  # pylint: disable=unused-import  
 
 
 class FederationError(RuntimeError):
-  """The federation cannot go on (no site answered, or a center never connected)."""
+  """The federation cannot go on (no site trained a round, or a center never connected)."""
 
 
 def _reference(config, exp, name: str, workdir: Path):
@@ -61,29 +63,6 @@ def _reference(config, exp, name: str, workdir: Path):
                      'and set reference.restore to that workdir or a weights file')
   center = data.Center(name, None, None, None)
   return reference_stage(exp, config.reference, center, workdir, log=None)
-
-
-def _check_reply(st, reply) -> str | None:
-  content = reply.content
-  for name, template in (('params', st.trainable), ('state', st.client)):
-    reason = wire.check_tree(content.get(name), template, name)
-    if reason:
-      return reason
-  record = content.get('train')
-  if record is None:
-    return 'train metrics: missing'
-  values = dict(record)
-  if not all(np.isfinite(float(v)) for v in values.values()):
-    return f'train metrics: non-finite values {values}'
-  return None
-
-
-def _outputs(st, reply) -> tuple:
-  values = dict(reply.content['train'])
-  round_metrics = {m: (np.int32 if m == 'num_steps' else np.float32)(v)
-                   for m, v in values.items() if m != 'num-examples'}
-  return (wire.from_record(reply.content['params'], st.trainable),
-          wire.from_record(reply.content['state'], st.client), round_metrics)
 
 
 class Federation(NamedTuple):
@@ -134,8 +113,8 @@ def _trainer(fd: Federation, directory, timeout: float):
     active = np.asarray([k in outs for k in range(num)])
     note(fd.workdir, f'round {r}: active centers {[c for k, c in enumerate(names) if active[k]]} '
                      f'of {[c for k, c in enumerate(names) if chosen[k]]}')
-    if not active.any():
-      raise FederationError(f'round {r}: no site answered within {timeout:.0f} s (asked '
+    if not active.any():  # deploy.log says why for each reply refused or declined
+      raise FederationError(f'round {r}: no site trained within {timeout:.0f} s (asked '
                             f'{[c for k, c in enumerate(names) if chosen[k]]}); the last '
                             f'checkpoint is kept in {directory}: rerun to resume')
     first = outs[int(np.argmax(active))]  # inactive centers' outputs are ignored
@@ -173,14 +152,30 @@ def _accepted(fd: Federation, r: int, replies: dict) -> dict:
   outs = {}
   for node, reply in replies.items():
     center = fd.sites.center_of(node)
-    reason = _check_reply(fd.st, reply) or (
-        None if reply.content['site']['center'] == center else 'answered for another center')
+    if reply.content['site']['center'] != center:
+      reason = 'answered for another center'
+    elif (reason := replies_lib.declined(reply)) is not None:
+      note(fd.workdir, f'round {r}: center {center!r} declined to train: {reason}')
+      _privacy(fd, r, center, reply)
+      continue
+    else:
+      reason = replies_lib.problem(fd.st, reply)
     if reason:
       note(fd.workdir, f'round {r}: refused the reply of node {node} (center {center!r}): '
                        f'{reason}')
       continue
-    outs[fd.st.centers.index(center)] = _outputs(fd.st, reply)
+    outs[fd.st.centers.index(center)] = replies_lib.outputs(fd.st, reply)
+    _privacy(fd, r, center, reply)
   return outs
+
+
+def _privacy(fd: Federation, r: int, center: str, reply) -> None:
+  """Keeps (and logs) the epsilon a DP site reports (:mod:`fedblood.deploy.site_privacy`)."""
+  if (got := replies_lib.privacy(reply)) is not None:
+    fd.fed.setdefault('privacy', {})[center] = got
+    note(fd.workdir, f'round {r}: center {center!r} epsilon {got["epsilon"]:.4g} (delta '
+                     f'{got["delta"]:g}, {got["steps"]} DP-SGD steps); site total '
+                     f'{got["site_epsilon"]:.4g}, budget {got.get("budget")}')
 
 
 def _evaluator(fd: Federation, run, all_models, final: dict):
@@ -229,8 +224,11 @@ def _open(config, st, workdir: Path):
                             {'centers': list(names), 'eval_model': eval_name,
                              'algorithm': config.fl.algorithm,
                              'params': st.experiment.summary(ref_params)})
+  epsilons = ((lambda r: [fed.get('privacy', {}).get(c, {}).get('epsilon') for c in names])
+              if site_privacy.enabled(config.fl) else None)  # each DP site's latest report
   run = driver.Run(tuple(names), config.fl.rounds, start, eval_name, algorithm.eval_params,
-                   lambda r: driver.participation(fraction, part_key, r, len(names)), None, ckpt)
+                   lambda r: driver.participation(fraction, part_key, r, len(names)), epsilons,
+                   ckpt)
   return run, (state['server'], state['clients']), fed, ref_info, frozen
 
 
@@ -293,6 +291,8 @@ def _finish(config, fd: Federation, evals, all_models, eval_name, ref_info, sele
                           after_last={c: last[c][eval_name]['test'] for c in names},
                           selection=selection)
   results['deployment'] = {'nodes': {c: int(n) for c, n in fd.sites.node_of.items()}}
+  if site_privacy.enabled(config.fl):
+    results['privacy'] = site_privacy.summary(config.fl, fd.fed.get('privacy', {}))
   workdir_lib.write_results(workdir, results, {'total_s': time.time() - started})
   report.write_report(workdir, {**results, 'wall_time_s': time.time() - started})
   runlog.close(workdir)

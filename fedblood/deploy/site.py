@@ -9,7 +9,8 @@ server state; the site answers
   (:func:`fedblood.core.simulate.client_fn`), on its training split padded to the
   federation's ``Nmax``, with weight ``w_k`` and key ``fold_in(fold_in(key, r), k)``
   as the simulation derives them, from its client state of the round the server last
-  accepted from it (``committed``);
+  accepted from it (``committed``). Under ``fl.dp`` the key is secret and the site accounts
+  for and may decline the round (:mod:`fedblood.deploy.site_privacy`);
 * ``evaluate``: full metrics of the requested models on its val/test splits.
 
 Client state (FedDyn's lambda_k, SCAFFOLD's c_k) lives in an Orbax directory
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedblood.core import simulate
+from fedblood.deploy import site_privacy
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
 from fedblood.deploy.relay import SiteError, settings
@@ -210,15 +212,20 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir,
   claim(folder / 'study.json', {'config_sha256': digest, 'center': name},
          f'study {request["study"]!r}')
   reply['eval'] = _evaluate(st, center, server_state, frozen, request)
+  dp = site_privacy.prepare(st.config.fl, name, len(center.train.labels), state_dir,
+                            request['study'], r, node_config)
+  if dp is not None and dp.declined:
+    return {**reply, 'declined': dp.declined, 'privacy': dp.report}
   mngr = warm.get('manager', folder,
                   lambda: _state_manager(folder, st.config.checkpoint.get('every', 1)))
   client_state = warm.client_state(folder, committed,
                                    lambda: _restore_client_state(mngr, st, committed, name))
   examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
   size = jnp.int32(len(center.train.labels))
-  local, new_state, metrics = study_lib.client_step(st)(
-      server_state, client_state, jnp.float32(request['weight']), frozen, examples, size,
-      study_lib.rng(st.config.seed, r, k))
+  # Under DP the key is secret (the server knows the seed); else the simulation's own.
+  key = site_privacy.secret_key() if dp else study_lib.rng(st.config.seed, r, k)
+  local, new_state, metrics = study_lib.client_step(st, dp and dp.plan)(
+      server_state, client_state, jnp.float32(request['weight']), frozen, examples, size, key)
   for step in [s for s in mngr.all_steps() if s > committed]:
     mngr.delete(step)  # never accepted by the server: superseded by this round's state
   if jax.tree.leaves(new_state):
@@ -226,6 +233,9 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir,
                     {'kind': 'client state', 'center': name, 'round': r,
                      'study': request['study']})
   warm.keep_client_state(folder, r, new_state)
+  if dp:
+    site_privacy.spend(state_dir, dp)  # before the reply that releases the update leaves
+    reply['privacy'] = dp.report
   reply.update(params=local, state=new_state,
                train={m: np.asarray(v).item() for m, v in metrics.items()})
   return reply

@@ -65,11 +65,12 @@ def center_names(data_cfg) -> tuple:
 
 def build(config) -> Study:
   """The study's :class:`Study` from its config."""
-  if config.fl.get('dp') is not None and config.fl.dp.mode != 'off':
-    # The sites would need the server's calibrated noise and the report the accountant's
-    # epsilon; neither travels over the wire yet.
-    raise ValueError(f'fl.dp.mode={config.fl.dp.mode!r}: differential privacy runs in the '
-                     'simulation only; a deployed run needs fl.dp.mode=\'off\'')
+  if config.fl.get('dp') is not None and config.fl.dp.mode == 'client':
+    # DP-FedAvg adds its noise to the sum of the updates at the server, which would have to be
+    # trusted with them; DP-SGD at each site (mode 'example') trusts no one.
+    raise ValueError("fl.dp.mode='client' adds its noise at the server; a deployed run takes "
+                     "fl.dp.mode='example' (DP-SGD at each site, fedblood.deploy.site_privacy) "
+                     "or 'off'")
   exp = experiment_lib.build(config)
   algorithm = rounds.algorithm_of(rounds.spec(exp.loss, config.fl))
   trainable, frozen = exp.split(exp.shapes)
@@ -85,13 +86,15 @@ def rng(seed: int, round_index: int, k: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(fl_key, round_index), k)
 
 
-def client_step(study: Study):
+def client_step(study: Study, dp_plan=None):
   """Jitted ``(server_state, client_state, weight, frozen, examples, size, rng) -> update``.
 
   ``examples``: the site's training split padded to the federation's ``Nmax`` by
   :func:`fedblood.core.simulate.pad_centers`, as the simulation pads every center's.
+  ``dp_plan``: the site's :class:`fedblood.privacy.Plan` (its noise multiplier) under ``fl.dp``.
   """
-  return rounds.compiled(rounds.spec(study.experiment.loss, study.config.fl), 'client')[1]
+  return rounds.compiled(rounds.spec(study.experiment.loss, study.config.fl, dp_plan),
+                         'client')[1]
 
 
 def server_step(study: Study):

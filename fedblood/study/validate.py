@@ -39,7 +39,7 @@ from fedblood.data import loader
 from fedblood.data import plan as data_plan
 from fedblood.model import metrics, models, partition
 from fedblood.model import weights
-from fedblood.study import driver, experiment
+from fedblood.study import budgets as budgets_lib, driver, experiment
 from fedblood.study.stages import baselines
 from fedblood.study.stages import fl as fl_stage
 
@@ -212,6 +212,7 @@ def check_built(config) -> None:
                              trainable)
   driver.eval_model_name(config.fl.eval_model, evaluated)
   privacy.check(config.fl, {c.name: len(c.train.labels) for c in joined})
+  budgets_lib.check(config.fl, {c.name: len(c.train.labels) for c in joined})
 
 
 def _check_against_data(config, exp, centers) -> None:

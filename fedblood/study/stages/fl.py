@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from fedblood import privacy
 from fedblood.core import rounds, simulate
 from fedblood.model import metrics
-from fedblood.study import driver
+from fedblood.study import budgets as budgets_lib, driver
 from fedblood.study.experiment import STAGE, Experiment
 
 
@@ -58,6 +58,7 @@ def fl_setup(exp: Experiment, fl, checkpoint_cfg, reference_params, centers, wor
   draw = lambda r: driver.participation(fl.get('participation', 1.0), part_key, r, len(centers))
   epsilons = None
   if dp_plan is not None:
+    draw = budgets_lib.within(dp_plan, budgets_lib.of(fl), draw)
     epsilons = lambda r: privacy.epsilons(dp_plan, _steps_taken(dp_plan, draw, r))
   ckpt = driver.Checkpoints(mngr, checkpoint_cfg.get('every', 1), state['rng'],
                             {'centers': list(sizes), 'eval_model': eval_name,
@@ -77,8 +78,11 @@ def privacy_info(fl, centers, run: driver.Run) -> dict:
   dp_plan = privacy.plan(fl, {c.name: len(c.train.labels) for c in centers})
   if dp_plan is None:
     return {}
-  return {'privacy': privacy.summary(dp_plan, _steps_taken(dp_plan, run.draw, run.rounds),
-                                     fl.dp.target_epsilon)}
+  out = privacy.summary(dp_plan, _steps_taken(dp_plan, run.draw, run.rounds),
+                        fl.dp.target_epsilon)
+  for name, budget in budgets_lib.of(fl).items():
+    out['centers'][name]['budget'] = budget
+  return {'privacy': out}
 
 
 def evaluator(exp: Experiment, run: driver.Run, frozen, centers):
