@@ -5,6 +5,7 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
   python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep  # all get_sweep() points
   python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5  # + seeds_report.md
   python launch.py --config configs/wbc.py --folds 5 --workdir /tmp/wbc5f   # + folds_report.md
+  python launch.py --config configs/wbc.py --sweep --folds 3 --workdir /tmp/abl  # + sweep_folds.md
   python launch.py --mode inspect --workdir /tmp/demo
   python launch.py --mode evaluate --workdir /tmp/demo --eval_dir /data/new_center [--round 5]
   python launch.py --mode predict --workdir /tmp/demo --input /data/cells --output preds.csv
@@ -182,16 +183,25 @@ def _run(mode, workdir):
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')
+  elif _SWEEP.value and (_FOLDS.value is not None or _SEEDS.value is not None):
+    from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
+    if _FOLDS.value is not None and _SEEDS.value is not None:
+      raise app.UsageError('--folds cannot be combined with --seeds (fold i takes seed '
+                           'config.seed + i)')
+    if _VECTORIZE.value:
+      raise app.UsageError('--vectorize is not supported with --sweep')
+    config_file = config_flags.get_config_filename(flags.FLAGS['config'])
+    path = seeds.run_sweep(_config(), config_file, workdir, folds=_FOLDS.value,
+                           seeds=None if _SEEDS.value is None else seeds.parse_seeds(_SEEDS.value))
+    print(f'table: {path}')
   elif _FOLDS.value is not None:
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
-    if _SWEEP.value or _SEEDS.value is not None:
-      raise app.UsageError('--folds cannot be combined with --seeds or --sweep (fold i takes '
-                           'seed config.seed + i)')
+    if _SEEDS.value is not None:
+      raise app.UsageError('--folds cannot be combined with --seeds (fold i takes seed '
+                           'config.seed + i)')
     print(f'report: {seeds.run_folds(_config(), workdir, _FOLDS.value)}')
   elif _SEEDS.value is not None:
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
-    if _SWEEP.value:
-      raise app.UsageError('--seeds and --sweep cannot be combined')
     path = seeds.run(_config(), workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)
     print(f'report: {path}')
   elif _SWEEP.value:

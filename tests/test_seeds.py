@@ -250,3 +250,40 @@ def test_vectorized_two_seed_smoke_equals_sequential_runs(smoke, tmp_path):
   seeds.run(config, tmp_path, [0, 1], vectorize=True)
   assert (tmp_path / 'seeds_summary.json').read_text() == before
   assert checkpoint.manager(vec_dir / 'checkpoints' / 'fl').latest_step() == config.fl.rounds
+
+
+def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_images(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.rounds = 1
+  config.baselines.local_only = config.baselines.pooled = False
+  config_file = tmp_path / 'ablation.py'
+  config_file.write_text('def get_sweep():\n'
+                         '  return [{"fl.eval_model": "active_mean"}, {"fl.eval_model": "server"}]\n')
+  path = seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)
+  assert path == tmp_path / 'w' / 'sweep_folds.md'
+  names = ['fl.eval_model=active_mean', 'fl.eval_model=server']
+  external, correct = ['synth1', 'synth2'], {}
+  for name in names:  # each point is an ordinary --folds study
+    summary = json.loads((tmp_path / 'w' / name / 'folds_summary.json').read_text())
+    assert summary['folds'] == [0, 1]
+    results = [json.loads((tmp_path / 'w' / name / f'fold={i}' / 'results.json').read_text())
+               for i in (0, 1)]
+    correct[name] = np.concatenate([
+        np.asarray(r['details']['after'][c]['predictions']) ==
+        np.asarray(r['details']['after'][c]['labels']) for c in external for r in results])
+    assert summary['tables']['after']['mean, external centers']['accuracy']['values'] == [
+        (r['after']['synth1']['accuracy'] + r['after']['synth2']['accuracy']) / 2 for r in results]
+  rows = list(csv.DictReader((tmp_path / 'w' / 'sweep_folds.csv').open()))
+  assert [r['point'] for r in rows] == names
+  for row, name in zip(rows, names):
+    assert int(row['external_images']) == len(correct[name])
+    assert int(row['external_correct']) == int(correct[name].sum())
+  a, b = correct[names[1]], correct[names[0]]  # the second point against the first, paired
+  assert float(rows[1]['vs_first_difference']) == pytest.approx((a.sum() - b.sum()) / len(a))
+  assert rows[0]['vs_first_difference'] == ''
+  text = path.read_text()
+  assert '| fl.eval_model=server | server |' in text and '(the reference point)' in text
+  # A point's run of another config is refused before anything trains.
+  config.fl.rounds = 2
+  with pytest.raises(ValueError, match=r'fl\.rounds: 1 in the workdir, 2 now'):
+    seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)

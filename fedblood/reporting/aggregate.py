@@ -117,7 +117,8 @@ def per_round(histories: Sequence[Sequence[dict]], befores: Sequence[dict]) -> d
   return out
 
 
-def _cell(s: dict, with_min: bool = True) -> str:
+def cell(s: dict, with_min: bool = True) -> str:
+  """``mean ± sd`` in % (and ``(min ...)``) of a :func:`stats` dict; – without values."""
   pct = report.pct
   if s['mean'] is None:
     return '–'
@@ -137,9 +138,9 @@ def center_table(rows: dict, reference) -> str:
            '|' + '---|' * (len(report.COLUMNS) + 2)]
   for row, cells in rows.items():
     n = cells['n']['values']
-    n_text = str(int(n[0])) if n and len(set(n)) == 1 else _cell(cells['n'], False)
+    n_text = str(int(n[0])) if n and len(set(n)) == 1 else cell(cells['n'], False)
     lines.append(f'| {_label(row, reference)} | {n_text} | ' +
-                 ' | '.join(_cell(cells[k]) for k in METRICS) + ' |')
+                 ' | '.join(cell(cells[k]) for k in METRICS) + ' |')
   return '\n'.join(lines)
 
 
@@ -160,7 +161,7 @@ def comparison_table(agg: dict, centers, reference, algorithm: str, key: str) ->
     if not any(row in agg[n] for _, n in columns):
       continue
     lines.append(f'| {_label(row, reference)} | ' + ' | '.join(
-        _cell(agg[n].get(row, {}).get(key, empty), False) for _, n in columns) + ' |')
+        cell(agg[n].get(row, {}).get(key, empty), False) for _, n in columns) + ' |')
   return '\n'.join(lines)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from fedblood import data
 from fedblood.core import rounds, simulate
 from fedblood.core import vectorized
-from fedblood.reporting import aggregate
+from fedblood.reporting import aggregate, sweep_table
 from fedblood.rundir import runlog
 from fedblood.rundir import workdir as workdir_lib
 from fedblood.study import driver, experiment, sweep, train
@@ -88,17 +88,51 @@ def fold_dir(workdir, fold: int) -> Path:
   return Path(workdir) / f'fold={fold}'
 
 
-def run_folds(config, workdir, folds: int) -> Path:
-  """Runs (or resumes) each fold of a ``folds``-fold split; returns ``folds_report.md``."""
+def fold_runs(config, workdir, folds: int) -> tuple[list, list]:
+  """``(configs, workdirs)`` of the ``folds`` runs of :func:`run_folds`."""
   check_folds(folds)
   points = [{'data.folds': folds, 'data.fold': i, 'seed': int(config.seed) + i}
             for i in range(folds)]
   if int(config.seed) + folds - 1 >= SEED_LIMIT:
     raise ValueError(f'--folds {folds}: fold seeds config.seed + i reach 2^32')
-  configs = [sweep.apply(config, p) for p in points]
-  dirs = [fold_dir(workdir, i) for i in range(folds)]
+  return [sweep.apply(config, p) for p in points], [fold_dir(workdir, i) for i in range(folds)]
+
+
+def seed_runs(config, workdir, seeds) -> tuple[list, list]:
+  """``(configs, workdirs)`` of the runs of :func:`run` over ``seeds``."""
+  if len(seeds) < 1:
+    raise ValueError('--seeds: no seed given')
+  return [sweep.apply(config, {'seed': s}) for s in seeds], [seed_dir(workdir, s) for s in seeds]
+
+
+def run_folds(config, workdir, folds: int) -> Path:
+  """Runs (or resumes) each fold of a ``folds``-fold split; returns ``folds_report.md``."""
+  configs, dirs = fold_runs(config, workdir, folds)
   _run_all(configs, dirs, Path(workdir), {'folds': folds}, 'folds_timing.json')
   return aggregate.write(workdir, list(range(folds)), dirs, label='fold')
+
+
+def run_sweep(config, config_file: str, workdir, *, seeds=None, folds: int | None = None) -> Path:
+  """Every point of ``config_file``'s ``get_sweep()`` over ``seeds`` or ``folds``, then one table.
+
+  Point ``p`` is an ordinary ``--seeds`` / ``--folds`` study in ``<workdir>/<p>`` (resumable);
+  every point and every one of its runs is checked before any trains. Returns
+  ``sweep_<seed|fold>s.md`` (:mod:`fedblood.reporting.sweep_table`).
+  """
+  if (seeds is None) == (folds is None):
+    raise ValueError('run_sweep: give seeds or folds, not both')
+  workdir = Path(workdir)
+  points = sweep.points(config, config_file)
+  for p in points:  # a run's workdir of another config: refused before any work
+    for cfg, d in zip(*(fold_runs(p['config'], workdir / p['name'], folds) if folds
+                        else seed_runs(p['config'], workdir / p['name'], seeds))):
+      workdir_lib.check_config(cfg, d, write=False)
+  for p in points:
+    if folds:
+      run_folds(p['config'], workdir / p['name'], folds)
+    else:
+      run(p['config'], workdir / p['name'], seeds)
+  return sweep_table.write(workdir, points, 'fold' if folds else 'seed')
 
 
 def _run_all(configs, dirs, workdir: Path, timing: dict, timing_file: str) -> None:
@@ -122,8 +156,7 @@ def seed_dir(workdir, seed: int) -> Path:
 def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   """Runs (or resumes) every seed, then writes the aggregate; returns ``seeds_report.md``."""
   workdir = Path(workdir)
-  if len(seeds) < 1:
-    raise ValueError('--seeds: no seed given')
+  configs, dirs = seed_runs(config, workdir, seeds)
   execution = config.fl.get('execution', 'auto')
   if vectorize and execution not in vectorized.SWEEP_EXECUTIONS:
     raise ValueError(f'--vectorize: fl.execution must be one of {vectorized.SWEEP_EXECUTIONS}, '
@@ -134,8 +167,6 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   if vectorize and config.fl.get('holdout'):
     raise ValueError(f'--vectorize: fl.holdout={tuple(config.fl.holdout)!r} is not supported by '
                      'the vectorized sweep; run the seeds without --vectorize')
-  configs = [sweep.apply(config, {'seed': s}) for s in seeds]
-  dirs = [seed_dir(workdir, s) for s in seeds]
   for cfg, d in zip(configs, dirs):  # a seed's workdir of another config: refused before any work
     workdir_lib.check_config(cfg, d)
   todo = [i for i, d in enumerate(dirs) if not workdir_lib.path(d, workdir_lib.RESULTS).exists()]

@@ -66,20 +66,27 @@ def apply(config, overrides: dict):
   return point
 
 
+def points(config, config_file: str) -> list[dict]:
+  """``[{'name', 'overrides', 'config'}]`` of every sweep point, each validated (before any
+  trains)."""
+  out = []
+  for overrides in load_sweep(config_file):
+    point = apply(config, overrides)
+    validate.check(point)
+    out.append({'name': point_name(overrides), 'overrides': overrides, 'config': point})
+  return out
+
+
 def run(config, config_file: str, workdir) -> str:
   """Runs every sweep point; returns the summary markdown."""
   workdir = Path(workdir)
-  points = []
-  for overrides in load_sweep(config_file):
-    point = apply(config, overrides)  # check every point before training any
-    validate.check(point)
-    points.append({'name': point_name(overrides), 'overrides': overrides, 'config': point})
-  for p in points:  # a point's workdir of another config (a stale result): refused before any work
+  points_ = points(config, config_file)
+  for p in points_:  # a point's workdir of another config (a stale result): refused before any work
     if (workdir / p['name']).exists():
       workdir_lib.check_config(p['config'], workdir / p['name'], write=False)
-  for p in points:
+  for p in points_:
     results_path = workdir / p['name'] / 'results.json'
     p['results'] = (json.loads(results_path.read_text()) if results_path.exists()
                     else train.run(p['config'], workdir / p['name']))
-  md, _ = sweep_summary.write_sweep_summary(points, workdir)
+  md, _ = sweep_summary.write_sweep_summary(points_, workdir)
   return md.read_text()

@@ -1,0 +1,106 @@
+"""One table across a sweep repeated over seeds or folds (``--sweep`` with ``--seeds``/``--folds``).
+
+Each sweep point is an ordinary seeds or folds study in ``<workdir>/<point>``, with its own
+aggregate (``<label>s_summary.json``, :mod:`fedblood.reporting.aggregate`). :func:`write` reads
+them and writes ``sweep_<label>s.md`` / ``.csv``, a row per point:
+
+* FL's test accuracy (Table 2) at each center and its external mean, mean ± sd over the runs;
+  the last round's external mean and the pooled-from-scratch baseline's, where the runs have them;
+* over folds, where every image is a test image once: the external accuracy over every external
+  test image with its 95 % Wilson interval, and the paired difference of the point's FL against
+  the first point's on the same images (bootstrap 95 % interval, McNemar's p). "above" / "below"
+  only when the interval excludes 0: the ablation's answer, made by the tool.
+"""
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fedblood import stats
+from fedblood.reporting import aggregate, per_image
+from fedblood.reporting.report import pct
+from fedblood.rundir import workdir as workdir_lib
+
+BASELINE = ('baselines/pooled_scratch', 'baselines/pooled')  # the first a run has
+
+
+def _point(directory: Path, label: str) -> dict:
+  summary = json.loads((directory / f'{label}s_summary.json').read_text())
+  centers, reference = summary['centers'], summary['reference']
+  results = [workdir_lib.read_results(d) for d in summary['workdirs']]
+  correct = per_image.correctness(results).get('after', {})
+  external = [c for c in centers if c != reference]
+  images = (np.concatenate([correct[c] for c in external])
+            if external and all(c in correct for c in external) else None)
+  return {'tables': summary['tables'], 'centers': centers, 'reference': reference,
+          'runs': len(results), 'images': images}
+
+
+def _columns(first: dict) -> list:
+  """``[(title, table, row)]``: the stats cells of each row."""
+  ext = aggregate.EXTERNAL
+  columns = [(f'{c} (reference)' if c == first['reference'] else c, 'after', c)
+             for c in first['centers']]
+  columns.append(('external mean', 'after', ext))
+  if 'after_last' in first['tables']:
+    columns.append(('external, last round', 'after_last', ext))
+  baseline = next((b for b in BASELINE if b in first['tables']), None)
+  if baseline:
+    columns.append((f'external, {baseline.split("/")[1].replace("_", " ")}', baseline, ext))
+  return columns
+
+
+def write(workdir, points: Sequence[dict], label: str) -> Path:
+  """Writes ``sweep_<label>s.md`` / ``.csv``; returns the markdown's path.
+
+  ``points``: ``{'name', 'overrides'}`` in the sweep's order, each finished in
+  ``<workdir>/<name>``; the first is what the others are compared with.
+  """
+  workdir = Path(workdir)
+  read = [_point(workdir / p['name'], label) for p in points]
+  columns = _columns(read[0])
+  keys = sorted({k for p in points for k in p['overrides']})
+  empty = aggregate.stats([])
+  get = lambda r, table, row: r['tables'].get(table, {}).get(row, {}).get('accuracy', empty)
+  head = ['point', *keys, *(t for t, _, _ in columns)]
+  pooled = read[0]['images'] is not None and label == 'fold'
+  if pooled:
+    head += ['every external image [95 %]', f'vs {points[0]["name"]} [95 %]', 'p', '']
+  md = [f'# Sweep over {label}s: FL test accuracy (Table 2), %', '',
+        f'Cells: mean ± sd over the {read[0]["runs"]} {label}s of each point.', '',
+        '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  buf = io.StringIO()
+  writer = csv.writer(buf)
+  writer.writerow(['point', *keys, *(f'{t} {m}' for t, _, _ in columns for m in ('mean', 'sd'))]
+                  + (['external_images', 'external_correct', 'vs_first_difference', 'vs_first_low',
+                      'vs_first_high', 'vs_first_p'] if pooled else []))
+  for p, r in zip(points, read):
+    cells = [get(r, table, row) for _, table, row in columns]
+    over = [str(p['overrides'].get(k, '')) for k in keys]
+    line = [p['name'], *over, *(aggregate.cell(s, False) for s in cells)]
+    row = [p['name'], *over, *(('' if s[m] is None else repr(s[m])) for s in cells
+                               for m in ('mean', 'sd'))]
+    if pooled:
+      a = r['images']
+      low, high = stats.accuracy_interval(int(a.sum()), len(a))
+      line.append(f'{pct(a.mean())} [{pct(low)}, {pct(high)}]')
+      row += [len(a), int(a.sum())]
+      if r is read[0]:
+        line += ['(the reference point)', '', '']
+        row += ['', '', '', '']
+      else:
+        vs = stats.paired_comparison(a, read[0]['images'])
+        line += [f'{100 * vs.difference:+.1f} [{100 * vs.low:+.1f}, {100 * vs.high:+.1f}]',
+                 f'{vs.p_mcnemar:.3g}', vs.verdict]
+        row += [vs.difference, vs.low, vs.high, vs.p_mcnemar]
+    md.append('| ' + ' | '.join(line) + ' |')
+    writer.writerow(row)
+  stem = workdir / f'sweep_{label}s'
+  stem.with_suffix('.csv').write_text(buf.getvalue())
+  path = stem.with_suffix('.md')
+  path.write_text('\n'.join(md) + '\n')
+  return path
