@@ -140,6 +140,10 @@ def test_select_takes_the_best_validation_round_and_restores_it(tmp_path):
   assert float(info['last'][0][0]) == 15.0 and info['selection']['round'] == 2
   with pytest.raises(ValueError, match='fl.select must be one of'):
     driver.selected_round(run.ckpt.mngr, 'best', 5)
+  # A manager opened without the ranking (as --mode evaluate opens one) picks the same round.
+  plain = checkpoint.manager(workdir_lib.checkpoints(tmp_path, workdir_lib.FL))
+  assert driver.selected_round(plain, 'val', 5) == 2
+  plain.close()
 
 
 def test_select_ties_go_to_the_earliest_round_and_no_validation_means_last(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def test_step_of_an_older_fedblood_is_accepted_with_a_warning(smoke, tmp_path, c
   meta_file.write_text(json.dumps(meta))
   (step_dir / step_files.CHECKSUMS).unlink()
   with caplog.at_level(logging.WARNING):
-    assert inference.load_model(workdir).round == 3
+    assert inference.load_model(workdir, 3).round == 3
   assert any('step 3 of' in r.getMessage() and 'no checksums and no run fingerprint' in
              r.getMessage() for r in caplog.records)
 

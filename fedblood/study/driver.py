@@ -189,16 +189,19 @@ def drive(runs, states: list, train_round: Callable, evaluates, logs, *,
 def selected_round(mngr, rule: str, last: int) -> int:
   """The round ``fl.select`` picks among the kept steps of ``mngr``; ``last``: ``fl.rounds``.
 
-  'val': the step with the best mean validation accuracy over the training centers (ties to the
-  earliest round; only checkpointed rounds compete, see ``checkpoint.every``), or ``last`` when
-  no center has a validation split; 'last': ``last``.
+  'val': the step with the best mean validation accuracy over the training centers (read from
+  each step's meta, so any manager of the directory will do; ties to the earliest round; only
+  checkpointed rounds compete, see ``checkpoint.every``), or ``last`` when no step has one;
+  'last': ``last``.
   """
   if rule not in SELECT_RULES:
     raise ValueError(f'fl.select must be one of {SELECT_RULES}, got {rule!r}')
-  best = mngr.best_step() if rule == 'val' else None
-  if best is None or checkpoint.read_meta(mngr, best)['metrics'].get(BEST_METRIC) is None:
+  if rule == 'last':
     return last
-  return int(best)
+  ranked = [(val, -step) for step in mngr.all_steps()
+            if (val := checkpoint.read_meta(mngr, step).get('metrics', {}).get(BEST_METRIC))
+            is not None]
+  return -max(ranked)[1] if ranked else last
 
 
 def select(run: Run, state, rule: str) -> tuple[dict, Any]:

@@ -72,8 +72,10 @@ def load_model(workdir, round_index: int | None = None) -> Loaded:
   if round_index == 0 or (round_index is None and not steps):
     return Loaded(config, exp, reference, 0, 'reference model')
   if round_index is None:
-    with _named_damage(mngr, mngr.best_step()):
-      round_index = driver.selected_round(mngr, config.fl.get('select', 'val'), steps[-1])
+    for step in steps:  # the rule ranks every step: a damaged or foreign one is named first
+      with _named_damage(mngr, step):
+        checkpoint.check_step(mngr, step)
+    round_index = driver.selected_round(mngr, config.fl.get('select', 'val'), steps[-1])
   if round_index not in steps:
     raise FileNotFoundError(f'no checkpoint of round {round_index} in {fl_dir}; '
                             f'kept rounds: {steps} '
