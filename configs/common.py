@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Conv kernel init: 'lecun' (Flax default) or 'he' (keeps the signal alive through 13 ReLU
   # convolutions without normalisation layers; what from-scratch runs need).
   config.model.conv_init = 'lecun'
+  # Test-time averaging: every evaluation (never training) averages the softmax over the 8 flips
+  # and quarter turns of each image (8x the evaluation's compute).
+  config.model.tta = False
   config.model.dtype = 'float32'       # compute dtype; 'bfloat16' on accelerators
   config.model.frozen_blocks = 3       # blocks 1..n frozen during FL and baselines (the study: 3)
   # ImageNet weights file (.pth/.npz/.h5) to start from; '' = random.

@@ -132,3 +132,23 @@ def test_build_from_config():
   with pytest.raises(ValueError, match=r"model\.name 'VGG17' is not a model"):
     models.build(ml_collections.ConfigDict(dict(name='VGG17', num_classes=5, head='gap',
                                                 width=1.0)))
+
+
+def test_test_time_averaging_is_invariant_to_the_8_symmetries_and_acts():
+  plain = models.VGG11(num_classes=5, head='gap', width=0.125, input_norm='per_image')
+  tta = models.VGG11(num_classes=5, head='gap', width=0.125, input_norm='per_image', tta=True)
+  images = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+  params = plain.init(jax.random.key(0), images)  # the same parameters serve both
+  assert jax.tree.structure(params) == jax.tree.structure(tta.init(jax.random.key(0), images))
+  out = tta.apply(params, images)
+  for view in models.symmetries(images):  # each flip / quarter turn: the same prediction
+    np.testing.assert_allclose(tta.apply(params, view), out, atol=1e-5)
+  views = [plain.apply(params, v) for v in models.symmetries(images)]
+  expected = jnp.log(jnp.mean(jnp.stack([jax.nn.softmax(v) for v in views]), axis=0))
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  assert float(jnp.max(jnp.abs(jax.nn.softmax(out) - jax.nn.softmax(views[0])))) > 1e-3
+  # Training is unchanged: train=True is the plain network.
+  np.testing.assert_array_equal(tta.apply(params, images, train=True),
+                                plain.apply(params, images, train=True))
+  with pytest.raises(ValueError, match='model.tta needs square images'):
+    tta.apply(params, jnp.zeros((1, 32, 64, 3)))

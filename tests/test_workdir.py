@@ -104,3 +104,16 @@ def test_a_config_with_the_later_field_must_match_it(tmp_path):
     other.fl.select = 'last'
   with pytest.raises(ValueError, match=r"fl\.select: 'val' in the workdir, 'last' now"):
     workdir_lib.check_config(other, tmp_path)
+
+
+def test_a_later_field_that_changes_results_matches_only_its_old_value(tmp_path):
+  workdir_lib.check_config(demo.get_config('smoke'), tmp_path)
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  del saved['model']['tta']  # written before model.tta existed: no test-time averaging
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  workdir_lib.check_config(demo.get_config('smoke'), tmp_path)  # tta=False: what it did
+  other = demo.get_config('smoke')
+  with other.unlocked():
+    other.model.tta = True
+  with pytest.raises(ValueError, match=r"model\.tta: '\(absent\)' in the workdir, True now"):
+    workdir_lib.check_config(other, tmp_path)

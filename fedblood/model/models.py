@@ -19,6 +19,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from fedblood.backend import platform
@@ -124,6 +125,9 @@ class VGG(nn.Module):
       (each image's channels standardised; for training from scratch) or 'none'.
     dtype: computation dtype (bfloat16 on accelerators); params are always float32.
     conv_init: 'lecun' (Flax's default) or 'he' kernel init of the convolutions.
+    tta: test-time averaging: in eval mode (``train=False``) the output is the log of the mean
+      softmax over the 8 flips and quarter turns of each (square) image, so predictions are
+      invariant to them; training is unchanged.
   """
   stages: Sequence[int] = (2, 2, 3, 3, 3)
   num_classes: int = 5
@@ -133,11 +137,18 @@ class VGG(nn.Module):
   input_norm: str = 'imagenet'
   dtype: Any = jnp.float32
   conv_init: str = 'lecun'
+  tta: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f'VGG expects NHWC RGB images, got shape {images.shape}')
+    averaged = self.tta and not train
+    if averaged:  # the 8 views on the batch axis, one pass through the network
+      if images.shape[1] != images.shape[2]:
+        raise ValueError(f'model.tta needs square images, got shape {images.shape}')
+      batch = images.shape[0]
+      images = jnp.concatenate(symmetries(images), axis=0)
     downsample = 2 ** len(self.stages)
     if images.shape[1] % downsample or images.shape[2] % downsample:
       raise ValueError(f'image size {images.shape[1:3]} must be a multiple of {downsample}')
@@ -155,7 +166,20 @@ class VGG(nn.Module):
       head = GAPHead(self.num_classes, dtype=self.dtype, name='head')
     else:
       raise ValueError(f"model.head must be 'fc' or 'gap', got {self.head!r}")
-    return head(x, train).astype(jnp.float32)
+    logits = head(x, train).astype(jnp.float32)
+    if averaged:
+      probs = jax.nn.softmax(logits.reshape((8, batch, -1)), axis=-1).mean(axis=0)
+      return jnp.log(probs)
+    return logits
+
+
+def symmetries(images) -> list:
+  """The 8 flips and quarter turns of ``[B, H, W, C]`` square images (identity first)."""
+  out = []
+  for k in range(4):
+    turned = jnp.rot90(images, k, axes=(1, 2))
+    out += [turned, turned[:, :, ::-1]]
+  return out
 
 
 VGG11 = functools.partial(VGG, stages=(1, 1, 2, 2, 2))
@@ -178,5 +202,6 @@ def build(model_cfg) -> VGG:
                 dropout=model_cfg.get('dropout', 0.5),
                 input_norm=model_cfg.get('input_norm', 'imagenet'),
                 conv_init=model_cfg.get('conv_init', 'lecun'),
+                tta=bool(model_cfg.get('tta', False)),
                 dtype=platform.compute_dtype(model_cfg.get('dtype', 'float32')))
   return cls(**kwargs)

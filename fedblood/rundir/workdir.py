@@ -22,8 +22,8 @@ The run's fingerprint (:func:`fingerprint`) is the SHA-256 of ``config.json``'s 
 not change results (``progress``, ``data.cache_dir``), as :func:`check_config` compares them
 all. Every checkpoint step written in a workdir carries it (:mod:`fedblood.rundir.checkpoint`).
 One exception: a field of :data:`LATER_FIELDS`, added to the config after runs without it were
-written and choosing only among what a run saved, may be absent from an older run's config.json
-(which stays as written, so its checkpoints keep their fingerprint).
+written, may be absent from an older run's config.json when its value now is what that run did
+(the config.json stays as written, so its checkpoints keep their fingerprint).
 """
 
 import hashlib
@@ -34,9 +34,11 @@ from typing import NamedTuple
 
 from absl import logging
 
-# Fields an older config.json may lack: they choose among a run's saved rounds, never what it
-# trains or saves (fl.select: which round Table 2 reports).
-LATER_FIELDS = ('fl.select',)
+# Fields added to the config after runs without them were written: an older config.json may
+# lack them, if the value now is what such a run did (ANY: the field only chooses among the
+# rounds a run saved, never what it trains or saves, so any value matches).
+ANY = object()
+LATER_FIELDS = {'fl.select': ANY, 'model.tta': False}
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
@@ -179,9 +181,11 @@ def check_config(config, workdir, write: bool = True) -> None:
         'checked against this config; refusing to take it as a new run. Put back that run\'s '
         f'config.json (or rerun its command), or use a new --workdir.')
   if old is not None:
-    absent = set(LATER_FIELDS) - set(_flatten(old))
-    diff = [line for line in config_diff(old, config_dict(config))
-            if line.split(':', 1)[0] not in absent]
+    new, had = config_dict(config), _flatten(old)
+    now = _flatten(new)
+    matched = {k for k, was in LATER_FIELDS.items()
+               if k not in had and (was is ANY or now.get(k) == was)}
+    diff = [line for line in config_diff(old, new) if line.split(':', 1)[0] not in matched]
     if diff:
       raise ValueError(
           f'{workdir} holds a run of a different config, refusing to resume it. '

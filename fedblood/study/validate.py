@@ -135,6 +135,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'model.dropout': below_one,
     'model.input_norm': one_of('imagenet', 'caffe', 'per_image', 'none'),
     'model.conv_init': one_of(*models.CONV_INITS),
+    'model.tta': boolean,
     'model.dtype': one_of(*platform.DTYPES),
     'model.frozen_blocks': frozen_blocks,
     'model.pretrained': existing_path,
