@@ -117,3 +117,14 @@ def test_client_level_dp_is_refused_in_a_deployment():
   config = wire.load_config(CONFIG, TINY + " fl.dp.mode='client' fl.algorithm='fed_avg'")
   with pytest.raises(ValueError, match="fl.dp.mode='client' adds its noise at the server"):
     study.build(config)
+
+
+def test_a_site_calibrates_its_own_noise_to_the_target_epsilon(tmp_path):
+  config = wire.load_config(CONFIG, DP + ' fl.dp.target_epsilon=5.0 fl.rounds=3')
+  reply = client_app.train(message('train', config, wire.study_id(config, tmp_path / 'server')),
+                           context(_node(tmp_path)))
+  sigma = json.loads(reply.content['privacy']['json'])['noise_multiplier']
+  acc = dp_accounting.rdp.RdpAccountant()  # all 3 rounds of this site at its sigma: the target
+  acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+      RATE, dp_accounting.GaussianDpEvent(sigma)), 3 * STEPS))
+  assert 4.9 < acc.get_epsilon(DELTA) <= 5.0

@@ -26,6 +26,7 @@ smallest that keeps this site within the target over ``fl.rounds`` (calibrated o
 training image of the site (add or remove).
 """
 
+import functools
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import ml_collections
 import numpy as np
 
 from fedblood import privacy
@@ -140,7 +142,7 @@ def prepare(fl_cfg, name: str, n: int, state_dir: Path, study: str, round_index:
       return None
     return Spend(None, None, f'this site trains only with differential privacy ({BUDGET}='
                  f'{epsilon_budget:g} in its node config); the study has fl.dp.mode=\'off\'', {})
-  plan = privacy.plan(fl_cfg, {name: n})
+  plan = _plan(json.dumps(fl_cfg.to_dict(), sort_keys=True), name, n)
   entry = {'study': study, 'round': int(round_index), 'steps': plan.steps_per_round[0],
            'rate': plan.rates[0], 'noise_multiplier': plan.noise_multiplier}
   entries = read(state_dir)
@@ -151,6 +153,12 @@ def prepare(fl_cfg, name: str, n: int, state_dir: Path, study: str, round_index:
                  f'{BUDGET}={epsilon_budget:g}',
                  _report(entries, study, plan, site_delta, epsilon_budget))
   return Spend(plan, entry, None, after)
+
+
+@functools.lru_cache(maxsize=16)
+def _plan(fl_json: str, name: str, n: int) -> privacy.Plan:
+  # Calibrating to fl.dp.target_epsilon takes dp-accounting a while: once per study and site.
+  return privacy.plan(ml_collections.ConfigDict(json.loads(fl_json)), {name: n})
 
 
 def spend(state_dir: Path, granted: Spend) -> None:
