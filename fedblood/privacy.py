@@ -155,6 +155,11 @@ def _section(fl_cfg):
   return None if cfg is None or cfg['mode'] == 'off' else cfg
 
 
+def enabled(fl_cfg) -> bool:
+  """Whether ``config.fl`` trains with DP (``fl.dp.mode`` set and not 'off')."""
+  return _section(fl_cfg) is not None
+
+
 def check(fl_cfg, sizes: dict) -> None:
   """Refuses an ``fl.dp`` the accounting cannot cover, before anything runs.
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import data
+from fedblood import data, privacy
 from fedblood.algorithms import base
 from fedblood.deploy import replies as replies_lib
 from fedblood.deploy import site_privacy
@@ -225,7 +225,7 @@ def _open(config, st, workdir: Path):
                              'algorithm': config.fl.algorithm,
                              'params': st.experiment.summary(ref_params)})
   epsilons = ((lambda r: [fed.get('privacy', {}).get(c, {}).get('epsilon') for c in names])
-              if site_privacy.enabled(config.fl) else None)  # each DP site's latest report
+              if privacy.enabled(config.fl) else None)  # each DP site's latest report
   run = driver.Run(tuple(names), config.fl.rounds, start, eval_name, algorithm.eval_params,
                    lambda r: driver.participation(fraction, part_key, r, len(names)), epsilons,
                    ckpt)
@@ -291,7 +291,7 @@ def _finish(config, fd: Federation, evals, all_models, eval_name, ref_info, sele
                           after_last={c: last[c][eval_name]['test'] for c in names},
                           selection=selection)
   results['deployment'] = {'nodes': {c: int(n) for c, n in fd.sites.node_of.items()}}
-  if site_privacy.enabled(config.fl):
+  if privacy.enabled(config.fl):
     results['privacy'] = site_privacy.summary(config.fl, fd.fed.get('privacy', {}))
   workdir_lib.write_results(workdir, results, {'total_s': time.time() - started})
   report.write_report(workdir, {**results, 'wall_time_s': time.time() - started})

@@ -49,19 +49,14 @@ class Spend(NamedTuple):
 
   Attributes:
     plan: the site's :class:`fedblood.privacy.Plan` (one center: this site).
-    entry: the ledger entry this request adds.
+    ledger: the ledger's entries with this request's added (what :func:`spend` writes).
     declined: why the site will not train (its budget), or None.
     report: the reply's ``privacy`` after this request (before it, if declined).
   """
   plan: privacy.Plan | None
-  entry: dict | None
+  ledger: list | None
   declined: str | None
   report: dict
-
-
-def enabled(fl_cfg) -> bool:
-  """Whether the study trains with DP-SGD (``fl.dp.mode='example'``; 'client' is refused)."""
-  return fl_cfg.get('dp') is not None and fl_cfg.dp.mode != 'off'
 
 
 def secret_key() -> jax.Array:
@@ -114,7 +109,13 @@ def _write(state_dir: Path, entries: list) -> None:
 
 
 def _mechanisms(entries) -> list:
-  return [('example', e['rate'], e['noise_multiplier'], e['steps']) for e in entries]
+  # Rounds of one setting compose as one self-composed mechanism of their summed steps (the
+  # same epsilon), so the accounting stays as cheap however long the ledger grows.
+  steps = {}
+  for e in entries:
+    key = (e['rate'], e['noise_multiplier'])
+    steps[key] = steps.get(key, 0) + e['steps']
+  return [('example', rate, sigma, s) for (rate, sigma), s in steps.items()]
 
 
 def _report(entries: list, study: str, plan: privacy.Plan, site_delta: float,
@@ -135,7 +136,7 @@ def prepare(fl_cfg, name: str, n: int, state_dir: Path, study: str, round_index:
   Raises:
     SiteError: a node config key out of range, or an unreadable ledger.
   """
-  on = enabled(fl_cfg)
+  on = privacy.enabled(fl_cfg)
   epsilon_budget, site_delta = budget(node_config, n, fl_cfg.dp.delta if on else None)
   if not on:
     if epsilon_budget is None:
@@ -146,13 +147,14 @@ def prepare(fl_cfg, name: str, n: int, state_dir: Path, study: str, round_index:
   entry = {'study': study, 'round': int(round_index), 'steps': plan.steps_per_round[0],
            'rate': plan.rates[0], 'noise_multiplier': plan.noise_multiplier}
   entries = read(state_dir)
-  after = _report(entries + [entry], study, plan, site_delta, epsilon_budget)
+  ledger = entries + [entry]
+  after = _report(ledger, study, plan, site_delta, epsilon_budget)
   if epsilon_budget is not None and not after['site_epsilon'] <= epsilon_budget:
     return Spend(plan, None, f'privacy budget: training round {round_index} would take this '
                  f'site\'s epsilon to {after["site_epsilon"]:.4g} (delta {site_delta:g}), above its '
                  f'{BUDGET}={epsilon_budget:g}',
                  _report(entries, study, plan, site_delta, epsilon_budget))
-  return Spend(plan, entry, None, after)
+  return Spend(plan, ledger, None, after)
 
 
 @functools.lru_cache(maxsize=16)
@@ -163,7 +165,7 @@ def _plan(fl_json: str, name: str, n: int) -> privacy.Plan:
 
 def spend(state_dir: Path, granted: Spend) -> None:
   """Adds the request's mechanisms to the ledger (before the reply that releases them leaves)."""
-  _write(state_dir, read(state_dir) + [granted.entry])
+  _write(state_dir, granted.ledger)
 
 
 def check_report(value) -> str | None:

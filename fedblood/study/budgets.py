@@ -32,7 +32,7 @@ def check(fl_cfg, sizes: dict) -> None:
   given = of(fl_cfg)
   if not given:
     return
-  if fl_cfg.dp.mode == 'off':
+  if not privacy.enabled(fl_cfg):
     raise ValueError(f"config fl.dp.budget={given!r} needs fl.dp.mode='example' or 'client' "
                      "(a budget bounds an epsilon; without DP there is none)")
   for name, value in given.items():
@@ -56,7 +56,7 @@ def within(plan: privacy.Plan, given: dict, draw: Callable) -> Callable:
       after = [s + plan.steps_per_round[k] * int(mask[k]) for k, s in enumerate(steps)]
       epsilons = privacy.epsilons(plan, after)
       mask &= np.array([e <= limit for e, limit in zip(epsilons, limits)])
-      steps[:] = [s + plan.steps_per_round[k] * int(mask[k]) for k, s in enumerate(steps)]
+      steps[:] = [a if m else s for a, s, m in zip(after, steps, mask)]
       masks.append(mask)
     return masks[r - 1].copy()
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood import data
+from fedblood import data, privacy
 from fedblood.core import rounds, simulate
 from fedblood.core import vectorized
 from fedblood.reporting import aggregate, sweep_table
@@ -161,7 +161,7 @@ def run(config, workdir, seeds, vectorize: bool = False) -> Path:
   if vectorize and execution not in vectorized.SWEEP_EXECUTIONS:
     raise ValueError(f'--vectorize: fl.execution must be one of {vectorized.SWEEP_EXECUTIONS}, '
                      f'got {execution!r}')
-  if vectorize and config.fl.get('dp') is not None and config.fl.dp.mode != 'off':
+  if vectorize and privacy.enabled(config.fl):
     raise ValueError(f'--vectorize: fl.dp.mode={config.fl.dp.mode!r} is not vectorized; run the '
                      'seeds without --vectorize')
   if vectorize and config.fl.get('holdout'):
