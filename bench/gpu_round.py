@@ -14,10 +14,11 @@ Usage (writes the JSON record to --out as well as printing it)::
 Measured, in order: (1) one isolated local step (the round's step, timed alone: the issue's
 ">= 40% MFU" target), (2) for each execution (default 'loop', what ``'auto'`` runs on one device,
 and 'vmap'), the first round (compile + run) and then ``--rounds`` timed rounds, interleaved.
-FLOPs: XLA's cost analysis of the compiled step x the steps the round runs (padded no-op steps
-of 'vmap' not counted: MFU is of useful work). Peaks: ``--peak_tflops`` (default 989, an H100's
-dense bfloat16) and the measured 8192^3 matmul of the compute dtype. The projection of 100 rounds
-x 1 local epoch at the study's sizes is 100 x 43,678 images / the round's images/s.
+FLOPs: the step's model FLOPs (bench_step.model_flops, the same count on every backend) x the
+steps the round runs (padded no-op steps of 'vmap' not counted: MFU is of useful work).
+Peaks: ``--peak_tflops`` (default 989, an H100's dense bfloat16) and the measured 8192^3 matmul
+of the compute dtype. The projection of 100 rounds x 1 local epoch at the study's sizes is
+100 x 43,678 images / the round's images/s.
 """
 
 import argparse
@@ -93,7 +94,7 @@ def main(argv=None):
                 frozen_blocks=args.frozen_blocks, batch_size=args.batch_size, sizes=args.sizes,
                 peak_tflops=args.peak_tflops)
 
-  # (1) the isolated step: FLOPs (XLA cost analysis) and its own throughput.
+  # (1) the isolated step: model FLOPs (bench_step.model_flops) and its own throughput.
   n = 8192 if platform.is_accelerator(backend) else 1024
   record['matmul_peak_tflops'] = bench_step.matmul_peak(dtype, n) / 1e3
   rng = np.random.default_rng(0)
