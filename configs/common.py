@@ -84,6 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.max_grad_norm = 10.0       # clipping of the local gradient (FedDyn's code: 10)
   config.fl.server_lr = 1.0            # FedAvg/FedProx/SCAFFOLD server step (1.0 = plain averaging)
   config.fl.server_momentum = 0.0      # server momentum (FedAvgM when > 0)
+  # Centers' weights: 'size' (n_k / sum(n), the authors': FedDyn's alpha_k = alpha / w_k, the
+  # FedAvg-type server's weighted mean) or 'equal' (every center 1: the mean of the centers' risks).
+  config.fl.weighting = 'size'
   config.fl.participation = 1.0        # fraction of centers active each round (drawn from the seed)
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).

@@ -103,6 +103,44 @@ def test_scaffold_reaches_the_weighted_optimum(problem):
   assert rel_error(server.params, optimum) < CONSENSUS_TOL
 
 
+def equal_optimum(data):
+  """Minimiser of sum_k L_k: every client counts once whatever its size (fl.weighting='equal')."""
+  x, y, mask = (np.asarray(a, np.float64) for a in data)
+  n = mask.sum(1)[:, None, None]
+  gram = (np.einsum('kni,knj->kij', x, x) / n).sum(0)
+  return np.linalg.solve(gram, (np.einsum('kni,kn->ki', x, y) / n[:, :, 0]).sum(0))
+
+
+@pytest.mark.parametrize('name', ['fed_dyn', 'scaffold'])
+def test_equal_weighting_reaches_the_mean_of_the_clients_risks(problem, name):
+  # fl.weighting='equal': FedDyn's alpha_k = alpha at every client and SCAFFOLD's uniform mean
+  # move the fixed point from the size-weighted optimum to the minimiser of sum_k L_k.
+  data, weighted = problem
+  equal = equal_optimum(data)
+  assert rel_error(equal, weighted) > 0.1  # the two objectives differ here
+  cfg = {'fed_dyn': dict(algorithm='fed_dyn', lr=0.05, alpha=0.1),
+         'scaffold': dict(algorithm='scaffold', lr=0.05)}[name]
+  server, _ = run(algorithms.build({**cfg, 'weighting': 'equal'}), data, SIZES, 300, 50)
+  params = server.params
+  assert rel_error(params, equal) < CONSENSUS_TOL
+  server, _ = run(algorithms.build({**cfg, 'weighting': 'size'}), data, SIZES, 300, 50)
+  assert rel_error(server.params, weighted) < CONSENSUS_TOL
+
+
+def test_equal_weighting_is_the_size_weighting_when_the_clients_are_equal():
+  sizes = np.array([50, 50, 50])
+  data, _ = least_squares(sizes=sizes)
+  cfg = dict(algorithm='fed_avg', lr=0.05, server_momentum=0.5)
+  equal, _ = run(algorithms.build({**cfg, 'weighting': 'equal'}), data, sizes, 5, 3)
+  size, _ = run(algorithms.build(cfg), data, sizes, 5, 3)
+  np.testing.assert_array_equal(equal.params, size.params)
+
+
+def test_fl_weighting_must_be_known():
+  with pytest.raises(ValueError, match=r"fl.weighting must be one of \('size', 'equal'\), got 'rows'"):
+    algorithms.build(dict(algorithm='fed_avg', lr=0.1, weighting='rows'))
+
+
 def test_feddyn_single_client_fixed_point_is_its_own_optimum():
   (x, y, mask), optimum = least_squares(sizes=np.array([40]))
   server, _ = run(algorithms.fed_dyn(0.05, alpha=0.1), (x, y, mask), np.array([40]), 200, 20)

@@ -60,6 +60,7 @@ def _set(config, key, value):
     ('fl.participation', 0.0, r'in \(0, 1\]'),
     ('fl.server_momentum', 1.0, r'in \[0, 1\)'),
     ('fl.execution', 'fastest', 'must be one of'),
+    ('fl.weighting', 'rows', 'must be one of'),
     ('model.frozen_blocks', 7, '0..5'),
     ('fl.eval_model', 'best', 'must be one of'),
     ('reference.restore', '/nonexistent/ref', 'no such file'),

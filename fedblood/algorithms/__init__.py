@@ -20,6 +20,7 @@ that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``)
 
 from typing import Callable, Optional
 
+from fedblood.algorithms import base
 from fedblood.algorithms import dp
 from fedblood.algorithms import dp_fedavg
 from fedblood.algorithms.base import ClientUpdate, FedAlgorithm, client_weights
@@ -81,6 +82,8 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   """Builds the algorithm named by ``fl_cfg.algorithm`` (see :data:`BUILDERS`).
 
   Keys the algorithm does not use are ignored, so one config can sweep over algorithms.
+  ``fl_cfg.weighting`` (optional): ``'size'`` (default, the authors' weights ``n_k / sum(n)``)
+  or ``'equal'`` (:func:`fedblood.algorithms.base.equal_weights`).
   ``fl_cfg.dp`` (optional, :mod:`fedblood.algorithms.dp`): ``mode='example'`` passes DP-SGD to
   the local step, ``mode='client'`` wraps the algorithm in DP-FedAvg.
   ``rewrite``: the local gradient's backend rewrite (default
@@ -89,8 +92,13 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   name = fl_cfg['algorithm']
   if name not in BUILDERS:
     raise ValueError(f'fl.algorithm must be one of {NAMES}, got {name!r}')
+  weighting = fl_cfg['weighting'] if 'weighting' in fl_cfg else 'size'
+  if weighting not in base.WEIGHTINGS:
+    raise ValueError(f'fl.weighting must be one of {base.WEIGHTINGS}, got {weighting!r}')
   dp.check_config(fl_cfg)
   algorithm = BUILDERS[name](fl_cfg, dp=dp.from_config(fl_cfg), rewrite=rewrite)
+  if weighting == 'equal':
+    algorithm = base.equal_weights(algorithm)
   if 'dp' in fl_cfg and fl_cfg['dp']['mode'] == 'client':
     cfg = fl_cfg['dp']
     algorithm = dp_fedavg.client_level(algorithm, float(cfg['clip']),

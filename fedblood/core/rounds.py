@@ -45,6 +45,7 @@ class RoundSpec(NamedTuple):
   max_grad_norm: float | None
   server_lr: float | None
   server_momentum: float | None
+  weighting: str | None
   batch_size: int
   local_epochs: int
   execution: str
@@ -52,7 +53,7 @@ class RoundSpec(NamedTuple):
 
 
 _ALGORITHM_KEYS = ('lr', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
-                   'server_momentum')
+                   'server_momentum', 'weighting')
 
 
 def spec(loss, fl, dp_plan=None) -> RoundSpec:

@@ -38,7 +38,7 @@ from absl import logging
 # lack them, if the value now is what such a run did (ANY: the field only chooses among the
 # rounds a run saved, never what it trains or saves, so any value matches).
 ANY = object()
-LATER_FIELDS = {'fl.select': ANY, 'model.tta': False}
+LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size'}
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'

@@ -32,7 +32,7 @@ import jax
 
 from fedblood import algorithms, data
 from fedblood import privacy
-from fedblood.algorithms import dp
+from fedblood.algorithms import base, dp
 from fedblood.backend import numerics, platform
 from fedblood.core import simulate
 from fedblood.data import loader
@@ -153,6 +153,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.max_grad_norm': nonnegative,
     'fl.server_lr': positive,
     'fl.server_momentum': below_one,
+    'fl.weighting': one_of(*base.WEIGHTINGS),
     'fl.participation': fraction,
     'fl.execution': one_of(*simulate.EXECUTIONS),
     'fl.eval_model': one_of(*driver.EVAL_MODELS),
