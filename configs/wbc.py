@@ -103,6 +103,9 @@ def get_sweep() -> list[dict]:
     python launch.py --config configs/wbc.py --sweep --workdir /work/runs/wbc/compare \
         --config.reference.restore=/work/runs/wbc/main/seed=0 \
         --config.baselines.local_only=False --config.baselines.pooled=False
+
+  Over folds, ``--folds K`` with ``--config.reference.restore=<a --folds study>`` restores each
+  fold's own reference (configs/wbc_levers.py shows the command).
   """
   algorithms = [{'fl.algorithm': a} for a in ('fed_avg', 'fed_prox', 'scaffold')]
   frozen = [{'model.frozen_blocks': n} for n in (0, 4)]

@@ -172,6 +172,23 @@ def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
   assert (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns == stamp
 
 
+def test_folds_restore_each_folds_own_reference_from_a_folds_study(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  study = tmp_path / 'study'
+  for i in (0, 1):
+    (study / f'fold={i}').mkdir(parents=True)
+  config.reference.restore = str(study)
+  configs, _ = seeds.fold_runs(config, tmp_path / 'w', 2)
+  # Fold i's reference was trained on fold i's split: another fold's has seen i's test images.
+  assert [c.reference.restore for c in configs] == [str(study / 'fold=0'), str(study / 'fold=1')]
+  with pytest.raises(ValueError, match=r'is a folds study without .*fold=2: restore from a '
+                                       r'study of at least 3 folds'):
+    seeds.fold_runs(config, tmp_path / 'w', 3)
+  config.reference.restore = str(study / 'fold=1')  # one run: every fold restores it
+  configs, _ = seeds.fold_runs(config, tmp_path / 'w', 2)
+  assert [c.reference.restore for c in configs] == [str(study / 'fold=1')] * 2
+
+
 def test_vectorize_refuses_shard_before_any_work(tmp_path):
   config = smoke_config(tmp_path / 'tfds').copy_and_resolve_references()
   config.fl.execution = 'shard'

@@ -88,10 +88,31 @@ def fold_dir(workdir, fold: int) -> Path:
   return Path(workdir) / f'fold={fold}'
 
 
+def _fold_restores(config, folds: int) -> list:
+  """``reference.restore`` per fold: a ``--folds`` study's root gives each fold its own fold's
+  reference (a reference trained on another fold's split has seen this fold's test images)."""
+  restore = config.reference.get('restore', '') if 'reference' in config else ''
+  root = Path(restore) if restore else None
+  if root is None or not fold_dir(root, 0).is_dir():
+    return [None] * folds
+  missing = [str(fold_dir(root, i)) for i in range(folds) if not fold_dir(root, i).is_dir()]
+  if missing:
+    raise ValueError(f'reference.restore={restore!r} is a folds study without '
+                     f'{", ".join(missing)}: restore from a study of at least {folds} folds')
+  return [str(fold_dir(root, i)) for i in range(folds)]
+
+
 def fold_runs(config, workdir, folds: int) -> tuple[list, list]:
-  """``(configs, workdirs)`` of the ``folds`` runs of :func:`run_folds`."""
+  """``(configs, workdirs)`` of the ``folds`` runs of :func:`run_folds`.
+
+  ``reference.restore`` naming a ``--folds`` study (a folder of ``fold=I`` runs) restores fold
+  ``i``'s reference in fold ``i``: the FL comparison of ``get_sweep`` over folds, without
+  training the references again.
+  """
   check_folds(folds)
-  points = [{'data.folds': folds, 'data.fold': i, 'seed': int(config.seed) + i}
+  restores = _fold_restores(config, folds)
+  points = [{'data.folds': folds, 'data.fold': i, 'seed': int(config.seed) + i,
+             **({'reference.restore': restores[i]} if restores[i] else {})}
             for i in range(folds)]
   if int(config.seed) + folds - 1 >= SEED_LIMIT:
     raise ValueError(f'--folds {folds}: fold seeds config.seed + i reach 2^32')

@@ -1,0 +1,25 @@
+r"""Recipe levers of configs/wbc.py, each compared on the same folds from the same references.
+
+  python launch.py --config configs/wbc.py --folds 5 --workdir /work/runs/wbc5     # the study first
+  python launch.py --config configs/wbc_levers.py --sweep --folds 3 \
+      --config.reference.restore=/work/runs/wbc5 \
+      --config.baselines.local_only=False --config.baselines.pooled=False \
+      --workdir /work/runs/wbc_levers
+
+``reference.restore`` naming the ``--folds`` study gives fold i its own fold's reference
+(:func:`fedblood.study.seeds.fold_runs`), so only the federated stage trains. Each point is an
+ordinary ``--folds`` study; ``sweep_folds.md`` compares the points on the same test images, and
+a lever is kept in configs/wbc.py only where the mean validation accuracy says so.
+"""
+
+from configs import wbc
+
+
+def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
+  """configs/wbc.py's config (``arg`` as there)."""
+  return wbc.get_config(arg)
+
+
+def get_sweep() -> list[dict]:
+  """The centers' weighting: by size (the authors', the default) against equal."""
+  return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'}]
