@@ -130,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Pooled validation monitor: 'center_mean' (unweighted mean over centers) or 'pooled' (all
   # validation images together: the largest center dominates).
   config.baselines.pooled_val = 'pooled'
+  # Personalisation: each site fine-tunes the federated model and the pooled model on its own
+  # data after training (report columns 'FL + site fine-tuning', 'Pooled + site fine-tuning').
+  config.baselines.personalize = False
 
   config.checkpoint = ml_collections.ConfigDict()
   # Save every n rounds (and the last); a resume redoes the rest.

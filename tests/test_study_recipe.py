@@ -18,7 +18,7 @@ from configs import common, wbc
 from fedblood import data
 from fedblood.backend import flags, numerics
 from fedblood.model import metrics, models, partition
-from fedblood.study import centralized, selection, train
+from fedblood.study import centralized, experiment, selection, train
 from fedblood.study import validate
 from study_helpers import smoke_config
 
@@ -174,7 +174,7 @@ def test_xla_flags_off_needs_the_environment_switch():
 
 
 @pytest.mark.slow
-def test_held_out_center_and_both_baselines(smoke, tmp_path):
+def test_held_out_center_and_both_baselines(smoke, tmp_path, monkeypatch):
   base_config, smoke_dir = smoke
   cache = Path(base_config.data.cache_dir)
   config = smoke_config(cache)
@@ -183,10 +183,33 @@ def test_held_out_center_and_both_baselines(smoke, tmp_path):
   config.baselines.init = 'both'
   config.baselines.balance = 'centers'
   config.baselines.pooled_val = 'center_mean'
+  config.baselines.personalize = True
+  fits, real_fit = {}, centralized.fit
+
+  def recording_fit(name, exp, params, *args, **kwargs):  # the real fit, its start kept
+    result = real_fit(name, exp, params, *args, **kwargs)
+    fits[name] = (params, result.params)
+    return result
+
+  monkeypatch.setattr(centralized, 'fit', recording_fit)
   results = train.run(config, tmp_path / 'loco')
   assert results['held_out'] == ['synth2']
   assert list(results['baselines']) == ['local_only_scratch', 'local_only_reference',
-                                        'pooled_scratch', 'pooled_reference']
+                                        'pooled_scratch', 'pooled_reference',
+                                        'personalized_fl', 'personalized_pooled']
+  # Personalisation: each joined center fine-tunes the model Table 2 reports and the pooled
+  # model from scratch, on its own data; the held-out center never joined and is not tuned.
+  exp = experiment.build(config)
+  centers = {c.name: c for c in data.load_centers(config.data)}
+  for name in ('synth0', 'synth1'):
+    start, tuned = fits[f'personal_fl_{name}']
+    table2 = exp.evaluate(*exp.split(start), centers[name].test)
+    assert table2['predictions'] == results['details']['after'][name]['predictions']
+    assert fits[f'personal_pooled_{name}'][0] is fits['pooled_scratch'][1]
+    assert results['details']['personalized_fl'][name] == exp.evaluate(*exp.split(tuned),
+                                                                       centers[name].test)
+  assert set(results['baselines']['personalized_fl']) == {'synth0', 'synth1'}
+  assert set(results['baselines']['personalized_pooled']) == {'synth0', 'synth1'}
   rows = [json.loads(l) for l in (tmp_path / 'loco' / 'metrics.jsonl').read_text().splitlines()]
   held = [r for r in rows if r['stage'] == 'fl' and r['center'] == 'synth2']
   assert [r['round'] for r in held] == [1, 2, 3] and all(r['held_out'] for r in held)
@@ -201,7 +224,8 @@ def test_held_out_center_and_both_baselines(smoke, tmp_path):
                                         'local_synth2'}
   report = (tmp_path / 'loco' / 'report.md').read_text()
   for title in ('Local-only (scratch)', 'Local-only (from reference)', 'Pooled (scratch)',
-                'Pooled (from reference)', 'synth2 (held out)'):
+                'Pooled (from reference)', 'synth2 (held out)', 'FL + site fine-tuning',
+                'Pooled + site fine-tuning'):
     assert title in report
   # FL with synth2 held out is exactly FL of the same two centers without synth2.
   two = smoke_config(cache)

@@ -35,7 +35,9 @@ BASELINE_TITLES = {'local_only': 'Local-only', 'pooled': 'Pooled (centralized)',
                    'local_only_scratch': 'Local-only (scratch)',
                    'local_only_reference': 'Local-only (from reference)',
                    'pooled_scratch': 'Pooled (scratch)',
-                   'pooled_reference': 'Pooled (from reference)'}
+                   'pooled_reference': 'Pooled (from reference)',
+                   'personalized_fl': 'FL + site fine-tuning',
+                   'personalized_pooled': 'Pooled + site fine-tuning'}
 
 
 def _center_name(c: str, reference: str | None, held_out=()) -> str:

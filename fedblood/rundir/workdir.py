@@ -38,7 +38,8 @@ from absl import logging
 # lack them, if the value now is what such a run did (ANY: the field only chooses among the
 # rounds a run saved, never what it trains or saves, so any value matches).
 ANY = object()
-LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size'}
+LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size',
+                'baselines.personalize': False}
 
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'

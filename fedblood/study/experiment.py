@@ -24,7 +24,8 @@ from fedblood.rundir import checkpoint_listing
 from fedblood.study import centralized
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
-STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100}
+STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100,
+         'personal': 1000}
 
 
 class Augment(NamedTuple):

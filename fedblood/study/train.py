@@ -8,7 +8,9 @@ same command in the same workdir picks up where a previous run stopped::
   (b) Table 1     the reference model on every center's test split
   (c) fl          ``fl.rounds`` federated rounds, every center evaluated each round
   (d) Table 2     the final federated model(s) on every center's test split
-  baselines       local-only training per center and pooled centralized training
+  baselines       local-only training per center and pooled centralized training; with
+                  ``baselines.personalize`` each center also fine-tunes the federated and
+                  the pooled model on its own data
 
 The stages live in :mod:`fedblood.study.stages`; each takes the run's
 :class:`fedblood.study.experiment.Experiment` (model, partition, loss, evaluation: built once from
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from fedblood import data
 from fedblood.backend import numerics
-from fedblood.model import metrics
+from fedblood.model import metrics, partition
 from fedblood.reporting import report
 from fedblood.rundir import lock, runlog
 from fedblood.rundir import workdir as workdir_lib
@@ -117,7 +119,8 @@ def _run(config, workdir: Path) -> dict:
   t = time.time()
   baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
                               scratch_frozen_blocks=config.reference.frozen_blocks,
-                              holdout=holdout)
+                              holdout=holdout,
+                              fl_params=partition.merge(*fl_models[fl_info['eval_model']]))
   times['baselines_s'] = time.time() - t
 
   results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,

@@ -168,6 +168,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.dp.accountant': one_of(*privacy.ACCOUNTANTS),
     'fl.dp.microbatch': nonnegative_int,
     'fl.dp.seed': seed,
+    'baselines.personalize': boolean,
     'baselines.init': one_of(*baselines.INITS),
     'baselines.balance': one_of(*baselines.BALANCES),
     'baselines.pooled_val': one_of(*baselines.POOLED_VALS),
@@ -245,6 +246,9 @@ def check(config) -> None:
     if problem:
       raise ValueError(f'config {key}={value!r} {problem}')
   numerics.check(config.get('numerics'))
+  if _get(config, 'baselines.personalize') is True and not config.baselines.get('pooled', True):
+    raise ValueError('config baselines.personalize=True fine-tunes the pooled model at each '
+                     'site too: it needs baselines.pooled=True')
   if all(key in config for key in _BUILT_FROM):
     check_built(config)
   else:

@@ -35,8 +35,13 @@ class _Stage(NamedTuple):
 
 
 def baselines_stage(exp: Experiment, cfg, reference_params, centers, workdir: Path, log, *,
-                    scratch_frozen_blocks: int, holdout=()) -> dict:
+                    scratch_frozen_blocks: int, holdout=(), fl_params=None) -> dict:
   """Local-only training per center and pooled training: ``{name: {center: metrics}}``.
+
+  With ``baselines.personalize``, each center that joined then fine-tunes the federated model
+  (``fl_params``, full params of the round Table 2 reports) and the pooled model (from scratch
+  when trained, else from the reference) on its own data: ``personalized_fl`` and
+  ``personalized_pooled`` (:func:`_personalize`).
 
   Args:
     exp: the run's experiment.
@@ -51,28 +56,65 @@ def baselines_stage(exp: Experiment, cfg, reference_params, centers, workdir: Pa
       (as they did while the reference trained).
     holdout: ``fl.holdout``: centers that stay out of the pooled training set (they never
       joined).
+    fl_params: the federated model (needed with ``baselines.personalize``).
   """
   if cfg.init not in INITS:
     raise ValueError(f'baselines.init must be one of {INITS}, got {cfg.init!r}')
   stage = _Stage(exp, scratch_frozen_blocks, reference_params, centers, workdir, log,
                  tuple(holdout))
   if cfg.init != 'both':
-    return _baselines_from(stage, cfg, cfg.init, '')
+    out, pooled = _baselines_from(stage, cfg, cfg.init, '')
+  else:
+    both, pooled_by_init = {}, {}
+    for init, prefix in (('scratch', 'scratch_'), ('reference', '')):
+      per_init, pooled_by_init[init] = _baselines_from(stage, cfg, init, prefix)
+      for name, per in per_init.items():
+        both[f'{name}_{init}'] = per
+    order = [f'{b}_{i}' for b in ('local_only', 'pooled') for i in ('scratch', 'reference')]
+    out = {name: both[name] for name in order if name in both}
+    pooled = pooled_by_init['scratch']
+  if cfg.get('personalize', False):
+    if fl_params is None or pooled is None:
+      raise ValueError('baselines.personalize needs the federated model and baselines.pooled')
+    out.update(_personalize(stage, cfg, {'fl': fl_params, 'pooled': pooled}))
+  return out
+
+
+def _personalize(stage: _Stage, cfg, starts: dict) -> dict:
+  """Each center that joined fine-tunes each model of ``starts`` on its own training split.
+
+  The same way for every start: the baselines' recipe (``cfg``, without its ``scratch``
+  overrides), the FL partition (``exp.rules``: blocks 1..model.frozen_blocks stay as they
+  are), early-stopped on the center's validation split, as local-only from the reference is.
+  Returns ``{'personalized_<start>': {center: test metrics}}``; stage names
+  ``personal_<start>_<center>``.
+  """
+  exp = stage.exp
   out = {}
-  for init, prefix in (('scratch', 'scratch_'), ('reference', '')):
-    for name, per in _baselines_from(stage, cfg, init, prefix).items():
-      out[f'{name}_{init}'] = per
-  order = [f'{b}_{i}' for b in ('local_only', 'pooled') for i in ('scratch', 'reference')]
-  return {name: out[name] for name in order if name in out}
+  for m, (start, params) in enumerate(starts.items()):
+    out[f'personalized_{start}'] = {}
+    for k, center in enumerate(stage.centers):
+      if center.name in stage.holdout:
+        continue
+      name = f'personal_{start}_{center.name}'
+      fitted = centralized.fit(name, exp, params, exp.rules, center.train, center.val, cfg,
+                               jax.random.fold_in(exp.key, STAGE['personal'] + 100 * m + k),
+                               workdir_lib.checkpoints(stage.workdir, names.slug(name)),
+                               log=stage.log,
+                               on_resume=lambda epoch, n=name: runlog.truncate(stage.workdir, n,
+                                                                              epoch)).params
+      out[f'personalized_{start}'][center.name] = exp.evaluate(*exp.split(fitted), center.test)
+  return out
 
 
-def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> dict:
-  """The baselines from one init; stage names ``local_<prefix><center>``, ``pooled_<prefix>``.
+def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, Any]:
+  """The baselines from one init, and the pooled model's params (None without it); stage names
+  ``local_<prefix><center>``, ``pooled_<prefix>``.
 
   From scratch, fields of ``baselines.scratch`` (when the config has it) override the recipe.
   """
   exp, workdir, centers = stage.exp, stage.workdir, stage.centers
-  out = {}
+  out, pooled = {}, None
   if init == 'reference':
     start, rules = stage.reference_params, exp.rules
   else:
@@ -102,8 +144,8 @@ def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> dict:
               if cfg.get('balance', 'none') == 'centers' else None)
     val = ([c.val for c in joined] if cfg.get('pooled_val', 'pooled') == 'center_mean'
            else _concat([c.val for c in joined]))
-    params = run_fit('pooled' + ('_' + prefix.rstrip('_') if prefix else ''),
+    pooled = run_fit('pooled' + ('_' + prefix.rstrip('_') if prefix else ''),
                      _concat([c.train for c in joined]), val,
                      jax.random.fold_in(exp.key, STAGE['pooled']), groups)
-    out['pooled'] = exp.evaluate_splits(params, {c.name: c.test for c in centers})
-  return out
+    out['pooled'] = exp.evaluate_splits(pooled, {c.name: c.test for c in centers})
+  return out, pooled
