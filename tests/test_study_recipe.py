@@ -20,6 +20,7 @@ from fedblood.backend import flags, numerics
 from fedblood.model import metrics, models, partition
 from fedblood.study import centralized, experiment, selection, train
 from fedblood.study import validate
+from fedblood.study.stages import baselines
 from study_helpers import smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +120,26 @@ def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
   assert accs[result.epoch - 1] == result.val['accuracy'] == pytest.approx(
       (per[0]['accuracy'] + per[1]['accuracy']) / 2, abs=0)
   assert rows[0]['val_n'] == 20
+
+
+def test_local_only_from_scratch_at_the_reference_center_is_the_reference_model(tmp_path):
+  # With the reference's own recipe (configs/wbc.py: baselines.scratch = the reference recipe),
+  # local-only from scratch at the reference center would retrain the reference model with
+  # another key: the reference model stands for it, and only the other centers train.
+  assert baselines.is_reference_recipe(baselines.scratch_recipe(wbc.get_config().baselines),
+                                       wbc.get_config().reference)
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.rounds = 1
+  config.baselines.init, config.baselines.pooled = 'scratch', False
+  with config.unlocked():
+    config.baselines.scratch = {k: config.reference[k] for k in baselines.RECIPE_KEYS}
+  results = train.run(config, tmp_path / 'w')
+  stages = {json.loads(l)['stage'] for l in (tmp_path / 'w' / 'metrics.jsonl').open()}
+  assert 'local_synth0' not in stages and {'local_synth1', 'local_synth2'} <= stages
+  assert results['details']['local_only']['synth0'] == results['details']['before']['synth0']
+  config.baselines.scratch.lr = config.reference.lr / 2  # another recipe: it trains
+  assert not baselines.is_reference_recipe(baselines.scratch_recipe(config.baselines),
+                                           config.reference)
 
 
 def test_wbc_defaults_and_old_behaviour_fields():

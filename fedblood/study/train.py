@@ -120,7 +120,9 @@ def _run(config, workdir: Path) -> dict:
   baselines = baselines_stage(exp, config.baselines, reference_params, centers, workdir, log,
                               scratch_frozen_blocks=config.reference.frozen_blocks,
                               holdout=holdout,
-                              fl_params=partition.merge(*fl_models[fl_info['eval_model']]))
+                              fl_params=partition.merge(*fl_models[fl_info['eval_model']]),
+                              reference_recipe=(None if 'restored_from' in reference_info
+                                                else config.reference))
   times['baselines_s'] = time.time() - t
 
   results = study_results(config.get('title', 'fedblood run'), config.fl.algorithm,

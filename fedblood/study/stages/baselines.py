@@ -17,6 +17,9 @@ from fedblood.study.experiment import STAGE, Experiment
 INITS = ('reference', 'scratch', 'both')   # baselines.init: where each baseline starts from
 BALANCES = ('none', 'centers')             # baselines.balance: how pooled epochs draw centers
 POOLED_VALS = ('pooled', 'center_mean')    # baselines.pooled_val: the pooled fit's monitor
+# The fields of a centralized recipe that a fit reads (configs/common.py ``recipe``).
+RECIPE_KEYS = ('epochs', 'batch_size', 'lr', 'warmup_epochs', 'final_lr_fraction', 'weight_decay',
+               'max_grad_norm', 'patience', 'monitor', 'stop_below_lr')
 
 
 def _concat(splits) -> data.Split:
@@ -32,10 +35,12 @@ class _Stage(NamedTuple):
   workdir: Path
   log: Callable
   holdout: tuple
+  reference_recipe: Any  # config.reference when the reference was trained here, else None
 
 
 def baselines_stage(exp: Experiment, cfg, reference_params, centers, workdir: Path, log, *,
-                    scratch_frozen_blocks: int, holdout=(), fl_params=None) -> dict:
+                    scratch_frozen_blocks: int, holdout=(), fl_params=None,
+                    reference_recipe=None) -> dict:
   """Local-only training per center and pooled training: ``{name: {center: metrics}}``.
 
   With ``baselines.personalize``, each center that joined then fine-tunes the federated model
@@ -57,11 +62,14 @@ def baselines_stage(exp: Experiment, cfg, reference_params, centers, workdir: Pa
     holdout: ``fl.holdout``: centers that stay out of the pooled training set (they never
       joined).
     fl_params: the federated model (needed with ``baselines.personalize``).
+    reference_recipe: ``config.reference`` when this run trained the reference model (None when
+      it was restored). Local-only from scratch at the reference center with that same recipe
+      would retrain the reference model with another key: the reference model stands for it.
   """
   if cfg.init not in INITS:
     raise ValueError(f'baselines.init must be one of {INITS}, got {cfg.init!r}')
   stage = _Stage(exp, scratch_frozen_blocks, reference_params, centers, workdir, log,
-                 tuple(holdout))
+                 tuple(holdout), reference_recipe)
   if cfg.init != 'both':
     out, pooled = _baselines_from(stage, cfg, cfg.init, '')
   else:
@@ -107,6 +115,20 @@ def _personalize(stage: _Stage, cfg, starts: dict) -> dict:
   return out
 
 
+def scratch_recipe(cfg):
+  """``config.baselines`` with the fields of ``baselines.scratch`` (when it has one) over it."""
+  if 'scratch' not in cfg:
+    return cfg
+  return ml_collections.ConfigDict({**{k: v for k, v in cfg.to_dict().items() if k != 'scratch'},
+                                    **cfg.scratch.to_dict()})
+
+
+def is_reference_recipe(cfg, reference_recipe) -> bool:
+  """Whether a fit with recipe ``cfg`` (from scratch) is the reference model's own training."""
+  return reference_recipe is not None and all(
+      cfg.get(k) == reference_recipe.get(k) for k in RECIPE_KEYS)
+
+
 def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, Any]:
   """The baselines from one init, and the pooled model's params (None without it); stage names
   ``local_<prefix><center>``, ``pooled_<prefix>``.
@@ -118,9 +140,7 @@ def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, A
   if init == 'reference':
     start, rules = stage.reference_params, exp.rules
   else:
-    if 'scratch' in cfg:
-      cfg = ml_collections.ConfigDict({**{k: v for k, v in cfg.to_dict().items() if k != 'scratch'},
-                                      **cfg.scratch.to_dict()})
+    cfg = scratch_recipe(cfg)
     start, rules = exp.init(), partition.frozen_block_rules(stage.scratch_frozen_blocks)
 
   def run_fit(name, train, val, stage_key, groups=None):
@@ -132,7 +152,7 @@ def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, A
   if cfg.local_only:
     out['local_only'] = {}
     for k, center in enumerate(centers):
-      if init == 'reference' and k == 0:
+      if k == 0 and (init == 'reference' or is_reference_recipe(cfg, stage.reference_recipe)):
         params = stage.reference_params  # the reference model IS local-only training there
       else:
         params = run_fit(f'local_{prefix}{center.name}', center.train, center.val,
