@@ -175,18 +175,28 @@ def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
 def test_folds_restore_each_folds_own_reference_from_a_folds_study(tmp_path):
   config = smoke_config(tmp_path / 'tfds')
   study = tmp_path / 'study'
-  for i in (0, 1):
-    (study / f'fold={i}').mkdir(parents=True)
+  for cfg, d in zip(*seeds.fold_runs(config, study, 2)):
+    d.mkdir(parents=True)
+    workdir_lib.write_config(cfg, d)  # a --folds 2 study's fold configs
   config.reference.restore = str(study)
   configs, _ = seeds.fold_runs(config, tmp_path / 'w', 2)
   # Fold i's reference was trained on fold i's split: another fold's has seen i's test images.
   assert [c.reference.restore for c in configs] == [str(study / 'fold=0'), str(study / 'fold=1')]
-  with pytest.raises(ValueError, match=r'is a folds study without .*fold=2: restore from a '
-                                       r'study of at least 3 folds'):
+  # Another K splits the images otherwise: refused, as is a fold the study lacks.
+  with pytest.raises(ValueError, match=r'fold=0 is fold 0 of 2, not fold 0 of 3: its reference '
+                                       r'may have trained on this fold\'s test images'):
     seeds.fold_runs(config, tmp_path / 'w', 3)
-  config.reference.restore = str(study / 'fold=1')  # one run: every fold restores it
-  configs, _ = seeds.fold_runs(config, tmp_path / 'w', 2)
-  assert [c.reference.restore for c in configs] == [str(study / 'fold=1')] * 2
+  config.data.split_seed += 1  # the same K, other folds
+  with pytest.raises(ValueError, match=r"fold=0 split the images with data.split_seed="):
+    seeds.fold_runs(config, tmp_path / 'w', 2)
+  config.data.split_seed -= 1
+  (study / 'fold=1' / 'config.json').unlink()
+  with pytest.raises(ValueError, match=r'fold=1 is missing or not a fold, not fold 1 of 2'):
+    seeds.fold_runs(config, tmp_path / 'w', 2)
+  config.reference.restore = str(study / 'fold=0')  # one run: trained on a split of its own
+  with pytest.raises(ValueError, match=r'is one run, whose reference trained on images that '
+                                       r'some fold tests'):
+    seeds.fold_runs(config, tmp_path / 'w', 2)
 
 
 def test_vectorize_refuses_shard_before_any_work(tmp_path):

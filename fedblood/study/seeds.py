@@ -88,17 +88,39 @@ def fold_dir(workdir, fold: int) -> Path:
   return Path(workdir) / f'fold={fold}'
 
 
+# The data fields that decide which images fold i tests (with data.folds / data.fold).
+SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')
+
+
 def _fold_restores(config, folds: int) -> list:
   """``reference.restore`` per fold: a ``--folds`` study's root gives each fold its own fold's
   reference (a reference trained on another fold's split has seen this fold's test images)."""
   restore = config.reference.get('restore', '') if 'reference' in config else ''
   root = Path(restore) if restore else None
-  if root is None or not fold_dir(root, 0).is_dir():
+  if root is None:
     return [None] * folds
-  missing = [str(fold_dir(root, i)) for i in range(folds) if not fold_dir(root, i).is_dir()]
-  if missing:
-    raise ValueError(f'reference.restore={restore!r} is a folds study without '
-                     f'{", ".join(missing)}: restore from a study of at least {folds} folds')
+  if not fold_dir(root, 0).is_dir():
+    if workdir_lib.read_config(root) is not None:  # one fedblood run: trained on another split
+      raise ValueError(f'reference.restore={restore!r} is one run, whose reference trained on '
+                       'images that some fold tests: with --folds, restore from a --folds '
+                       f'{folds} study (each fold gets its own fold\'s reference)')
+    return [None] * folds  # a weights file or checkpoint trained elsewhere: every fold's
+  now = workdir_lib.config_dict(config).get('data') or {}  # as config.json holds it
+  for i in range(folds):
+    saved = (workdir_lib.read_config(fold_dir(root, i)) or {}).get('data') or {}
+    split = saved.get('folds'), saved.get('fold')
+    if split != (folds, i):
+      raise ValueError(
+          f'reference.restore={restore!r} is a folds study whose {fold_dir(root, i).name} is '
+          f'{"fold %s of %s" % (split[1], split[0]) if split[0] else "missing or not a fold"}, '
+          f'not fold {i} of {folds}: its reference may have trained on this fold\'s test '
+          f'images; restore from a study of --folds {folds}')
+    for key in SPLIT_KEYS:  # the same K folds of the same images
+      if saved.get(key) != now.get(key):
+        raise ValueError(f'reference.restore={restore!r}: its {fold_dir(root, i).name} split '
+                         f'the images with data.{key}={saved.get(key)!r}, this run with '
+                         f'{now.get(key)!r}: its reference may have trained on this '
+                         "fold's test images")
   return [str(fold_dir(root, i)) for i in range(folds)]
 
 
