@@ -17,7 +17,7 @@ from fedblood import data
 from fedblood.model import metrics
 from fedblood.rundir import checkpoint, checkpoint_listing
 from fedblood.study import centralized, inference, sweep
-from fedblood.study import driver, train
+from fedblood.study import driver, experiment, train
 from fedblood.study.stages import fl
 from study_helpers import assert_same_tree, fl_state, interrupt_saves, smoke_config
 
@@ -233,3 +233,20 @@ def test_metrics_summary_matches_classify(smoke):
   for c, full in results['details']['after'].items():
     assert results['after'][c] == metrics.summary(full)
     assert np.sum(full['confusion']) == full['n']
+
+
+def test_evaluate_many_is_each_split_evaluated_alone(tmp_path):
+  # One prediction pass over several splits (chunks running across their borders) gives each
+  # split exactly the metrics it gets alone; an empty split is an empty evaluation.
+  config = smoke_config(tmp_path / 'tfds')
+  config.eval.batch_size = 16
+  exp = experiment.build(config)
+  centers = data.load_centers(config.data)
+  trainable, frozen = exp.split(exp.init())
+  empty = data.Split(*[x[:0] for x in centers[0].val])
+  splits = [centers[0].test, empty, centers[1].val, centers[2].test, centers[1].test]
+  assert sum(len(s.labels) for s in splits) % 16  # the last chunk is padded
+  many = exp.evaluate_many(trainable, frozen, splits)
+  for split, metrics_many in zip(splits, many):
+    assert metrics_many == exp.evaluate(trainable, frozen, split)
+  assert many[1]['n'] == 0

@@ -17,9 +17,10 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from fedblood import data
-from fedblood.model import classifier, models, partition
+from fedblood.model import classifier, metrics, models, partition
 from fedblood.rundir import checkpoint_listing
 from fedblood.study import centralized
 
@@ -83,10 +84,27 @@ class Experiment(NamedTuple):
     """Full metrics (:func:`fedblood.model.metrics.classify`) of a model on a split."""
     return centralized.evaluate(self.model, trainable, frozen, split, self.eval_batch)
 
+  def evaluate_many(self, trainable, frozen, splits) -> list:
+    """:meth:`evaluate` of each of ``splits``, their images predicted in ONE pass.
+
+    The chunks of ``eval_batch`` images run full across the splits' borders: a center's 54
+    test images no longer cost a padded chunk of their own (the per-round evaluation of 4
+    centers' test and validation splits ran 11 chunks of 128 for 849 images, now 7).
+    """
+    sizes = [len(s.labels) for s in splits]
+    if not sum(sizes):
+      return [self.evaluate(trainable, frozen, s) for s in splits]
+    probs = self.predict(trainable, frozen,
+                         np.concatenate([s.images for s, n in zip(splits, sizes) if n]))
+    out, start = [], 0
+    for s, n in zip(splits, sizes):
+      out.append(metrics.classify(s.labels, probs[start:start + n].argmax(-1)))
+      start += n
+    return out
+
   def evaluate_splits(self, params, splits: dict) -> dict:
-    """``{name: metrics}`` of full ``params`` on each split of ``{name: split}`` (one split)."""
-    trainable, frozen = self.split(params)
-    return {name: self.evaluate(trainable, frozen, s) for name, s in splits.items()}
+    """``{name: metrics}`` of full ``params`` on each split of ``{name: split}`` (one pass)."""
+    return dict(zip(splits, self.evaluate_many(*self.split(params), list(splits.values()))))
 
   def predict(self, trainable, frozen, images):
     """Softmax probabilities ``[N, K]`` of uint8 images."""
