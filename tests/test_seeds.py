@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 
 from fedblood import data
-from fedblood.reporting import aggregate
+from fedblood.reporting import aggregate, sweep_table
 from fedblood.rundir import checkpoint
 from fedblood.rundir import workdir as workdir_lib
 from fedblood.study import seeds, sweep
@@ -310,6 +310,17 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
   assert rows[0]['vs_first_difference'] == ''
   text = path.read_text()
   assert '| fl.eval_model=server | server |' in text and '(the reference point)' in text
+  # The same table for studies that ran apart: the points' numbers, their differing fields.
+  out = sweep_table.compare(tmp_path / 'cmp', {'a': tmp_path / 'w' / names[0],
+                                               'b': tmp_path / 'w' / names[1]})
+  apart = list(csv.DictReader((tmp_path / 'cmp' / 'sweep_folds.csv').open()))
+  assert [r['point'] for r in apart] == ['a', 'b'] and out.name == 'sweep_folds.md'
+  for row, same in zip(apart, rows):
+    assert {k: v for k, v in row.items() if k not in ('point', 'fl.eval_model')} == {
+        k: v for k, v in same.items() if k not in ('point', 'fl.eval_model')}
+  assert [r['fl.eval_model'] for r in apart] == ['', 'server']  # b's field that differs from a
+  with pytest.raises(FileNotFoundError, match='not a finished --folds study'):
+    sweep_table.compare(tmp_path / 'cmp', {'a': tmp_path / 'w' / names[0], 'c': tmp_path})
   # A point's run of another config is refused before anything trains.
   config.fl.rounds = 2
   with pytest.raises(ValueError, match=r'fl\.rounds: 1 in the workdir, 2 now'):

@@ -10,12 +10,18 @@ them and writes ``sweep_<label>s.md`` / ``.csv``, a row per point:
   test image with its 95 % Wilson interval, and the paired difference of the point's FL against
   the first point's on the same images (bootstrap 95 % interval, McNemar's p). "above" / "below"
   only when the interval excludes 0: the ablation's answer, made by the tool.
+
+:func:`compare` writes the same table for studies that ran apart, e.g. a lever's ``--folds``
+study (restoring the references) against the default's::
+
+  python -m fedblood.reporting.sweep_table OUT default=/runs/wbc5 equal=/runs/levers/equal
 """
 
 import csv
 import io
 import json
 from pathlib import Path
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -61,7 +67,7 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
   ``<workdir>/<name>``; the first is what the others are compared with.
   """
   workdir = Path(workdir)
-  read = [_point(workdir / p['name'], label) for p in points]
+  read = [_point(Path(p['dir']) if 'dir' in p else workdir / p['name'], label) for p in points]
   columns = _columns(read[0])
   keys = sorted({k for p in points for k in p['overrides']})
   empty = aggregate.stats([])
@@ -104,3 +110,44 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
   path = stem.with_suffix('.md')
   path.write_text('\n'.join(md) + '\n')
   return path
+
+
+def compare(out, studies: dict, label: str = 'fold') -> Path:
+  """:func:`write` into ``out`` for finished ``--folds`` / ``--seeds`` studies ``{name: dir}``.
+
+  The first study is the reference point; each point's columns are the config fields in which
+  its first run differs from the first study's (``fl.weighting``, ``reference.restore``...).
+  The paired comparison needs the same images: the studies must split the same centers into
+  the same folds (checked).
+  """
+  dirs = {name: Path(d) for name, d in studies.items()}
+  runs = {}
+  for name, d in dirs.items():
+    summary = d / f'{label}s_summary.json'
+    if not summary.is_file():
+      raise FileNotFoundError(f'{d}: no {summary.name}: not a finished --{label}s study')
+    runs[name] = workdir_lib.read_config(json.loads(summary.read_text())['workdirs'][0]) or {}
+  first = workdir_lib.flatten(next(iter(runs.values())))
+  points = []
+  for name, config in runs.items():
+    flat = workdir_lib.flatten(config)
+    for key in ('data.root', 'data.centers', 'data.folds', 'data.split_seed', 'data.val_fraction',
+                'data.test_fraction'):
+      if flat.get(key) != first.get(key):
+        raise ValueError(f'{dirs[name]}: data.{key.split(".", 1)[1]}={flat.get(key)!r}, the '
+                         f'first study {first.get(key)!r}: not the same test images')
+    points.append({'name': name, 'dir': dirs[name], 'overrides': {
+        k: flat.get(k, '(absent)') for k in sorted(set(flat) | set(first))
+        if flat.get(k) != first.get(k) and k != 'title'}})
+  Path(out).mkdir(parents=True, exist_ok=True)
+  return write(out, points, label)
+
+
+def main(argv) -> None:
+  if len(argv) < 3 or not all('=' in a for a in argv[1:]):
+    sys.exit('usage: python -m fedblood.reporting.sweep_table OUT NAME=STUDY_DIR NAME=STUDY_DIR ...')
+  print(compare(argv[0], dict(a.split('=', 1) for a in argv[1:])))
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

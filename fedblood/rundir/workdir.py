@@ -68,11 +68,12 @@ def checkpoints(workdir, stage: str | None = None) -> Path:
 
 
 # ------------------------------------------------------------------------------- config.json
-def _flatten(tree, prefix='') -> dict:
+def flatten(tree, prefix='') -> dict:
+  """A config.json's nested dict as ``{'fl.weighting': value, ...}``."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f'{prefix}{k}.'))
+      out.update(flatten(v, f'{prefix}{k}.'))
     else:
       out[f'{prefix}{k}'] = v
   return out
@@ -85,7 +86,7 @@ def config_dict(config) -> dict:
 
 def config_diff(old: dict, new: dict, where=('in the workdir', 'now')) -> list[str]:
   """``'key: old <where[0]>, new <where[1]>'`` for every flattened field that differs."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = flatten(old), flatten(new)
   missing = object()
   return [f'{k}: {a.get(k, "(absent)")!r} {where[0]}, {b.get(k, "(absent)")!r} {where[1]}'
           for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
@@ -182,8 +183,8 @@ def check_config(config, workdir, write: bool = True) -> None:
         'checked against this config; refusing to take it as a new run. Put back that run\'s '
         f'config.json (or rerun its command), or use a new --workdir.')
   if old is not None:
-    new, had = config_dict(config), _flatten(old)
-    now = _flatten(new)
+    new, had = config_dict(config), flatten(old)
+    now = flatten(new)
     matched = {k for k, was in LATER_FIELDS.items()
                if k not in had and (was is ANY or now.get(k) == was)}
     diff = [line for line in config_diff(old, new) if line.split(':', 1)[0] not in matched]
