@@ -166,10 +166,12 @@ def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
     assert vs['n'] == pooled['n'] and vs['accuracy_a'] == pooled['accuracy']
     assert abs(vs['difference'] - (vs['a_only'] - vs['b_only']) / vs['n']) < 1e-12
   assert 'Every test image over the folds' in path.read_text()
-  # Rerun: both folds are finished, nothing is trained again.
+  # Rerun: both folds are finished, nothing is trained again, and the study's timing stays.
   stamp = (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns
+  timing = (tmp_path / 'w' / 'folds_timing.json').read_text()
   seeds.run_folds(config, tmp_path / 'w', 2)
   assert (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns == stamp
+  assert (tmp_path / 'w' / 'folds_timing.json').read_text() == timing
 
 
 def test_folds_restore_each_folds_own_reference_from_a_folds_study(tmp_path):
@@ -325,3 +327,14 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
   config.fl.rounds = 2
   with pytest.raises(ValueError, match=r'fl\.rounds: 1 in the workdir, 2 now'):
     seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)
+
+
+def test_the_n_column_counts_images_per_run_over_folds():
+  # Folds test different numbers of images per center: the n cell is their range, a count
+  # (it read 29940.0 ± 151.7, the per-fold counts formatted as percentages).
+  metric = aggregate.stats([0.5, 0.75])
+  rows = {'c': {'n': aggregate.stats([299, 301]), **{k: metric for k in aggregate.METRICS}},
+          'd': {'n': aggregate.stats([54, 54]), **{k: metric for k in aggregate.METRICS}}}
+  table = aggregate.center_table(rows, 'c')
+  assert '| c (reference) | 299-301 | 62.5 ± 17.7 (min 50.0) |' in table
+  assert '| d | 54 | 62.5' in table

@@ -137,8 +137,8 @@ def center_table(rows: dict, reference) -> str:
   lines = ['| Center | n | ' + ' | '.join(t for _, t in report.COLUMNS) + ' |',
            '|' + '---|' * (len(report.COLUMNS) + 2)]
   for row, cells in rows.items():
-    n = cells['n']['values']
-    n_text = str(int(n[0])) if n and len(set(n)) == 1 else cell(cells['n'], False)
+    n = [int(v) for v in cells['n']['values'] if v is not None]  # images per run: a count
+    n_text = (str(n[0]) if len(set(n)) == 1 else f'{min(n)}-{max(n)}') if n else '–'
     lines.append(f'| {_label(row, reference)} | {n_text} | ' +
                  ' | '.join(cell(cells[k]) for k in METRICS) + ' |')
   return '\n'.join(lines)

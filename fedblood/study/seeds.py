@@ -183,13 +183,15 @@ def _run_all(configs, dirs, workdir: Path, timing: dict, timing_file: str) -> No
   ``timing`` (with ``runs_s`` added) goes to ``<workdir>/<timing_file>``."""
   for cfg, d in zip(configs, dirs):
     workdir_lib.check_config(cfg, d)
-  started = time.time()
-  for cfg, d in zip(configs, dirs):
-    if not workdir_lib.path(d, workdir_lib.RESULTS).exists():
-      train.run(cfg, d)
+  started, todo = time.time(), [
+      (cfg, d) for cfg, d in zip(configs, dirs)
+      if not workdir_lib.path(d, workdir_lib.RESULTS).exists()]
+  for cfg, d in todo:
+    train.run(cfg, d)
   timing['runs_s'] = time.time() - started
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / timing_file).write_text(json.dumps(timing, indent=1))
+  if todo or not (workdir / timing_file).exists():  # a rerun that trains nothing keeps the
+    (workdir / timing_file).write_text(json.dumps(timing, indent=1))  # time of the one that did
 
 
 def seed_dir(workdir, seed: int) -> Path:
