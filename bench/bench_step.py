@@ -211,7 +211,7 @@ def _jaxpr_flops(jaxpr) -> float:
       if name == 'cond':
         total += max(subs, default=0.0)
       else:  # a scan's body runs `length` times; anything else (pjit, custom_vjp, ...) once
-        total += eqn.params.get('length', 1) * sum(subs) if name == 'scan' else sum(subs)
+        total += sum(subs) * (eqn.params['length'] if name == 'scan' else 1)
   return total
 
 

@@ -131,8 +131,7 @@ def compare(out, studies: dict, label: str = 'fold') -> Path:
   points = []
   for name, config in runs.items():
     flat = workdir_lib.flatten(config)
-    for key in ('data.root', 'data.centers', 'data.folds', 'data.split_seed', 'data.val_fraction',
-                'data.test_fraction'):
+    for key in [f'data.{k}' for k in ('folds', *workdir_lib.SPLIT_KEYS)]:
       if flat.get(key) != first.get(key):
         raise ValueError(f'{dirs[name]}: data.{key.split(".", 1)[1]}={flat.get(key)!r}, the '
                          f'first study {first.get(key)!r}: not the same test images')

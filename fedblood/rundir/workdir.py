@@ -41,6 +41,9 @@ ANY = object()
 LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size',
                 'baselines.personalize': False}
 
+# The data fields that, with data.folds, decide which images each fold of a --folds study tests.
+SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')
+
 CONFIG = 'config.json'
 METRICS = 'metrics.jsonl'
 HELD = 'metrics.held.jsonl'  # rows of later stages set apart while an earlier stage replays

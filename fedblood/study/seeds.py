@@ -88,10 +88,6 @@ def fold_dir(workdir, fold: int) -> Path:
   return Path(workdir) / f'fold={fold}'
 
 
-# The data fields that decide which images fold i tests (with data.folds / data.fold).
-SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')
-
-
 def _fold_restores(config, folds: int) -> list:
   """``reference.restore`` per fold: a ``--folds`` study's root gives each fold its own fold's
   reference (a reference trained on another fold's split has seen this fold's test images)."""
@@ -115,7 +111,7 @@ def _fold_restores(config, folds: int) -> list:
           f'{"fold %s of %s" % (split[1], split[0]) if split[0] else "missing or not a fold"}, '
           f'not fold {i} of {folds}: its reference may have trained on this fold\'s test '
           f'images; restore from a study of --folds {folds}')
-    for key in SPLIT_KEYS:  # the same K folds of the same images
+    for key in workdir_lib.SPLIT_KEYS:  # the same K folds of the same images
       if saved.get(key) != now.get(key):
         raise ValueError(f'reference.restore={restore!r}: its {fold_dir(root, i).name} split '
                          f'the images with data.{key}={saved.get(key)!r}, this run with '

@@ -105,14 +105,18 @@ def _personalize(stage: _Stage, cfg, starts: dict) -> dict:
       if center.name in stage.holdout:
         continue
       name = f'personal_{start}_{center.name}'
-      fitted = centralized.fit(name, exp, params, exp.rules, center.train, center.val, cfg,
-                               jax.random.fold_in(exp.key, STAGE['personal'] + 100 * m + k),
-                               workdir_lib.checkpoints(stage.workdir, names.slug(name)),
-                               log=stage.log,
-                               on_resume=lambda epoch, n=name: runlog.truncate(stage.workdir, n,
-                                                                              epoch)).params
+      fitted = _fit(stage, name, params, exp.rules, center.train, center.val, cfg,
+                    jax.random.fold_in(exp.key, STAGE['personal'] + 100 * m + k))
       out[f'personalized_{start}'][center.name] = exp.evaluate(*exp.split(fitted), center.test)
   return out
+
+
+def _fit(stage: _Stage, name, start, rules, train, val, cfg, key, groups=None):
+  """One resumable centralized fit of the stage, checkpointed and logged under ``name``."""
+  return centralized.fit(name, stage.exp, start, rules, train, val, cfg, key,
+                         workdir_lib.checkpoints(stage.workdir, names.slug(name)), log=stage.log,
+                         on_resume=lambda epoch: runlog.truncate(stage.workdir, name, epoch),
+                         groups=groups).params
 
 
 def scratch_recipe(cfg):
@@ -135,7 +139,7 @@ def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, A
 
   From scratch, fields of ``baselines.scratch`` (when the config has it) override the recipe.
   """
-  exp, workdir, centers = stage.exp, stage.workdir, stage.centers
+  exp, centers = stage.exp, stage.centers
   out, pooled = {}, None
   if init == 'reference':
     start, rules = stage.reference_params, exp.rules
@@ -144,10 +148,7 @@ def _baselines_from(stage: _Stage, cfg, init: str, prefix: str) -> tuple[dict, A
     start, rules = exp.init(), partition.frozen_block_rules(stage.scratch_frozen_blocks)
 
   def run_fit(name, train, val, stage_key, groups=None):
-    return centralized.fit(name, exp, start, rules, train, val, cfg, stage_key,
-                           workdir_lib.checkpoints(workdir, names.slug(name)), log=stage.log,
-                           on_resume=lambda epoch: runlog.truncate(workdir, name, epoch),
-                           groups=groups).params
+    return _fit(stage, name, start, rules, train, val, cfg, stage_key, groups)
 
   if cfg.local_only:
     out['local_only'] = {}
