@@ -36,7 +36,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from configs import wbc  # pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.algorithms import base, dp  # pylint: disable=wrong-import-position
 from fedblood.backend import platform
 from fedblood.model import classifier, models, partition  # pylint: disable=wrong-import-position
@@ -50,6 +49,8 @@ def parse_args(argv=None):
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--frozen_blocks', type=int, default=3)
   parser.add_argument('--microbatches', default='', help='comma-separated; default: batch, batch/4')
+  parser.add_argument('--dtype', default='float32',
+                      help="compute dtype: float32 (configs/wbc.py), bfloat16 or 'auto'")
   parser.add_argument('--steps', type=int, default=4, help='local steps per timed call')
   parser.add_argument('--repeats', type=int, default=5, help='timed calls per candidate')
   parser.add_argument('--plain_gradients', action='store_true',
@@ -73,12 +74,16 @@ def machine() -> dict:
           'uptime': run('uptime'), 'backend': jax.default_backend()}
 
 
+def model_of(args):
+  """configs/wbc.py's model at ``--width`` (tests/test_bench.py checks the two agree), built
+  here so that the benchmark runs where tensorflow-datasets (imported by configs/) is not."""
+  return models.VGG16(num_classes=5, head='gap', width=args.width, input_norm='per_image',
+                      conv_init='he', dtype=platform.compute_dtype(args.dtype))
+
+
 def candidates(args):
   """``{name: blocking fn}`` of the plain and DP local steps, plus per-candidate info."""
-  config = wbc.get_config()
-  config.unlock()
-  config.model.width = args.width
-  model = models.build(config.model)
+  model = model_of(args)
   params = bench_step.he_init(model, args.image_size)
   trainable, frozen = partition.split(params, partition.frozen_block_rules(args.frozen_blocks))
   rng = np.random.default_rng(0)

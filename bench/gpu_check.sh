@@ -11,16 +11,19 @@
 # 2. bench_step.py: the same step (224 px, fc head, frozen 3, batch 64) in bfloat16 and float32.
 # 3. bench_sweep.py --seeds 8: the CPU study's round (configs/wbc.py: 64 px, width 1/8, its 4
 #    centers' sizes) for 8 seeds, as one vectorized program against 8 sequential runs.
+# 4. bench_dp.py: DP-SGD's local step against the plain one (configs/wbc.py's model, batch 32;
+#    per-example gradients in microbatches of 32 and 8), float32 and bfloat16.
 # Each part has its own time limit, so one that hangs still leaves the others' results.
 set -u
 OUT=${OUT:-/tmp/fedblood_gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-round step sweep}
-ROUND_ARGS=() STEP_ARGS=(--sizes 224 --batch 64) SWEEP_ARGS=(--seeds 8 --rounds 3)
+PARTS=${PARTS:-round step sweep dp}
+ROUND_ARGS=() STEP_ARGS=(--sizes 224 --batch 64) SWEEP_ARGS=(--seeds 8 --rounds 3) DP_ARGS=()
 if [ "${1:-}" = --tiny ]; then
   ROUND_ARGS=(--tiny) STEP_ARGS=(--sizes 32 --batch 4 --width 0.0625) SWEEP_ARGS=(--tiny --seeds 8)
+  DP_ARGS=(--quick --steps 1 --repeats 1)
 fi
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -40,4 +43,11 @@ case " $PARTS " in *" sweep "*)
   timeout 110 $PY bench/bench_sweep.py "${SWEEP_ARGS[@]}" --out "$OUT/bench_sweep_8.json" \
     > "$OUT/bench_sweep_8.log" 2>&1
   echo "bench_sweep exit $?"; tail -n 6 "$OUT/bench_sweep_8.log";;
+esac
+case " $PARTS " in *" dp "*)
+  for dtype in float32 bfloat16; do
+    timeout 60 $PY bench/bench_dp.py "${DP_ARGS[@]}" --dtype $dtype \
+      > "$OUT/bench_dp_$dtype.log" 2>&1
+    echo "bench_dp $dtype exit $?"; tail -n 5 "$OUT/bench_dp_$dtype.log" | head -n 4
+  done;;
 esac

@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
+import bench_dp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -127,3 +128,18 @@ def test_model_flops_of_the_vgg16_step_is_its_convolutions_at_224_px():
            'mask': jax.ShapeDtypeStruct((2,), jnp.float32)}
   per_image = bench_step.model_flops(grad_fn, trainable, frozen, batch, jax.random.key(0)) / 2
   assert per_image / 1e9 == pytest.approx(51.3068, abs=1e-4)
+
+
+def test_bench_dp_times_configs_wbc_model_and_runs_end_to_end_on_a_tiny_net(capsys):
+  from configs import wbc  # pylint: disable=g-import-not-at-top
+  want = wbc.get_config().model
+  got = bench_dp.model_of(bench_dp.parse_args([]))
+  fields = ('num_classes', 'head', 'width', 'input_norm', 'conv_init')
+  assert want.name == 'VGG16' and isinstance(got, models.VGG) and got.stages == (2, 2, 3, 3, 3)
+  assert {f: getattr(got, f) for f in fields} == {f: want[f] for f in fields}
+
+  bench_dp.main(['--width', '0.0625', '--image_size', '32', '--batch', '4', '--microbatches',
+                 '4,2', '--steps', '1', '--repeats', '1'])
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert set(result['ratio_to_plain']) == {'plain', 'dp[mb=4]', 'dp[mb=2]'}
+  assert result['ratio_to_plain']['plain'] == 1.0 and result['args']['dtype'] == 'float32'
