@@ -5,6 +5,7 @@ r"""fedblood's command line (intentionally short: the logic lives in fedblood/).
   python launch.py --config configs/paper.py --sweep --workdir /tmp/sweep  # all get_sweep() points
   python launch.py --config configs/wbc.py --seeds 0-4 --workdir /tmp/wbc5  # + seeds_report.md
   python launch.py --config configs/wbc.py --folds 5 --workdir /tmp/wbc5f   # + folds_report.md
+  python launch.py --config configs/wbc.py --folds 5 --only_folds 0-2 --workdir /tmp/wbc5f  # 3 now
   python launch.py --config configs/wbc.py --sweep --folds 3 --workdir /tmp/abl  # + sweep_folds.md
   python launch.py --mode inspect --workdir /tmp/demo
   python launch.py --mode evaluate --workdir /tmp/demo --eval_dir /data/new_center [--round 5]
@@ -48,6 +49,10 @@ _FOLDS = flags.DEFINE_integer('folds', None,
                               'center (fold i: data.folds=K, data.fold=i, seed + i), each in '
                               '<workdir>/fold=I, and write folds_report.md: every image is a test '
                               'image once.')
+_ONLY_FOLDS = flags.DEFINE_string('only_folds', None,
+                                  "With --folds K: run only these of the K folds ('0-2', '0,3'), "
+                                  'the report over them; the others can run later into the same '
+                                  'workdir.')
 _VECTORIZE = flags.DEFINE_bool('vectorize', False,
                                '--seeds: train the seeds\' federated rounds as one vmapped program '
                                '(docs/performance.md: slower on CPU).')
@@ -183,6 +188,8 @@ def _run(mode, workdir):
     print(f'{count} images classified: {_OUTPUT.value}')
   elif _VECTORIZE.value and _SEEDS.value is None:
     raise app.UsageError('--vectorize needs --seeds')
+  elif _ONLY_FOLDS.value is not None and _FOLDS.value is None:
+    raise app.UsageError('--only_folds needs --folds K')
   elif _SWEEP.value and (_FOLDS.value is not None or _SEEDS.value is not None):
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
     if _FOLDS.value is not None and _SEEDS.value is not None:
@@ -192,14 +199,15 @@ def _run(mode, workdir):
       raise app.UsageError('--vectorize is not supported with --sweep')
     config_file = config_flags.get_config_filename(flags.FLAGS['config'])
     path = seeds.run_sweep(_config(), config_file, workdir, folds=_FOLDS.value,
-                           seeds=None if _SEEDS.value is None else seeds.parse_seeds(_SEEDS.value))
+                           seeds=None if _SEEDS.value is None else seeds.parse_seeds(_SEEDS.value),
+                           only_folds=_ONLY_FOLDS.value)
     print(f'table: {path}')
   elif _FOLDS.value is not None:
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
     if _SEEDS.value is not None:
       raise app.UsageError('--folds cannot be combined with --seeds (fold i takes seed '
                            'config.seed + i)')
-    print(f'report: {seeds.run_folds(_config(), workdir, _FOLDS.value)}')
+    print(f'report: {seeds.run_folds(_config(), workdir, _FOLDS.value, _ONLY_FOLDS.value)}')
   elif _SEEDS.value is not None:
     from fedblood.study import seeds  # pylint: disable=g-import-not-at-top
     path = seeds.run(_config(), workdir, seeds.parse_seeds(_SEEDS.value), _VECTORIZE.value)

@@ -33,6 +33,18 @@ def test_parse_seeds():
       seeds.parse_seeds(bad)
 
 
+def test_fold_ids_are_every_fold_or_those_named_among_them():
+  assert seeds.fold_ids(5) == [0, 1, 2, 3, 4]
+  assert seeds.fold_ids(5, '0-2') == [0, 1, 2] and seeds.fold_ids(5, '4,1') == [1, 4]
+  assert seeds.fold_ids(3, [2]) == [2]
+  with pytest.raises(ValueError, match=r"--only_folds '2-5': folds \[5\] do not exist in --folds 5"):
+    seeds.fold_ids(5, '2-5')
+  with pytest.raises(ValueError, match=r"--only_folds '1,1': seeds \[1\] appear twice"):
+    seeds.fold_ids(5, '1,1')
+  with pytest.raises(ValueError, match='expected a number of folds'):
+    seeds.fold_ids(1, '0')
+
+
 def _summary(acc, n=4):
   return {'n': n, **{k: acc for k in aggregate.METRICS}}
 
@@ -124,7 +136,9 @@ def test_launch_seed_flags_are_checked_before_any_work(tmp_path):
   for args, message in ((['--seeds', '3-1'], 'runs backwards'),
                         (['--vectorize'], '--vectorize needs --seeds'),
                         (['--folds', '1'], 'expected a number of folds from 2 to 100'),
-                        (['--folds', '2', '--seeds', '0'], '--folds cannot be combined')):
+                        (['--folds', '2', '--seeds', '0'], '--folds cannot be combined'),
+                        (['--only_folds', '0'], '--only_folds needs --folds K'),
+                        (['--folds', '3', '--only_folds', '3'], 'folds [3] do not exist')):
     proc = subprocess.run([sys.executable, str(REPO / 'launch.py'), '--workdir',
                            str(tmp_path / 'w'), *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
@@ -192,6 +206,16 @@ def test_folds_restore_each_folds_own_reference_from_a_folds_study(tmp_path):
   with pytest.raises(ValueError, match=r"fold=0 split the images with data.split_seed="):
     seeds.fold_runs(config, tmp_path / 'w', 2)
   config.data.split_seed -= 1
+  # A study that ran some folds (--only_folds) restores those; asking for one it lacks is refused.
+  saved = (study / 'fold=0' / 'config.json').read_text()
+  (study / 'fold=0' / 'config.json').unlink()
+  configs, dirs = seeds.fold_runs(config, tmp_path / 'w', 2, '1')
+  assert [c.reference.restore for c in configs] == [str(study / 'fold=1')]
+  assert [(c.data.fold, c.seed) for c in configs] == [(1, config.seed + 1)]
+  assert dirs == [tmp_path / 'w' / 'fold=1']
+  with pytest.raises(ValueError, match=r'fold=0 is missing or not a fold, not fold 0 of 2'):
+    seeds.fold_runs(config, tmp_path / 'w', 2)
+  (study / 'fold=0' / 'config.json').write_text(saved)
   (study / 'fold=1' / 'config.json').unlink()
   with pytest.raises(ValueError, match=r'fold=1 is missing or not a fold, not fold 1 of 2'):
     seeds.fold_runs(config, tmp_path / 'w', 2)
@@ -323,6 +347,24 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
   assert [r['fl.eval_model'] for r in apart] == ['', 'server']  # b's field that differs from a
   with pytest.raises(FileNotFoundError, match='not a finished --folds study'):
     sweep_table.compare(tmp_path / 'cmp', {'a': tmp_path / 'w' / names[0], 'c': tmp_path})
+  # A study of one fold (--only_folds 1) against the 2-fold point: compared on fold 1's images.
+  one = seeds.run_folds(sweep.apply(config, {'fl.eval_model': 'server'}), tmp_path / 'one', 2,
+                        '1')
+  summary = json.loads((tmp_path / 'one' / 'folds_summary.json').read_text())
+  assert summary['folds'] == [1] and not (tmp_path / 'one' / 'fold=0').exists()
+  assert '1 folds' in one.read_text()
+  fold1 = json.loads((tmp_path / 'one' / 'fold=1' / 'results.json').read_text())
+  assert fold1 == json.loads((tmp_path / 'w' / names[1] / 'fold=1' / 'results.json').read_text())
+  out = sweep_table.compare(tmp_path / 'cmp1', {'a': tmp_path / 'w' / names[0],
+                                                'one': tmp_path / 'one'})
+  assert 'over the 1 folds of each point (folds 1: those every study ran)' in out.read_text()
+  sub = list(csv.DictReader((tmp_path / 'cmp1' / 'sweep_folds.csv').open()))
+  n1 = sum(fold1['after'][c]['n'] for c in external)
+  assert [int(r['external_images']) for r in sub] == [n1, n1]
+  a1 = json.loads((tmp_path / 'w' / names[0] / 'fold=1' / 'results.json').read_text())
+  mean1 = sum(a1['after'][c]['accuracy'] for c in external) / len(external)
+  assert float(sub[0]['external mean mean']) == pytest.approx(mean1)  # fold 1's, not both folds'
+  assert sub[0]['external mean sd'] == '' and sub[1]['fl.eval_model'] == 'server'
   # A point's run of another config is refused before anything trains.
   config.fl.rounds = 2
   with pytest.raises(ValueError, match=r'fl\.rounds: 1 in the workdir, 2 now'):

@@ -34,15 +34,20 @@ from fedblood.rundir import workdir as workdir_lib
 BASELINE = ('baselines/pooled_scratch', 'baselines/pooled')  # the first a run has
 
 
-def _point(directory: Path, label: str) -> dict:
+def _point(directory: Path, label: str, only=None) -> dict:
+  """A study's tables and per-image correctness; ``only``: those of its runs labelled so (the
+  folds every compared study ran), the tables then computed over them."""
   summary = json.loads((directory / f'{label}s_summary.json').read_text())
   centers, reference = summary['centers'], summary['reference']
-  results = [workdir_lib.read_results(d) for d in summary['workdirs']]
+  keep = [d for run, d in zip(summary[f'{label}s'], summary['workdirs'])
+          if only is None or run in only]
+  results = [workdir_lib.read_results(d) for d in keep]
+  tables = summary['tables'] if len(keep) == len(summary['workdirs']) else aggregate.tables(results)
   correct = per_image.correctness(results).get('after', {})
   external = [c for c in centers if c != reference]
   images = (np.concatenate([correct[c] for c in external])
             if external and all(c in correct for c in external) else None)
-  return {'tables': summary['tables'], 'centers': centers, 'reference': reference,
+  return {'tables': tables, 'centers': centers, 'reference': reference,
           'runs': len(results), 'images': images}
 
 
@@ -67,7 +72,8 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
   ``<workdir>/<name>``; the first is what the others are compared with.
   """
   workdir = Path(workdir)
-  read = [_point(Path(p['dir']) if 'dir' in p else workdir / p['name'], label) for p in points]
+  read = [_point(Path(p['dir']) if 'dir' in p else workdir / p['name'], label, p.get('only'))
+          for p in points]
   columns = _columns(read[0])
   keys = sorted({k for p in points for k in p['overrides']})
   empty = aggregate.stats([])
@@ -76,8 +82,11 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
   pooled = read[0]['images'] is not None and label == 'fold'
   if pooled:
     head += ['every external image [95 %]', f'vs {points[0]["name"]} [95 %]', 'p', '']
+  only = points[0].get('only')
+  over = (f' ({label}s {", ".join(str(i) for i in only)}: those every study ran)'
+          if only is not None else '')
   md = [f'# Sweep over {label}s: FL test accuracy (Table 2), %', '',
-        f'Cells: mean ± sd over the {read[0]["runs"]} {label}s of each point.', '',
+        f'Cells: mean ± sd over the {read[0]["runs"]} {label}s of each point{over}.', '',
         '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   buf = io.StringIO()
   writer = csv.writer(buf)
@@ -118,15 +127,23 @@ def compare(out, studies: dict, label: str = 'fold') -> Path:
   The first study is the reference point; each point's columns are the config fields in which
   its first run differs from the first study's (``fl.weighting``, ``reference.restore``...).
   The paired comparison needs the same images: the studies must split the same centers into
-  the same folds (checked).
+  the same folds (checked). Studies that ran different folds of the same split (``--only_folds``)
+  are compared over the folds they all ran.
   """
   dirs = {name: Path(d) for name, d in studies.items()}
-  runs = {}
+  ran = {}  # {name: {label: its run's workdir}}
   for name, d in dirs.items():
     summary = d / f'{label}s_summary.json'
     if not summary.is_file():
       raise FileNotFoundError(f'{d}: no {summary.name}: not a finished --{label}s study')
-    runs[name] = workdir_lib.read_config(json.loads(summary.read_text())['workdirs'][0]) or {}
+    summary = json.loads(summary.read_text())
+    ran[name] = dict(zip(summary[f'{label}s'], summary['workdirs']))
+  common = [i for i in next(iter(ran.values())) if all(i in r for r in ran.values())]
+  if not common:
+    raise ValueError(f'the studies share no {label}: '
+                     + '; '.join(f'{n}: {list(r)}' for n, r in ran.items()))
+  only = None if all(list(r) == common for r in ran.values()) else common
+  runs = {name: workdir_lib.read_config(r[common[0]]) or {} for name, r in ran.items()}
   first = workdir_lib.flatten(next(iter(runs.values())))
   points = []
   for name, config in runs.items():
@@ -135,7 +152,7 @@ def compare(out, studies: dict, label: str = 'fold') -> Path:
       if flat.get(key) != first.get(key):
         raise ValueError(f'{dirs[name]}: data.{key.split(".", 1)[1]}={flat.get(key)!r}, the '
                          f'first study {first.get(key)!r}: not the same test images')
-    points.append({'name': name, 'dir': dirs[name], 'overrides': {
+    points.append({'name': name, 'dir': dirs[name], 'only': only, 'overrides': {
         k: flat.get(k, '(absent)') for k in sorted(set(flat) | set(first))
         if flat.get(k) != first.get(k) and k != 'title'}})
   Path(out).mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ MAX_SEEDS = 1000      # seeds in one --seeds (each is a whole study)
 SEED_LIMIT = 2 ** 32  # config.seed is a uint32 (jax.random.key)
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = '--seeds') -> list[int]:
   """``'0-4'`` -> ``[0, 1, 2, 3, 4]``; also ``'0,3,7'`` and ``'0-2,9'``; distinct, >= 0.
 
   At most :data:`MAX_SEEDS` seeds, each below 2^32, checked before any range is expanded.
@@ -59,18 +59,18 @@ def parse_seeds(text: str) -> list[int]:
   for part in str(text).split(','):
     match = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
     if not match:
-      raise ValueError(f"--seeds {text!r}: expected e.g. '0-4' or '0,3,7', got {part!r}")
+      raise ValueError(f"{flag} {text!r}: expected e.g. '0-4' or '0,3,7', got {part!r}")
     first, last = int(match[1]), int(match[2] if match[2] is not None else match[1])
     if last < first:
-      raise ValueError(f'--seeds {text!r}: range {part!r} runs backwards')
+      raise ValueError(f'{flag} {text!r}: range {part!r} runs backwards')
     if last >= SEED_LIMIT:
-      raise ValueError(f'--seeds {text!r}: seed {last} is not below 2^32 ({SEED_LIMIT})')
+      raise ValueError(f'{flag} {text!r}: seed {last} is not below 2^32 ({SEED_LIMIT})')
     if len(seeds) + last - first + 1 > MAX_SEEDS:
-      raise ValueError(f'--seeds {text!r}: more than {MAX_SEEDS} seeds (each is a whole study)')
+      raise ValueError(f'{flag} {text!r}: more than {MAX_SEEDS} seeds (each is a whole study)')
     seeds += range(first, last + 1)
   duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
   if duplicates:
-    raise ValueError(f'--seeds {text!r}: seeds {duplicates} appear twice')
+    raise ValueError(f'{flag} {text!r}: seeds {duplicates} appear twice')
   return seeds
 
 
@@ -84,25 +84,39 @@ def check_folds(folds) -> int:
   return folds
 
 
+def fold_ids(folds: int, only=None) -> list[int]:
+  """The folds a ``--folds K`` study runs: all K, or ``only`` (``--only_folds``: '0-2', '0,3' or a
+  list) among them, in order: a study can run some folds now and the rest later."""
+  check_folds(folds)
+  if only is None:
+    return list(range(folds))
+  ids = parse_seeds(only, '--only_folds') if isinstance(only, str) else [int(i) for i in only]
+  outside = [i for i in ids if i >= folds]
+  if not ids or outside:
+    raise ValueError(f'--only_folds {only!r}: folds {outside} do not exist in --folds {folds} '
+                     f'(0 to {folds - 1})')
+  return sorted(ids)
+
+
 def fold_dir(workdir, fold: int) -> Path:
   return Path(workdir) / f'fold={fold}'
 
 
-def _fold_restores(config, folds: int) -> list:
+def _fold_restores(config, folds: int, ids) -> list:
   """``reference.restore`` per fold: a ``--folds`` study's root gives each fold its own fold's
   reference (a reference trained on another fold's split has seen this fold's test images)."""
   restore = config.reference.get('restore', '') if 'reference' in config else ''
   root = Path(restore) if restore else None
   if root is None:
-    return [None] * folds
-  if not fold_dir(root, 0).is_dir():
+    return [None] * len(ids)
+  if not fold_dir(root, ids[0]).is_dir():
     if workdir_lib.read_config(root) is not None:  # one fedblood run: trained on another split
       raise ValueError(f'reference.restore={restore!r} is one run, whose reference trained on '
                        'images that some fold tests: with --folds, restore from a --folds '
                        f'{folds} study (each fold gets its own fold\'s reference)')
-    return [None] * folds  # a weights file or checkpoint trained elsewhere: every fold's
+    return [None] * len(ids)  # a weights file or checkpoint trained elsewhere: every fold's
   now = workdir_lib.config_dict(config).get('data') or {}  # as config.json holds it
-  for i in range(folds):
+  for i in ids:
     saved = (workdir_lib.read_config(fold_dir(root, i)) or {}).get('data') or {}
     split = saved.get('folds'), saved.get('fold')
     if split != (folds, i):
@@ -117,24 +131,24 @@ def _fold_restores(config, folds: int) -> list:
                          f'the images with data.{key}={saved.get(key)!r}, this run with '
                          f'{now.get(key)!r}: its reference may have trained on this '
                          "fold's test images")
-  return [str(fold_dir(root, i)) for i in range(folds)]
+  return [str(fold_dir(root, i)) for i in ids]
 
 
-def fold_runs(config, workdir, folds: int) -> tuple[list, list]:
-  """``(configs, workdirs)`` of the ``folds`` runs of :func:`run_folds`.
+def fold_runs(config, workdir, folds: int, only=None) -> tuple[list, list]:
+  """``(configs, workdirs)`` of the runs of :func:`run_folds`: every fold, or ``only`` those.
 
   ``reference.restore`` naming a ``--folds`` study (a folder of ``fold=I`` runs) restores fold
   ``i``'s reference in fold ``i``: the FL comparison of ``get_sweep`` over folds, without
   training the references again.
   """
-  check_folds(folds)
-  restores = _fold_restores(config, folds)
+  ids = fold_ids(folds, only)
+  restores = _fold_restores(config, folds, ids)
   points = [{'data.folds': folds, 'data.fold': i, 'seed': int(config.seed) + i,
-             **({'reference.restore': restores[i]} if restores[i] else {})}
-            for i in range(folds)]
+             **({'reference.restore': restore} if restore else {})}
+            for i, restore in zip(ids, restores)]
   if int(config.seed) + folds - 1 >= SEED_LIMIT:
     raise ValueError(f'--folds {folds}: fold seeds config.seed + i reach 2^32')
-  return [sweep.apply(config, p) for p in points], [fold_dir(workdir, i) for i in range(folds)]
+  return [sweep.apply(config, p) for p in points], [fold_dir(workdir, i) for i in ids]
 
 
 def seed_runs(config, workdir, seeds) -> tuple[list, list]:
@@ -144,17 +158,21 @@ def seed_runs(config, workdir, seeds) -> tuple[list, list]:
   return [sweep.apply(config, {'seed': s}) for s in seeds], [seed_dir(workdir, s) for s in seeds]
 
 
-def run_folds(config, workdir, folds: int) -> Path:
-  """Runs (or resumes) each fold of a ``folds``-fold split; returns ``folds_report.md``."""
-  configs, dirs = fold_runs(config, workdir, folds)
-  _run_all(configs, dirs, Path(workdir), {'folds': folds}, 'folds_timing.json')
-  return aggregate.write(workdir, list(range(folds)), dirs, label='fold')
+def run_folds(config, workdir, folds: int, only=None) -> Path:
+  """Runs (or resumes) each fold of a ``folds``-fold split (or the folds ``only`` names);
+  returns ``folds_report.md``, over the folds run."""
+  ids = fold_ids(folds, only)
+  configs, dirs = fold_runs(config, workdir, folds, ids)
+  _run_all(configs, dirs, Path(workdir), {'folds': folds, 'fold_ids': ids}, 'folds_timing.json')
+  return aggregate.write(workdir, ids, dirs, label='fold')
 
 
-def run_sweep(config, config_file: str, workdir, *, seeds=None, folds: int | None = None) -> Path:
+def run_sweep(config, config_file: str, workdir, *, seeds=None, folds: int | None = None,
+              only_folds=None) -> Path:
   """Every point of ``config_file``'s ``get_sweep()`` over ``seeds`` or ``folds``, then one table.
 
-  Point ``p`` is an ordinary ``--seeds`` / ``--folds`` study in ``<workdir>/<p>`` (resumable);
+  Point ``p`` is an ordinary ``--seeds`` / ``--folds`` study in ``<workdir>/<p>`` (resumable),
+  over ``only_folds`` of the folds if given;
   every point and every one of its runs is checked before any trains. Returns
   ``sweep_<seed|fold>s.md`` (:mod:`fedblood.reporting.sweep_table`).
   """
@@ -163,12 +181,12 @@ def run_sweep(config, config_file: str, workdir, *, seeds=None, folds: int | Non
   workdir = Path(workdir)
   points = sweep.points(config, config_file)
   for p in points:  # a run's workdir of another config: refused before any work
-    for cfg, d in zip(*(fold_runs(p['config'], workdir / p['name'], folds) if folds
+    for cfg, d in zip(*(fold_runs(p['config'], workdir / p['name'], folds, only_folds) if folds
                         else seed_runs(p['config'], workdir / p['name'], seeds))):
       workdir_lib.check_config(cfg, d, write=False)
   for p in points:
     if folds:
-      run_folds(p['config'], workdir / p['name'], folds)
+      run_folds(p['config'], workdir / p['name'], folds, only_folds)
     else:
       run(p['config'], workdir / p['name'], seeds)
   return sweep_table.write(workdir, points, 'fold' if folds else 'seed')
