@@ -249,3 +249,21 @@ def test_paper_sweep_points_apply():
     for key, value in p.items():
       section, _, leaf = key.rpartition('.')
       assert (point[section] if section else point)[leaf] == value
+
+
+def test_privacy_sweep_is_dp_candidates_per_epsilon_then_fedavg_without_dp():
+  from configs import wbc, wbc_privacy  # pylint: disable=g-import-not-at-top
+  config, recipe = wbc_privacy.get_config(), wbc.get_config()
+  assert (config.fl.dp.mode, config.fl.rounds) == ('example', 30)
+  # Candidate 0 is configs/wbc.py's own FL recipe; every point applies to the config.
+  assert wbc_privacy.CANDIDATES[0] == (recipe.model.frozen_blocks, recipe.fl.batch_size,
+                                       recipe.fl.lr)
+  points = wbc_privacy.get_sweep()
+  assert len({sweep.point_name(p) for p in points}) == len(points) == 3 * 2 * 4 + 1
+  for p in points:
+    point = sweep.apply(config, p)
+    assert point.fl.dp.mode == p.get('fl.dp.mode', 'example')
+    assert point.fl.batch_size == p['fl.batch_size'] and point.fl.lr == p['fl.lr']
+  plain = sweep.apply(config, points[-1])
+  assert (plain.fl.algorithm, plain.fl.rounds, plain.fl.dp.mode) == ('fed_avg', recipe.fl.rounds,
+                                                                    'off')
