@@ -267,3 +267,13 @@ def test_privacy_sweep_is_dp_candidates_per_epsilon_then_fedavg_without_dp():
   plain = sweep.apply(config, points[-1])
   assert (plain.fl.algorithm, plain.fl.rounds, plain.fl.dp.mode) == ('fed_avg', recipe.fl.rounds,
                                                                     'off')
+
+
+def test_loco_sweep_leaves_out_each_external_center_once():
+  from configs import wbc_loco  # pylint: disable=g-import-not-at-top
+  from fedblood.study import validate  # pylint: disable=g-import-not-at-top
+  config = wbc_loco.get_config()
+  held = [sweep.apply(config, p).fl.holdout for p in wbc_loco.get_sweep()]
+  assert sorted(h for (h,) in held) == sorted(set(config.data.crop) - {config.data.reference})
+  for p in wbc_loco.get_sweep():
+    validate.check(sweep.apply(config, p))  # the rules of every field, before any data
