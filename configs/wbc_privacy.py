@@ -1,4 +1,4 @@
-r"""The privacy-utility study: record-level DP-SGD at epsilon 8, 3 and 1 on configs/wbc.py's centers.
+r"""The privacy-utility study: record-level DP-SGD at epsilon 8, 3 and 1 on configs/wbc.py's data.
 
 Three commands (docs/privacy.md, "Privacy-utility on the four real centers"), each resumable:
 

@@ -122,6 +122,24 @@ def test_aggregate_of_known_inputs_is_exact(tmp_path):
     assert image.format == 'PNG' and image.size[0] > 300
 
 
+def test_aggregate_has_the_held_out_centers_em_table(tmp_path):
+  dirs = []
+  for s, em in enumerate((0.5, 0.75)):
+    d = _seed_run(tmp_path, s, {'a': 1.0, 'b': 0.5, 'c': 0.25}, {'a': 1.0, 'b': 0.5, 'c': 0.25},
+                  [])
+    results = json.loads((d / 'results.json').read_text())
+    results.update(held_out=['c'], after_em={'c': _summary(em)})
+    (d / 'results.json').write_text(json.dumps(results))
+    dirs.append(d)
+  path = aggregate.write(tmp_path, [0, 1], dirs)
+  t = json.loads((tmp_path / 'seeds_summary.json').read_text())['tables']['after_em']
+  assert list(t) == ['c', 'mean, all centers']
+  assert t['c']['accuracy']['values'] == [0.5, 0.75] and t['c']['accuracy']['mean'] == 0.625
+  md = path.read_text()
+  assert '## FL, held out: class priors re-estimated (EM)' in md
+  assert '| c | 4 | 62.5 ± 17.7 (min 50.0) |' in md
+
+
 def test_aggregate_needs_every_seed_finished_and_one_seed_has_no_sd(tmp_path):
   d = _seed_run(tmp_path, 0, {'a': 1.0, 'b': 0.5, 'c': 0.5}, {'a': 1.0, 'b': 0.5, 'c': 0.5}, [])
   with pytest.raises(FileNotFoundError, match=r'seed=1[/\\]results.json is missing'):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common, wbc
-from fedblood import data
+from fedblood import data, stats
 from fedblood.backend import flags, numerics
 from fedblood.model import metrics, models, partition
 from fedblood.study import centralized, experiment, selection, train
@@ -246,8 +246,21 @@ def test_held_out_center_and_both_baselines(smoke, tmp_path, monkeypatch):
   report = (tmp_path / 'loco' / 'report.md').read_text()
   for title in ('Local-only (scratch)', 'Local-only (from reference)', 'Pooled (scratch)',
                 'Pooled (from reference)', 'synth2 (held out)', 'FL + site fine-tuning',
-                'Pooled + site fine-tuning'):
+                'Pooled + site fine-tuning', 'FL, held out: class priors re-estimated (EM)'):
     assert title in report
+  # The held-out center, also classified with its own class priors: EM on Table 2's model's
+  # posteriors for all its images (labels unused), then its test split, as --priors em does.
+  held_center = centers[2]
+  images = np.concatenate([held_center.train.images, held_center.val.images,
+                           held_center.test.images])
+  probs = exp.predict(*exp.split(fits['personal_fl_synth0'][0]), images)
+  train_shares = np.bincount(np.concatenate([c.train.labels for c in centers[:2]]), minlength=5)
+  em = stats.em_priors(probs, np.maximum(train_shares, 1) / np.maximum(train_shares, 1).sum())
+  want = em.posteriors[-len(held_center.test.labels):].argmax(-1)
+  assert results['details']['after_em']['synth2']['predictions'] == want.tolist()
+  assert list(results['after_em']) == ['synth2'] and list(results['priors_em']) == ['synth2']
+  assert results['priors_em']['synth2']['estimated'] == pytest.approx(
+      dict(zip(data.CLASSES, em.priors.tolist())))
   # FL with synth2 held out is exactly FL of the same two centers without synth2.
   two = smoke_config(cache)
   two.reference.restore = str(smoke_dir)

@@ -59,6 +59,8 @@ def table_sources(results: dict) -> dict:
     out[f'after_models/{name}'] = per
   if 'after_last' in results:
     out['after_last'] = results['after_last']
+  if results.get('after_em'):
+    out['after_em'] = results['after_em']
   for name, per in (results.get('baselines') or {}).items():
     out[f'baselines/{name}'] = per
   return out
@@ -152,6 +154,8 @@ def comparison_table(agg: dict, centers, reference, algorithm: str, key: str) ->
                n) for n in models]
   if 'after_last' in agg:
     columns.append(('FL, last round', 'after_last'))
+  if 'after_em' in agg:
+    columns.append((report.EM_TITLE, 'after_em'))
   columns += [(report.BASELINE_TITLES.get(n.split('/', 1)[1], n.split('/', 1)[1]), n)
               for n in agg if n.startswith('baselines/')]
   lines = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
@@ -187,7 +191,7 @@ def plot_band(rounds: dict, path, reference=None, over: str = 'seeds') -> Path:
 
 TITLES = {'before': 'Table 1: reference model on every center (before FL)',
           'after': 'Table 2: after federated fine-tuning',
-          'after_last': 'FL at the last round (beside Table 2)'}
+          'after_last': 'FL at the last round (beside Table 2)', 'after_em': report.EM_TITLE}
 
 
 def _title(name: str) -> str:

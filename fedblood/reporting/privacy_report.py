@@ -36,7 +36,7 @@ def read_point(workdir, round_index: Optional[int] = None) -> dict:
                                     'epsilon': r.get('epsilon', math.inf)} for r in picked}}
 
 
-def _eps_label(eps: float) -> str:
+def eps_label(eps: float) -> str:
   return 'inf' if math.isinf(eps) else f'{eps:g}'
 
 
@@ -60,7 +60,7 @@ def table(points: Sequence[dict]) -> str:
     mean = 100 * sum(external) / len(external) if external else float('nan')
     last3 = p.get('external_last3')
     last3 = f'{100 * last3:.1f}' if last3 is not None else ''
-    lines.append(f'| {p["algorithm"]} | {_eps_label(p["target"])} | ' + ' | '.join(cells)
+    lines.append(f'| {p["algorithm"]} | {eps_label(p["target"])} | ' + ' | '.join(cells)
                  + f' | {mean:.1f} | {last3} |')
   return '\n'.join(lines)
 
@@ -83,12 +83,18 @@ def plot(points: Sequence[dict], path) -> Path:
       ax.plot(xs, [100 * p['centers'][center]['accuracy'] for p in mine], 'o-', label=center)
     ax.set_xscale('log')
     ax.set_xticks(xs)
-    ax.set_xticklabels([_eps_label(p['target']) for p in mine])
+    ax.set_xticklabels([eps_label(p['target']) for p in mine])
     ax.set_xlabel('target epsilon per center (delta 1e-5)')
     ax.set_title(f'{alg}, round {mine[0]["round"]}')
     ax.grid(alpha=0.3)
   axes[0][0].set_ylabel('test accuracy (%)')
   axes[0][-1].legend(fontsize=8)
+  return save(fig, path)
+
+
+def save(fig, path) -> Path:
+  """Writes a matplotlib figure as a PNG at ``path`` (folders made), closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.tight_layout()

@@ -40,6 +40,12 @@ BASELINE_TITLES = {'local_only': 'Local-only', 'pooled': 'Pooled (centralized)',
                    'personalized_pooled': 'Pooled + site fine-tuning'}
 
 
+EM_TITLE = 'FL, held out: class priors re-estimated (EM)'
+EM_NOTE = ('Table 2\'s model at each center that never joined, its predictions corrected for the '
+           'class priors EM re-estimates on all of that center\'s images, labels unused (Saerens '
+           'et al. 2002; `--priors em` of `--mode evaluate`).')
+
+
 def _center_name(c: str, reference: str | None, held_out=()) -> str:
   name = f'{center_names.md(c)} (reference)' if c == reference else center_names.md(c)
   return f'{name} (held out)' if c in held_out else name
@@ -87,6 +93,8 @@ def comparison_table(results: dict, key: str = 'accuracy') -> str:
   if _last_differs(results):
     columns.append((f'FL, last round ({results["selection"]["last_round"]})',
                     results['after_last']))
+  if results.get('after_em'):
+    columns.append((EM_TITLE, results['after_em']))
   for name, per_center in (results.get('baselines') or {}).items():
     columns.append((BASELINE_TITLES.get(name, name), per_center))
   rows = ['| Center | ' + ' | '.join(t for t, _ in columns) + ' |',
@@ -257,6 +265,9 @@ def write_report(workdir, results: dict | None = None,
     if per_center is not results['after'] and per_center != results['after']:
       parts += [f'### Table 2 with the `{name}` model', '',
                 center_table(per_center, centers, reference, results.get('held_out', ())), '']
+  if results.get('after_em'):
+    parts += [f'### {EM_TITLE}', '', EM_NOTE, '',
+              center_table(results['after_em'], list(results['after_em'])), '']
   parts += ['## Reference model, FL and baselines side by side (accuracy)', '',
             comparison_table(results, 'accuracy'), '',
             '### The same, macro F1', '', comparison_table(results, 'f1'), '',

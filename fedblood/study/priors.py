@@ -37,6 +37,23 @@ def train_priors(config, round_index: int) -> np.ndarray:
   return counts / counts.sum()
 
 
+def held_out(exp, config, round_index: int, trainable, frozen, centers) -> tuple[dict, dict]:
+  """Table 2 at centers that never joined (``fl.holdout``), each with its own class priors.
+
+  The priors are re-estimated by EM on the model's posteriors for all of the center's images
+  (labels unused: none of them trained anything), then its test split is classified with the
+  corrected posteriors. Returns ``({center: metrics}, {center: priors info})``.
+  """
+  out, info = {}, {}
+  for center in centers:
+    splits = (center.train, center.val, center.test)
+    probs = exp.predict(trainable, frozen, np.concatenate([s.images for s in splits]))
+    adjusted, info[center.name] = adjust(probs, config, round_index, 'em')
+    test = adjusted[len(adjusted) - len(center.test.labels):]
+    out[center.name] = metrics.classify(center.test.labels, test.argmax(-1))
+  return out, info
+
+
 def check(priors: str) -> str:
   """``priors`` if it is one of :data:`PRIORS`; ValueError naming ``--priors`` otherwise."""
   if priors not in PRIORS:

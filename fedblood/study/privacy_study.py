@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from fedblood import data, stats
-from fedblood.reporting import aggregate, per_image
+from fedblood.reporting import aggregate, per_image, privacy_report
+from fedblood.reporting.privacy_report import eps_label
 from fedblood.rundir import workdir as workdir_lib
 from fedblood.study import inference, seeds
 
@@ -105,7 +106,7 @@ def floor(base_runs: list) -> list:
     centers = data.load_centers(inference.load_config(run).data)
     counts = np.bincount(np.concatenate([c.train.labels for c in centers]), minlength=5)
     label = int(counts.argmax())
-    out.append({c.name: {'accuracy': float(np.mean(c.test.labels == label)), 'n': len(c.test.labels),
+    out.append({c.name: {'accuracy': float(np.mean(c.test.labels == label)),
                          'correct': c.test.labels == label} for c in centers})
   return out
 
@@ -152,7 +153,9 @@ def rows(sweep_dir, base, folds: list, run: bool = False) -> tuple[list, list]:
   fl = [_row(base_results[0]['algorithm'], INF, base_results, 'after', fl=True,
              chosen='(the base study: no DP)')]
   choices = []
-  for (algorithm, eps), group in sorted(candidates(sweep_dir).items(), key=lambda g: (g[0][0], -g[0][1])):
+  groups = candidates(sweep_dir)
+  for algorithm, eps in sorted(groups, key=lambda key: (key[0], -key[1])):
+    group = groups[(algorithm, eps)]
     best, shared, scores = choose(group)
     choices.append({'algorithm': algorithm, 'epsilon': eps, 'chosen': best['name'],
                     'on_folds': shared, 'val': scores})
@@ -160,7 +163,8 @@ def rows(sweep_dir, base, folds: list, run: bool = False) -> tuple[list, list]:
       run_missing(best, base, k, folds)
     lacking = [f for f in folds if f not in best['runs']]
     if lacking:
-      print(f'{algorithm} epsilon {eps:g}: {best["name"]} lacks folds {lacking} (--run trains them)')
+      print(f'{algorithm} epsilon {eps:g}: {best["name"]} lacks folds {lacking} (--run trains '
+            'them)')
       continue
     results = [workdir_lib.read_results(best['runs'][f]) for f in folds]
     fl.append(_row(algorithm, eps, results, 'after', fl=True, chosen=best['name'],
@@ -171,10 +175,6 @@ def rows(sweep_dir, base, folds: list, run: bool = False) -> tuple[list, list]:
 def _external_mean(row: dict) -> list:
   """Per fold, the mean accuracy over the external centers."""
   return [float(np.mean(v)) for v in zip(*(row['accuracy'][c] for c in row['external']))]
-
-
-def _eps(eps: float) -> str:
-  return 'inf' if math.isinf(eps) else f'{eps:g}'
 
 
 def table(out_rows: list) -> tuple[str, str]:
@@ -202,13 +202,13 @@ def table(out_rows: list) -> tuple[str, str]:
       vs = stats.paired_comparison(a, alone['images'])
     spent = f'{r["spent"]:.2f}' if 'spent' in r else ''
     md.append('| ' + ' | '.join([
-        r['model'], _eps(r['epsilon']), spent, *(aggregate.cell(s, False) for s in cells),
+        r['model'], eps_label(r['epsilon']), spent, *(aggregate.cell(s, False) for s in cells),
         aggregate.cell(ext, False), f'{100 * a.mean():.1f} [{100 * low:.1f}, {100 * high:.1f}]',
         '' if vs is None else f'{100 * vs.difference:+.1f} [{100 * vs.low:+.1f}, '
                               f'{100 * vs.high:+.1f}] {vs.verdict}',
         (f'`{r["chosen"]}` ({100 * r["val"]:.1f})' if 'val' in r else r.get('chosen', ''))])
               + ' |')
-    writer.writerow([r['model'], _eps(r['epsilon']), r.get('spent', ''),
+    writer.writerow([r['model'], eps_label(r['epsilon']), r.get('spent', ''),
                      *(s[m] for s in cells for m in ('mean', 'sd')), ext['mean'], ext['sd'],
                      len(a), int(a.sum()), *((vs.difference, vs.low, vs.high) if vs else
                                              ('', '', '')), r.get('chosen', ''), r.get('val', '')])
@@ -236,17 +236,12 @@ def plot(out_rows: list, path) -> Path:
             color='dimgray')
   ax.set_xscale('log')
   ax.set_xticks(finite + [inf_x])
-  ax.set_xticklabels([_eps(e) for e in finite] + ['inf'])
+  ax.set_xticklabels([eps_label(e) for e in finite] + ['inf'])
   ax.set_xlabel('epsilon per center (one image, delta 1e-5)')
   ax.set_ylabel('test accuracy, mean of the external centers (%)')
   ax.legend(fontsize=8, loc='lower right')
   ax.grid(alpha=0.3)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return privacy_report.save(fig, path)
 
 
 def write(sweep_dir, base, folds: list, out=None, run: bool = False) -> Path:

@@ -36,7 +36,7 @@ from fedblood.model import metrics, partition
 from fedblood.reporting import report
 from fedblood.rundir import lock, runlog
 from fedblood.rundir import workdir as workdir_lib
-from fedblood.study import experiment, validate
+from fedblood.study import experiment, priors, validate
 from fedblood.study.stages.baselines import baselines_stage
 from fedblood.study.stages.fl import fl_stage, held_out
 from fedblood.study.stages.reference import reference_stage
@@ -74,6 +74,15 @@ def study_results(title, algorithm, rounds, names, before, after_models, eval_na
     out['after_last'] = summarize(after_last)
     out['details']['after_last'] = after_last
   return out
+
+
+def _add_held_out(results: dict, exp, config, model, round_index: int, held: list) -> None:
+  """Centers that never joined: named, and Table 2 once more with each one's class priors
+  re-estimated by EM on its own images (:func:`fedblood.study.priors.held_out`)."""
+  results['held_out'] = [c.name for c in held]
+  em, results['priors_em'] = priors.held_out(exp, config, round_index, *model, held)
+  results['after_em'] = {c: metrics.summary(m) for c, m in em.items()}
+  results['details']['after_em'] = em
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -133,7 +142,8 @@ def _run(config, workdir: Path) -> dict:
   if 'privacy' in fl_info:
     results['privacy'] = fl_info['privacy']
   if holdout:
-    results['held_out'] = list(holdout)
+    _add_held_out(results, exp, config, fl_models[fl_info['eval_model']],
+                  fl_info['selection']['round'], [c for c in centers if c.name in holdout])
   path = numerics.describe(config.get('numerics'))
   if path:
     results['numerics'] = path
