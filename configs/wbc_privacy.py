@@ -29,7 +29,8 @@ from configs import wbc
 
 EPSILONS = (8.0, 3.0, 1.0)
 ALGORITHMS = ('fed_dyn', 'fed_avg')
-# (model.frozen_blocks, fl.batch_size, fl.lr, fl.rounds): configs/wbc.py's FL recipe (30 rounds) first.
+# (model.frozen_blocks, fl.batch_size, fl.lr, fl.rounds): configs/wbc.py's FL recipe (at 30
+# rounds) first.
 # 10 rounds: the 30-round candidates' validation picked rounds 2-24 at epsilon 8 (fold 0), and
 # fewer rounds at the same epsilon need less noise (sigma 1.26 against 1.85).
 CANDIDATES = ((3, 32, 0.03, 30), (3, 64, 0.1, 30), (5, 32, 0.1, 30), (5, 64, 0.3, 30),
