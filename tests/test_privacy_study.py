@@ -75,5 +75,5 @@ def test_each_epsilon_takes_its_best_validation_candidate_and_reports_every_fold
     accs.append(np.mean([np.mean(c.test.labels == label) for c in centers[1:]]))
   assert float(floor['external_mean']) == pytest.approx(np.mean(accs))
   text = path.read_text()
-  assert f'`{best}`' in text and 'vs each center alone' in text
+  assert f'| `{best}` (' in text and 'vs each center alone' in text
   assert (tmp_path / 'P' / 'figures' / 'privacy_utility.png').stat().st_size > 5000

@@ -177,6 +177,12 @@ def _external_mean(row: dict) -> list:
   return [float(np.mean(v)) for v in zip(*(row['accuracy'][c] for c in row['external']))]
 
 
+def _short(point: str) -> str:
+  """A point's name without the fields its row already shows (algorithm, epsilon)."""
+  shown = ('fl.algorithm=', 'fl.dp.target_epsilon=')
+  return ', '.join(f'`{p}`' for p in point.split(',') if not p.startswith(shown)) or point
+
+
 def table(out_rows: list) -> tuple[str, str]:
   """(markdown, csv): accuracy %, mean ± sd over folds; every external image with its 95 %
   interval; FL rows paired against the better 'each center alone' row on the same images."""
@@ -206,7 +212,7 @@ def table(out_rows: list) -> tuple[str, str]:
         aggregate.cell(ext, False), f'{100 * a.mean():.1f} [{100 * low:.1f}, {100 * high:.1f}]',
         '' if vs is None else f'{100 * vs.difference:+.1f} [{100 * vs.low:+.1f}, '
                               f'{100 * vs.high:+.1f}] {vs.verdict}',
-        (f'`{r["chosen"]}` ({100 * r["val"]:.1f})' if 'val' in r else r.get('chosen', ''))])
+        (f'{_short(r["chosen"])} ({100 * r["val"]:.1f})' if 'val' in r else r.get('chosen', ''))])
               + ' |')
     writer.writerow([r['model'], eps_label(r['epsilon']), r.get('spent', ''),
                      *(s[m] for s in cells for m in ('mean', 'sd')), ext['mean'], ext['sd'],
