@@ -137,6 +137,8 @@ def test_bench_dp_times_configs_wbc_model_and_runs_end_to_end_on_a_tiny_net(caps
   fields = ('num_classes', 'head', 'width', 'input_norm', 'conv_init')
   assert want.name == 'VGG16' and isinstance(got, models.VGG) and got.stages == (2, 2, 3, 3, 3)
   assert {f: getattr(got, f) for f in fields} == {f: want[f] for f in fields}
+  assert got.dtype == jnp.float32  # --dtype acts: the compute dtype of the timed model
+  assert bench_dp.model_of(bench_dp.parse_args(['--dtype', 'bfloat16'])).dtype == jnp.bfloat16
 
   bench_dp.main(['--width', '0.0625', '--image_size', '32', '--batch', '4', '--microbatches',
                  '4,2', '--steps', '1', '--repeats', '1'])

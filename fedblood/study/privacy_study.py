@@ -60,7 +60,7 @@ def val_score(run: Path) -> float:
 
 
 def candidates(sweep_dir: Path) -> dict:
-  """``{(algorithm, epsilon): [{'name', 'dir', 'runs', 'config'}]}`` of the sweep's points."""
+  """``{(algorithm, epsilon): [{'name', 'dir', 'runs'}]}`` of the sweep's points."""
   groups = {}
   for point in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir()):
     runs = _runs(point)
@@ -68,8 +68,7 @@ def candidates(sweep_dir: Path) -> dict:
       continue
     config = workdir_lib.read_config(next(iter(runs.values())))
     key = (config['fl']['algorithm'], _epsilon(config))
-    groups.setdefault(key, []).append({'name': point.name, 'dir': point, 'runs': runs,
-                                       'config': config})
+    groups.setdefault(key, []).append({'name': point.name, 'dir': point, 'runs': runs})
   if not groups:
     raise FileNotFoundError(f'--sweep {sweep_dir}: no point with a finished fold')
   return groups
