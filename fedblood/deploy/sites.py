@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 
 # Seconds between the server's pulls for replies (Flower's own send_and_receive sleeps 3 s
@@ -13,6 +14,8 @@ POLL_S = 0.05
 # A request outlives the server's wait by this much, so that the server's own deadline, not
 # the message's expiry, decides that a site did not answer (and deploy.log says so).
 TTL_MARGIN_S = 30.0
+# Pushes of one batch of requests before the exchange gives up (see ``Sites.push``).
+PUSH_TRIES = 3
 
 
 def note(workdir: Path, text: str) -> None:
@@ -66,7 +69,7 @@ class Sites:
     """
     if not msgs:
       return []
-    ids = set(self.grid.push_messages(msgs))
+    ids = set(self.push(kind, msgs))
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
     deadline, out = time.time() + self.timeout, []
     while ids:
@@ -82,6 +85,27 @@ class Sites:
       note(self.workdir, f'{kind}: no reply within {self.timeout:.0f} s from {", ".join(late)}: '
                          'left out of this exchange')
     return out
+
+  def push(self, kind: str, msgs: list) -> list:
+    """``grid.push_messages(msgs)``, pushed again when the SuperLink refuses one of its objects.
+
+    The SuperLink keeps a push session per batch and refuses the objects of a session that
+    another push of the same messages replaced: the Flower client resends a request that timed
+    out (30 s, on a loaded machine), and when the first copy lands last, the session the client
+    holds is gone (``ObjectPushError``). A message's ID is its content's hash and the SuperLink
+    stores a known message once, so pushing the same messages again opens a fresh session for
+    the same requests: no site gets a request twice.
+    """
+    attempt = 1
+    while True:
+      try:
+        return list(self.grid.push_messages(msgs))
+      except ObjectPushError as e:
+        if attempt == PUSH_TRIES:
+          raise
+        note(self.workdir, f'{kind}: the SuperLink refused a pushed object ({e}); pushing the '
+                           f'same {len(msgs)} requests again ({attempt}/{PUSH_TRIES - 1})')
+        attempt += 1
 
   def evaluate(self, names, content: dict, models) -> dict:
     """``{center: {model: {split: metrics}}}`` from the connected sites of ``names``."""
