@@ -20,7 +20,9 @@ The candidates of each (algorithm, epsilon), chosen on validation: which blocks 
 as configs/wbc.py: 203,461 parameters; frozen 5: only the 325 of the head, so the same noise
 multiplier adds ~25x less noise norm), the expected batch (32 or 64: the noise on the mean
 gradient falls as 1/batch while the sampling rate, and with it sigma, rises), and the learning
-rate and the rounds (30 or 10; the round itself is then chosen on validation). The clip is 1.0
+rate, the rounds (30 or 10; the round itself is then chosen on validation) and the local steps
+(1 or 2 passes over the center's data per round: at a fixed epsilon, more steps per round buy
+fewer noisier rounds). The clip is 1.0
 throughout: once every per-example gradient is clipped, the update is
 ``lr x clip x (mean direction + noise)``, so a clip sweep is an lr sweep (docs/privacy.md).
 """
@@ -29,13 +31,15 @@ from configs import wbc
 
 EPSILONS = (8.0, 3.0, 1.0)
 ALGORITHMS = ('fed_dyn', 'fed_avg')
-# (model.frozen_blocks, fl.batch_size, fl.lr, fl.rounds): configs/wbc.py's FL recipe (at 30
-# rounds) first.
+# (model.frozen_blocks, fl.batch_size, fl.lr, fl.rounds, fl.local_epochs): configs/wbc.py's FL
+# recipe (at 30 rounds) first.
 # 10 rounds: the 30-round candidates' validation picked rounds 2-24 at epsilon 8 (fold 0), and
-# fewer rounds at the same epsilon need less noise (sigma 1.26 against 1.85).
-CANDIDATES = ((3, 32, 0.03, 30), (3, 64, 0.1, 30), (5, 32, 0.1, 30), (5, 64, 0.3, 30),
-              (3, 64, 0.1, 10), (5, 64, 0.3, 10))
+# fewer rounds at the same epsilon need less noise (sigma 1.26 against 1.85). 2 local epochs:
+# the same number of noisy steps as 20 rounds in 10 rounds' communication.
+CANDIDATES = ((3, 32, 0.03, 30, 1), (3, 64, 0.1, 30, 1), (5, 32, 0.1, 30, 1), (5, 64, 0.3, 30, 1),
+              (3, 64, 0.1, 10, 1), (5, 64, 0.3, 10, 1), (3, 64, 0.1, 10, 2), (5, 64, 0.3, 10, 2))
 ROUNDS = 30
+LOCAL_EPOCHS = 1
 
 
 def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
@@ -60,10 +64,11 @@ def get_sweep() -> list[dict]:
   configs/wbc.py's recipe (FedDyn's is the base study's own FL)."""
   private = [{'fl.dp.target_epsilon': eps, 'fl.algorithm': algorithm,
               'model.frozen_blocks': frozen, 'fl.batch_size': batch, 'fl.lr': lr,
-              **({'fl.rounds': rounds} if rounds != ROUNDS else {})}
+              **({'fl.rounds': rounds} if rounds != ROUNDS else {}),
+              **({'fl.local_epochs': epochs} if epochs != LOCAL_EPOCHS else {})}
              for eps in EPSILONS for algorithm in ALGORITHMS
-             for frozen, batch, lr, rounds in CANDIDATES]
-  frozen, batch, lr, _ = CANDIDATES[0]
+             for frozen, batch, lr, rounds, epochs in CANDIDATES]
+  frozen, batch, lr, _, _ = CANDIDATES[0]
   plain = {'fl.dp.mode': 'off', 'fl.algorithm': 'fed_avg', 'fl.rounds': 100,
            'model.frozen_blocks': frozen, 'fl.batch_size': batch, 'fl.lr': lr}
   return private + [plain]

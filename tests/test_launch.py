@@ -257,10 +257,12 @@ def test_privacy_sweep_is_dp_candidates_per_epsilon_then_fedavg_without_dp():
   assert (config.fl.dp.mode, config.fl.rounds) == ('example', 30)
   # Candidate 0 is configs/wbc.py's own FL recipe; every point applies to the config.
   assert wbc_privacy.CANDIDATES[0] == (recipe.model.frozen_blocks, recipe.fl.batch_size,
-                                       recipe.fl.lr, config.fl.rounds)
+                                       recipe.fl.lr, config.fl.rounds, recipe.fl.local_epochs)
   points = wbc_privacy.get_sweep()
-  assert len({sweep.point_name(p) for p in points}) == len(points) == 3 * 2 * 6 + 1
+  n = len(wbc_privacy.CANDIDATES)
+  assert len({sweep.point_name(p) for p in points}) == len(points) == 3 * 2 * n + 1
   assert sorted({sweep.apply(config, p).fl.rounds for p in points}) == [10, 30, recipe.fl.rounds]
+  assert sorted({sweep.apply(config, p).fl.local_epochs for p in points}) == [1, 2]
   for p in points:
     point = sweep.apply(config, p)
     assert point.fl.dp.mode == p.get('fl.dp.mode', 'example')
