@@ -87,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Centers' weights: 'size' (n_k / sum(n), the authors': FedDyn's alpha_k = alpha / w_k, the
   # FedAvg-type server's weighted mean) or 'equal' (every center 1: the mean of the centers' risks).
   config.fl.weighting = 'size'
+  # Where FL starts: 'reference' (the reference model, as the paper) or 'scratch' (the fresh
+  # parameters of config.seed the reference itself started from, as the pooled model from scratch;
+  # needs model.frozen_blocks=0: no block stays at random weights).
+  config.fl.init = 'reference'
   config.fl.participation = 1.0        # fraction of centers active each round (drawn from the seed)
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).

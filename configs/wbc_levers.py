@@ -21,5 +21,8 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
 
 
 def get_sweep() -> list[dict]:
-  """The centers' weighting: by size (the authors', the default) against equal."""
-  return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'}]
+  """The centers' weighting: by size (the authors', the default) against equal; and FL from
+  scratch, every block trained from the fresh parameters the pooled model from scratch starts
+  from, against FL from the reference model with blocks 1-3 frozen (the default)."""
+  return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
+          {'fl.init': 'scratch', 'model.frozen_blocks': 0}]

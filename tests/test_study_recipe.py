@@ -18,7 +18,7 @@ from configs import common, wbc
 from fedblood import data, stats
 from fedblood.backend import flags, numerics
 from fedblood.model import metrics, models, partition
-from fedblood.study import centralized, experiment, selection, train
+from fedblood.study import centralized, experiment, inference, selection, train
 from fedblood.study import validate
 from fedblood.study.stages import baselines
 from study_helpers import smoke_config
@@ -155,11 +155,40 @@ def test_wbc_defaults_and_old_behaviour_fields():
                               ('baselines.init', 'pooled', 'must be one of'),
                               ('baselines.balance', 'yes', 'must be one of'),
                               ('fl.holdout', ('bccd', 'bccd'), 'names a center twice'),
-                              ('numerics.matmul_precision', 'fast', 'must be one of')):
+                              ('numerics.matmul_precision', 'fast', 'must be one of'),
+                              ('fl.init', 'pretrained', 'must be one of')):
     bad = common.get_config()
     bad[key.split('.')[0]][key.split('.')[1]] = value
     with pytest.raises(ValueError, match=f'config {re.escape(key)}=.*{re.escape(message)}'):
       validate.check(bad)
+
+
+def _max_diff(a, b) -> float:
+  return max(float(np.max(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_fl_from_scratch_starts_at_the_fresh_parameters(tmp_path):
+  # fl.init='scratch': round 1 starts from the run's fresh parameters (where the reference model
+  # and the pooled model from scratch start), not from the reference model. A vanishing lr keeps
+  # round 1's model at its start.
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.rounds, config.fl.lr, config.fl.weight_decay = 1, 1e-12, 0.0
+  config.model.frozen_blocks = 0
+  for init in ('scratch', 'reference'):
+    config.fl.init = init
+    train.run(config, tmp_path / init)
+    round1 = inference.load_model(tmp_path / init, 1)
+    reference = inference.load_model(tmp_path / init, 0).params
+    fresh = round1.experiment.init()
+    start, other = (fresh, reference) if init == 'scratch' else (reference, fresh)
+    assert _max_diff(round1.params, start) < 1e-6
+    assert _max_diff(round1.params, other) > 1e-3  # the smoke reference moves ~2e-3
+  # Blocks frozen at random weights: refused, naming both keys, before any work.
+  config.fl.init, config.model.frozen_blocks = 'scratch', 3
+  with pytest.raises(ValueError, match=r"fl.init='scratch' with model.frozen_blocks=3"):
+    train.run(config, tmp_path / 'frozen')
+  assert not (tmp_path / 'frozen').exists()
 
 
 def test_matmul_precision_is_applied_and_restored():

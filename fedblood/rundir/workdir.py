@@ -39,7 +39,7 @@ from absl import logging
 # rounds a run saved, never what it trains or saves, so any value matches).
 ANY = object()
 LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size',
-                'baselines.personalize': False}
+                'baselines.personalize': False, 'fl.init': 'reference'}
 
 # The data fields that, with data.folds, decide which images each fold of a --folds study tests.
 SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')

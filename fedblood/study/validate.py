@@ -159,6 +159,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.eval_model': one_of(*driver.EVAL_MODELS),
     'fl.select': one_of(*driver.SELECT_RULES),
     'fl.holdout': center_names,
+    'fl.init': one_of(*fl_stage.INITS),
     **_recipe('baselines'),
     'fl.dp.mode': one_of(*dp.MODES),
     'fl.dp.clip': positive,
@@ -249,6 +250,11 @@ def check(config) -> None:
   if _get(config, 'baselines.personalize') is True and not config.baselines.get('pooled', True):
     raise ValueError('config baselines.personalize=True fine-tunes the pooled model at each '
                      'site too: it needs baselines.pooled=True')
+  if _get(config, 'fl.init') == 'scratch' and _get(config, 'model.frozen_blocks') not in (0, _ABSENT):
+    raise ValueError(f'config fl.init=\'scratch\' with model.frozen_blocks='
+                     f'{config.model.frozen_blocks}: the first {config.model.frozen_blocks} block(s) would '
+                     'stay at their random initial weights through every round; set '
+                     'model.frozen_blocks=0')
   if all(key in config for key in _BUILT_FROM):
     check_built(config)
   else:

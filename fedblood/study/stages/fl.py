@@ -1,4 +1,5 @@
-"""Stage (c): ``fl.rounds`` federated rounds from the reference model, every center evaluated.
+"""Stage (c): ``fl.rounds`` federated rounds from the reference model (or from scratch,
+``fl.init``), every center evaluated.
 
 :func:`fl_stage` runs them through the round driver (:mod:`fedblood.study.driver`), giving it the
 simulated round (:mod:`fedblood.core.rounds`) and the local evaluation; :func:`fl_setup` opens a
@@ -35,9 +36,19 @@ def held_out(holdout, names) -> tuple:
   return holdout
 
 
+INITS = ('reference', 'scratch')  # fl.init: where the federated rounds start
+
+
+def start_params(exp: Experiment, fl, reference_params):
+  """The full parameters round 1 starts from: the reference model's, or with
+  ``fl.init='scratch'`` the fresh ones of the run's seed (:attr:`Experiment.init`, where the
+  reference and the pooled model from scratch start too)."""
+  return exp.init() if fl.get('init', 'reference') == 'scratch' else reference_params
+
+
 def fl_template(exp: Experiment, fl, reference_params, num_centers: int, dp_plan=None):
   """``(algorithm, round_fn, state template, frozen)`` of the FL stage, from the config alone."""
-  trainable, frozen = exp.split(reference_params)
+  trainable, frozen = exp.split(start_params(exp, fl, reference_params))
   algorithm, round_fn = rounds.compiled(rounds.spec(exp.loss, fl, dp_plan))
   server, clients = algorithm.init(trainable, num_centers)
   state = {'server': server, 'clients': clients,
