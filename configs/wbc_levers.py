@@ -21,8 +21,9 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
 
 
 def get_sweep() -> list[dict]:
-  """The centers' weighting: by size (the authors', the default) against equal; and FL from
+  """The centers' weighting: by size (the authors', the default) against equal; FL from
   scratch, every block trained from the fresh parameters the pooled model from scratch starts
-  from, against FL from the reference model with blocks 1-3 frozen (the default)."""
+  from, against FL from the reference model with blocks 1-3 frozen (the default); and the local
+  lr decaying over rounds (0.98 a round: round 100 at 0.14 of round 1's) against constant."""
   return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
-          {'fl.init': 'scratch', 'model.frozen_blocks': 0}]
+          {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98}]

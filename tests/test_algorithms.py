@@ -358,3 +358,33 @@ def test_fed_dyn_refuses_a_server_step(key, value):
   with pytest.raises(ValueError, match='fl.alpha must be > 0 for fed_dyn'):
     algorithms.build({**fl_cfg, key: {'server_lr': 1.0, 'server_momentum': 0.0}[key],
                       'alpha': 0.0})
+
+
+@pytest.mark.parametrize('name', ['fed_dyn', 'fed_avg', 'fed_prox', 'scaffold'])
+def test_lr_decay_runs_round_r_at_lr_times_decay_to_the_r_minus_1(problem, name):
+  # fl.lr_decay: round r's local update (and SCAFFOLD's control variate, which divides by the lr)
+  # is the one of a constant lr * decay**(r - 1); round 1 is at lr itself, whatever the decay.
+  (x, y, mask), _ = problem
+  batch = (x[2], y[2], mask[2])
+  cfg = dict(algorithm=name, alpha=0.1, mu=0.1, max_grad_norm=10.0, weight_decay=1e-3)
+
+  def update(lr, round_index, **extra):
+    alg = algorithms.build(dict(cfg, lr=lr, **extra))
+    server, clients = alg.init(jnp.ones(DIM), 2)
+    client = jax.tree.map(lambda c: c[0] + 0.3, clients)  # a nonzero lambda_k / c_k
+    out = jax.jit(lambda r: alg.client_update(
+        server, client, weight=0.8, loss_fn=mse, batch_fn=lambda s: batch, num_steps=4,
+        rng=jax.random.key(0), round_index=r))(jnp.int32(round_index))
+    return jax.tree.leaves((out.local_params, out.client_state))
+
+  for r in (1, 6):
+    decayed = update(0.05, r, lr_decay=0.9)
+    constant = update(0.05 * 0.9 ** (r - 1), r)
+    for a, b in zip(decayed, constant, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+  assert np.abs(update(0.05, 6, lr_decay=0.9)[0] - update(0.05, 6)[0]).max() > 1e-3
+  alg = algorithms.build(dict(cfg, lr=0.05, lr_decay=0.9))
+  server, clients = alg.init(jnp.ones(DIM), 1)
+  with pytest.raises(ValueError, match='lr_decay=0.9: the local lr depends on the round'):
+    alg.client_update(server, jax.tree.map(lambda c: c[0], clients), weight=1.0, loss_fn=mse,
+                      batch_fn=lambda s: batch, num_steps=1, rng=jax.random.key(0))

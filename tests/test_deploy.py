@@ -64,14 +64,16 @@ def _run_config(overrides, workdir, **kw):
 
 @pytest.mark.slow
 def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch):
-  """SCAFFOLD over TLS with node authentication == fedblood's simulation (FedDyn's is
-  tests/test_deploy_wbc.py's, on the real centers, and the replays below).
+  """SCAFFOLD with an lr decaying over rounds, over TLS with node authentication ==
+  fedblood's simulation (FedDyn's is tests/test_deploy_wbc.py's, on the real centers, and the
+  replays below).
 
   Three registered sites and one node with an unregistered key, which the SuperLink refuses.
   Site 2 runs Flower's ``flower-supernode`` as shipped, the others ``fedblood-supernode``.
   """
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
-  overrides = _reference(tmp_path, TINY + ' fl.rounds=2')
+  # fl.lr_decay: round 2 runs at half round 1's lr, at each site from the round it trains.
+  overrides = _reference(tmp_path, TINY + ' fl.rounds=2 fl.lr_decay=0.5')
   with local.Federation(tmp_path / 'fed', tls=True, auth=True) as fed:
     fed.start_superlink()
     for k in range(3):

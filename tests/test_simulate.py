@@ -383,3 +383,23 @@ def test_vgg16_vmap_equals_loop():
                                           jax.random.key(0), r)
     results[execution] = (server, clients, metrics)
   assert_trees_close(results['loop'], results['vmap'], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('execution', ['vmap', 'loop'])
+def test_lr_decay_reaches_every_center_through_the_traced_round(execution):
+  # fl.lr_decay: the round's own index (traced, no recompile) sets each center's local lr,
+  # lr * decay**(r - 1): round 4 with decay 0.8 is round 4 of a constant lr 0.1 * 0.8**3.
+  trainable, frozen = mlp_params()
+  centers, key = mlp_centers(), jax.random.key(5)
+
+  def round_at(r, **cfg):
+    alg = algorithms.build(dict(CONFIGS['scaffold'], **cfg))
+    round_fn = simulate.build_round(alg, mlp_loss, batch_size=4, local_epochs=2,
+                                    execution=execution)
+    return round_fn(*alg.init(trainable, 3), frozen, centers, ALL, key, r)
+
+  decayed = [round_at(r, lr_decay=0.8) for r in (1, 4)]
+  assert_trees_close(decayed[1], round_at(4, lr=0.1 * 0.8 ** 3))
+  assert_trees_close(decayed[0], round_at(1))
+  moved = lambda out: jax.tree.leaves(out[0].params)[0] - jax.tree.leaves(trainable)[0]
+  assert float(jnp.abs(moved(round_at(4)) - moved(decayed[1])).max()) > 1e-3

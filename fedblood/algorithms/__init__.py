@@ -28,7 +28,8 @@ from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
 from fedblood.algorithms.scaffold import scaffold
 
-_LOCAL = ('weight_decay', 'max_grad_norm')  # optional keys of every algorithm's local step
+# optional keys of every algorithm's local step
+_LOCAL = ('weight_decay', 'max_grad_norm', 'lr_decay')
 _SERVER = ('server_lr', 'server_momentum')  # optional keys of the FedAvg-type server rule
 
 

@@ -10,9 +10,9 @@ The four functions' contracts are the Protocols below (:class:`InitFn`, :class:`
 :class:`ServerUpdateFn`, :class:`EvalParamsFn`), in the style of optax's ``TransformInitFn``:
 
 * ``init(params, num_clients) -> (server_state, client_states)``
-* ``client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng)
-  -> ClientUpdate(local_params, client_state, metrics)``: one client's local training
-  (``client_state`` without the client axis; ``vmap`` it for many clients).
+* ``client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng,
+  round_index=None) -> ClientUpdate(local_params, client_state, metrics)``: one client's local
+  training (``client_state`` without the client axis; ``vmap`` it for many clients).
 * ``server_update(server_state, client_states, *, local_params, new_client_states, weights,
   active) -> (server_state, client_states)``: the round's end, over ALL ``C`` clients; inactive
   clients keep their states (the algorithm selects them itself).
@@ -81,10 +81,12 @@ class ClientUpdateFn(Protocol):
       the loop runs to the largest count and the clients already done keep their carry
       (params, optimizer state, metric sums) untouched, i.e. their padded steps are no-ops.
     rng: the client's key for this round; step ``s`` uses ``fold_in(rng, s)``.
+    round_index: the round (1-based; int32 scalar, may be traced): the local lr of round ``r``
+      is ``lr * lr_decay ** (r - 1)`` (:func:`round_lr`). Only read with ``lr_decay != 1``.
   """
 
   def __call__(self, server_state: State, client_state: State, *, weight, loss_fn: Callable,
-               batch_fn: Callable, num_steps, rng: jax.Array) -> ClientUpdate:
+               batch_fn: Callable, num_steps, rng: jax.Array, round_index=None) -> ClientUpdate:
     ...
 
 
@@ -172,6 +174,18 @@ def copy_tree(tree):
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def round_lr(lr: float, lr_decay: float, round_index):
+  """Round ``round_index``'s local lr, ``lr * lr_decay ** (round_index - 1)`` (the
+  ``lr_decay_per_round`` of FedDyn's and SCAFFOLD's authors' code); ``lr`` itself, unchanged,
+  when ``lr_decay`` is 1. ``round_index`` may be traced: later rounds never recompile."""
+  if lr_decay == 1.0:
+    return lr
+  if round_index is None:
+    raise ValueError(f'lr_decay={lr_decay}: the local lr depends on the round, and '
+                     'client_update was given no round_index')
+  return lr * jnp.asarray(lr_decay, jnp.float32) ** (jnp.asarray(round_index, jnp.float32) - 1)
+
+
 def local_tx(lr, max_grad_norm: Optional[float], weight_decay) -> optax.GradientTransformation:
   """Clip the gradient, then add ``weight_decay * params``, then plain SGD (FedDyn's order)."""
   clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
@@ -194,7 +208,8 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
     batch_fn: ``step -> batch``.
     num_steps: int32 scalar (may be traced).
     rng: key; step ``s`` draws ``fold_in(rng, s)``.
-    lr, max_grad_norm, weight_decay: see :func:`local_tx` (``weight_decay`` may be traced).
+    lr, max_grad_norm, weight_decay: see :func:`local_tx` (``lr`` and ``weight_decay`` may be
+      traced).
     penalty_fn: optional ``params -> scalar`` added to the loss before differentiation.
     dp: DP-SGD (:mod:`fedblood.algorithms.dp`): ``batch_fn(step)`` then returns a
       ``dp.PoissonSample``; the loss's gradient is the private one and ``penalty_fn``'s

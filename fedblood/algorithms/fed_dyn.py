@@ -45,7 +45,7 @@ class FedDynClientState(NamedTuple):
 
 
 def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
-            max_grad_norm: Optional[float] = 10.0,
+            max_grad_norm: Optional[float] = 10.0, lr_decay: float = 1.0,
             dp: Optional[dp_lib.DpSgd] = None,
             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedDyn.
@@ -55,6 +55,8 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     alpha: the dynamic regulariser's strength; client k uses ``alpha / w_k``.
     weight_decay: ordinary weight decay on top of ``alpha_k`` (1e-3 in the paper's CIFAR runs).
     max_grad_norm: global-norm clipping of the regularised gradient (10 in the authors' code).
+    lr_decay: round r's local lr is ``lr * lr_decay ** (r - 1)`` (the authors'
+      ``lr_decay_per_round``; 1 in their CIFAR runs).
     dp: DP-SGD in the local step (``base.local_sgd``); the regulariser is added after the noise.
     rewrite: the local gradient's backend rewrite (``base.local_sgd``; default the platform's).
   """
@@ -66,12 +68,14 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     lam = jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params)
     return FedDynServerState(params, base.copy_tree(params)), FedDynClientState(lam)
 
-  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng):
+  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng,
+                    round_index=None):
     theta_s = server_state.params
     alpha_k = alpha / jnp.asarray(weight, jnp.float32)
     direction = optax.tree.sub(client_state.lam, theta_s)
     penalty_fn = lambda p: alpha_k * optax.tree.vdot(p, direction)
-    local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng, lr=lr,
+    local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng,
+                                    lr=base.round_lr(lr, lr_decay, round_index),
                                     max_grad_norm=max_grad_norm,
                                     weight_decay=alpha_k + weight_decay, penalty_fn=penalty_fn,
                                     dp=dp, rewrite=rewrite)

@@ -28,12 +28,13 @@ class ScaffoldServerState(NamedTuple):
 
 
 def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
-             server_lr: float = 1.0, server_momentum: float = 0.0,
+             server_lr: float = 1.0, server_momentum: float = 0.0, lr_decay: float = 1.0,
              dp: Optional[dp_lib.DpSgd] = None,
              rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """SCAFFOLD; client state is the control variate ``c_k`` (args as :func:`fed_avg`).
 
-  With ``dp`` (DP-SGD), the correction ``<c - c_k, p>`` is added after the noise.
+  With ``dp`` (DP-SGD), the correction ``<c - c_k, p>`` is added after the noise. With
+  ``lr_decay`` the control variate divides by the round's own lr.
   """
   server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
 
@@ -43,17 +44,19 @@ def scaffold(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[fl
     clients = jax.tree.map(lambda x: jnp.zeros((num_clients,) + x.shape, x.dtype), params)
     return ScaffoldServerState(params, server_tx.init(params), control), clients
 
-  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng):
+  def client_update(server_state, client_state, *, weight, loss_fn, batch_fn, num_steps, rng,
+                    round_index=None):
     del weight
+    lr_r = base.round_lr(lr, lr_decay, round_index)
     client_control = client_state
     x, c = server_state.params, server_state.control
     correction = optax.tree.sub(c, client_control)
     penalty_fn = lambda p: optax.tree.vdot(correction, p)
-    y, metrics = base.local_sgd(x, loss_fn, batch_fn, num_steps, rng, lr=lr,
+    y, metrics = base.local_sgd(x, loss_fn, batch_fn, num_steps, rng, lr=lr_r,
                                 max_grad_norm=max_grad_norm, weight_decay=weight_decay,
                                 penalty_fn=penalty_fn, dp=dp, rewrite=rewrite)
     steps = jnp.maximum(metrics['num_steps'], 1).astype(jnp.float32)
-    new_control = jax.tree.map(lambda ck, ci, xi, yi: ck - ci + (xi - yi) / (steps * lr),
+    new_control = jax.tree.map(lambda ck, ci, xi, yi: ck - ci + (xi - yi) / (steps * lr_r),
                                client_control, c, x, y)
     new_control = base.keep_if(metrics['num_steps'] > 0, new_control, client_control)
     return base.ClientUpdate(y, new_control, metrics)

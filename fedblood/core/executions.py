@@ -31,7 +31,7 @@ def _finish(algorithm, server_state, client_states, outputs, sizes, active):
   return server_state, client_states, metrics
 
 
-_MAPPED = (None, 0, 0, None, None, 0, 0, 0)  # client()'s vmapped arguments
+_MAPPED = (None, 0, 0, None, None, 0, 0, 0, None)  # client()'s vmapped arguments
 
 
 def vmap_round(server_state, client_states, frozen, centers, active, key, round_index, *,
@@ -40,7 +40,7 @@ def vmap_round(server_state, client_states, frozen, centers, active, key, round_
   num = centers.sizes.shape[0]
   outputs = jax.vmap(client, in_axes=_MAPPED)(
       server_state, client_states, base.client_weights(centers.sizes), frozen, centers.examples,
-      jnp.arange(num), centers.sizes, _round_keys(key, round_index, num))
+      jnp.arange(num), centers.sizes, _round_keys(key, round_index, num), round_index)
   return _finish(algorithm, server_state, client_states, outputs, centers.sizes, active)
 
 
@@ -50,7 +50,8 @@ def unroll_round(server_state, client_states, frozen, centers, active, key, roun
   num = centers.sizes.shape[0]
   weights, rngs = base.client_weights(centers.sizes), _round_keys(key, round_index, num)
   outs = [client(server_state, jax.tree.map(lambda x: x[k], client_states), weights[k], frozen,
-                 centers.examples, k, centers.sizes[k], rngs[k]) for k in range(num)]
+                 centers.examples, k, centers.sizes[k], rngs[k], round_index)
+          for k in range(num)]
   outputs = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
   return _finish(algorithm, server_state, client_states, outputs, centers.sizes, active)
 
@@ -67,16 +68,17 @@ def shard_round(server_state, client_states, frozen, centers, active, key, round
   weights = pad_fn(base.client_weights(centers.sizes), 1.0)  # empty centers take 0 steps
   rngs = _round_keys(key, round_index, num + pad)
 
-  def local(server_state, client_states, weights, frozen, examples, sizes, rngs):
+  def local(server_state, client_states, weights, frozen, examples, sizes, rngs, round_index):
     centers_here = jnp.arange(sizes.shape[0])
     return jax.vmap(client, in_axes=_MAPPED)(server_state, client_states, weights, frozen,
-                                             examples, centers_here, sizes, rngs)
+                                             examples, centers_here, sizes, rngs, round_index)
 
   split = P('centers')
-  in_specs = (P(), split, split, P(), split, split, split)
+  in_specs = (P(), split, split, P(), split, split, split, P())
   outputs = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=split, check_vma=False)(
       server_state, jax.tree.map(pad_fn, client_states), weights, frozen,
-      jax.tree.map(pad_fn, centers.examples), pad_fn(centers.sizes), rngs)
+      jax.tree.map(pad_fn, centers.examples), pad_fn(centers.sizes), rngs,
+      jnp.asarray(round_index, jnp.int32))
   outputs = jax.tree.map(lambda x: x[:num], outputs)
   return _finish(algorithm, server_state, client_states, outputs, centers.sizes, active)
 
@@ -87,7 +89,7 @@ def loop_client_step(server_state, client_states, frozen, centers, key, round_in
   rng = jax.random.fold_in(jax.random.fold_in(key, round_index), k)
   return client(server_state, jax.tree.map(lambda x: x[k], client_states),
                 base.client_weights(centers.sizes)[k], frozen, centers.examples, k,
-                centers.sizes[k], rng)
+                centers.sizes[k], rng, round_index)
 
 
 def loop_server_step(server_state, client_states, outs, sizes, active, *, algorithm):

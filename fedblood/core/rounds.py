@@ -39,6 +39,7 @@ class RoundSpec(NamedTuple):
   loss: Any                 # fedblood.study.experiment.Loss: the model and augmentation, a value
   algorithm: str
   lr: float | None
+  lr_decay: float | None
   alpha: float | None
   mu: float | None
   weight_decay: float | None
@@ -52,7 +53,7 @@ class RoundSpec(NamedTuple):
   dp: DpSpec | None         # None: no fl.dp, or fl.dp.mode='off'
 
 
-_ALGORITHM_KEYS = ('lr', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
+_ALGORITHM_KEYS = ('lr', 'lr_decay', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
                    'server_momentum', 'weighting')
 
 
@@ -93,8 +94,8 @@ def compiled(round_spec: RoundSpec, form: str = 'round') -> tuple[Any, Any]:
 
   ``form``: ``'round'``: :func:`fedblood.core.simulate.build`'s Round; ``'sweep'``:
   :func:`fedblood.core.vectorized.build_sweep_round`'s; ``'client'``: a deployed site's jitted
-  ``(server_state, client_state, weight, frozen, examples, size, rng) -> update`` on
-  ``examples`` of one center (leaves ``[1, Nmax, ...]``); ``'server'``: the simulation's own
+  ``(server_state, client_state, weight, frozen, examples, size, rng, round_index) -> update``
+  on ``examples`` of one center (leaves ``[1, Nmax, ...]``); ``'server'``: the simulation's own
   jitted server step (``execution='loop'``), ``(server_state, client_states, outs, sizes,
   active) -> (server_state, client_states, metrics)``.
   """
@@ -113,7 +114,8 @@ def compiled(round_spec: RoundSpec, form: str = 'round') -> tuple[Any, Any]:
   client = simulate.client_fn(algorithm, loss, **sizes, dp=dp_lib.from_config(fl))
 
   @jax.jit
-  def step(server_state, client_state, weight, frozen, examples, size, rng_key):
-    return client(server_state, client_state, weight, frozen, examples, 0, size, rng_key)
+  def step(server_state, client_state, weight, frozen, examples, size, rng_key, round_index):
+    return client(server_state, client_state, weight, frozen, examples, 0, size, rng_key,
+                  round_index)
 
   return algorithm, step

@@ -185,14 +185,16 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
               local_epochs: int, dp: Optional[dp_lib.DpSgd] = None) -> Callable:
   """One center's local update exactly as every execution of the round runs it.
 
-  ``client(server_state, client_state, weight, frozen, examples, center, size, rng)
-  -> base.ClientUpdate``: center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``),
-  its ``size`` real examples, its key for the round (``fold_in(fold_in(key, round), k)``).
+  ``client(server_state, client_state, weight, frozen, examples, center, size, rng,
+  round_index) -> base.ClientUpdate``: center ``center`` of ``examples`` (leaves
+  ``[C, Nmax, ...]``), its ``size`` real examples, its key for the round
+  (``fold_in(fold_in(key, round), k)``), the round (the local lr's, ``fl.lr_decay``).
   A deployed site (:mod:`fedblood.deploy`) calls it on its own data padded to the
   federation's ``Nmax``, so the batches, and hence the update, are the simulation's. With
   ``dp`` (DP-SGD) the batches are Poisson samples (:func:`fedblood.core.batches.make_poisson_fn`).
   """
-  def client(server_state, client_state, weight, frozen, examples, center, size, rng):
+  def client(server_state, client_state, weight, frozen, examples, center, size, rng,
+             round_index):
     perm_rng, step_rng = jax.random.split(rng)
     if dp is None:
       batch_fn = batches.make_batch_fn(examples, center, size, perm_rng, batch_size,
@@ -203,7 +205,8 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
     local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
     num_steps = local_epochs * batches.ceil_div(size, batch_size)
     return algorithm.client_update(server_state, client_state, weight=weight, loss_fn=local_loss,
-                                   batch_fn=batch_fn, num_steps=num_steps, rng=step_rng)
+                                   batch_fn=batch_fn, num_steps=num_steps, rng=step_rng,
+                                   round_index=round_index)
 
   return client
 

@@ -225,7 +225,8 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir,
   # Under DP the key is secret (the server knows the seed); else the simulation's own.
   key = site_privacy.secret_key() if dp else study_lib.rng(st.config.seed, r, k)
   local, new_state, metrics = study_lib.client_step(st, dp and dp.plan)(
-      server_state, client_state, jnp.float32(request['weight']), frozen, examples, size, key)
+      server_state, client_state, jnp.float32(request['weight']), frozen, examples, size, key,
+      jnp.int32(r))
   for step in [s for s in mngr.all_steps() if s > committed]:
     mngr.delete(step)  # never accepted by the server: superseded by this round's state
   if jax.tree.leaves(new_state):

@@ -39,7 +39,8 @@ from absl import logging
 # rounds a run saved, never what it trains or saves, so any value matches).
 ANY = object()
 LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size',
-                'baselines.personalize': False, 'fl.init': 'reference'}
+                'baselines.personalize': False, 'fl.init': 'reference',
+                'fl.lr_decay': 1.0}
 
 # The data fields that, with data.folds, decide which images each fold of a --folds study tests.
 SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')

@@ -147,6 +147,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.local_epochs': positive_int,
     'fl.batch_size': positive_int,
     'fl.lr': positive,
+    'fl.lr_decay': fraction,
     'fl.alpha': nonnegative,
     'fl.mu': nonnegative,
     'fl.weight_decay': nonnegative,
