@@ -9,8 +9,8 @@ from mlp_federation import mlp_loss
 
 # Fields of config.fl the compiled round does not read (the run's length, evaluation and
 # participation, DP accounting): changing them must not change the key.
-NOT_READ = ('rounds', 'eval_model', 'select', 'participation', 'holdout', 'dp.target_epsilon',
-            'dp.delta', 'dp.accountant')
+NOT_READ = ('rounds', 'init', 'eval_model', 'select', 'participation', 'holdout',
+            'dp.target_epsilon', 'dp.delta', 'dp.accountant')
 
 
 def _fl():

@@ -20,6 +20,8 @@ that algorithm's keys of ``fl`` by name (``fl.alpha`` -> ``fed_dyn(alpha=...)``)
 
 from typing import Callable, Optional
 
+import jax.numpy as jnp
+
 from fedblood.algorithms import base
 from fedblood.algorithms import dp
 from fedblood.algorithms import dp_fedavg
@@ -79,12 +81,33 @@ BUILDERS: dict = {'fed_dyn': _fed_dyn, 'fed_avg': _fed_avg, 'fed_prox': _fed_pro
 NAMES = tuple(BUILDERS)
 
 
+def equal_weights(algorithm: FedAlgorithm) -> FedAlgorithm:
+  """``algorithm`` with every center weighted 1 whatever its size (``fl.weighting='equal'``).
+
+  The algorithms receive ``w_k = n_k / sum(n) * C`` (:func:`base.client_weights`); this passes
+  1 to both sides instead: the server averages the centers uniformly (FedAvg, FedProx, SCAFFOLD) and
+  FedDyn's ``alpha_k = alpha / w_k`` becomes ``alpha`` at every center, so the federation
+  minimises the mean of the centers' risks rather than the size-weighted one. Each center still
+  makes its own number of local steps.
+  """
+
+  def client_update(server_state, client_state, *, weight, **local):
+    return algorithm.client_update(server_state, client_state, weight=jnp.ones_like(weight),
+                                   **local)
+
+  def server_update(server_state, client_states, *, weights, **rest):
+    return algorithm.server_update(server_state, client_states, weights=jnp.ones_like(weights),
+                                   **rest)
+
+  return algorithm._replace(client_update=client_update, server_update=server_update)
+
+
 def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   """Builds the algorithm named by ``fl_cfg.algorithm`` (see :data:`BUILDERS`).
 
   Keys the algorithm does not use are ignored, so one config can sweep over algorithms.
   ``fl_cfg.weighting`` (optional): ``'size'`` (default, the authors' weights ``n_k / sum(n)``)
-  or ``'equal'`` (:func:`fedblood.algorithms.base.equal_weights`).
+  or ``'equal'`` (:func:`equal_weights`).
   ``fl_cfg.dp`` (optional, :mod:`fedblood.algorithms.dp`): ``mode='example'`` passes DP-SGD to
   the local step, ``mode='client'`` wraps the algorithm in DP-FedAvg.
   ``rewrite``: the local gradient's backend rewrite (default
@@ -99,7 +122,7 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   dp.check_config(fl_cfg)
   algorithm = BUILDERS[name](fl_cfg, dp=dp.from_config(fl_cfg), rewrite=rewrite)
   if weighting == 'equal':
-    algorithm = base.equal_weights(algorithm)
+    algorithm = equal_weights(algorithm)
   if 'dp' in fl_cfg and fl_cfg['dp']['mode'] == 'client':
     cfg = fl_cfg['dp']
     algorithm = dp_fedavg.client_level(algorithm, float(cfg['clip']),

@@ -148,27 +148,6 @@ def client_weights(sizes) -> jax.Array:
 WEIGHTINGS = ('size', 'equal')  # fl.weighting
 
 
-def equal_weights(algorithm: FedAlgorithm) -> FedAlgorithm:
-  """``algorithm`` with every center weighted 1 whatever its size (``fl.weighting='equal'``).
-
-  The algorithms receive ``w_k = n_k / sum(n) * C`` (:func:`client_weights`); this passes 1 to
-  both sides instead: the server averages the centers uniformly (FedAvg, FedProx, SCAFFOLD) and
-  FedDyn's ``alpha_k = alpha / w_k`` becomes ``alpha`` at every center, so the federation
-  minimises the mean of the centers' risks rather than the size-weighted one. Each center still
-  makes its own number of local steps.
-  """
-
-  def client_update(server_state, client_state, *, weight, **local):
-    return algorithm.client_update(server_state, client_state, weight=jnp.ones_like(weight),
-                                   **local)
-
-  def server_update(server_state, client_states, *, weights, **rest):
-    return algorithm.server_update(server_state, client_states, weights=jnp.ones_like(weights),
-                                   **rest)
-
-  return algorithm._replace(client_update=client_update, server_update=server_update)
-
-
 def copy_tree(tree):
   """Fresh buffers, so donating a state never deletes the caller's arrays."""
   return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
