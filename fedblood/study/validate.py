@@ -251,11 +251,11 @@ def check(config) -> None:
   if _get(config, 'baselines.personalize') is True and not config.baselines.get('pooled', True):
     raise ValueError('config baselines.personalize=True fine-tunes the pooled model at each '
                      'site too: it needs baselines.pooled=True')
-  if _get(config, 'fl.init') == 'scratch' and _get(config, 'model.frozen_blocks') not in (0, _ABSENT):
-    raise ValueError(f'config fl.init=\'scratch\' with model.frozen_blocks='
-                     f'{config.model.frozen_blocks}: the first {config.model.frozen_blocks} block(s) would '
-                     'stay at their random initial weights through every round; set '
-                     'model.frozen_blocks=0')
+  frozen = _get(config, 'model.frozen_blocks')
+  if _get(config, 'fl.init') == 'scratch' and frozen not in (0, _ABSENT):
+    raise ValueError(f"config fl.init='scratch' with model.frozen_blocks={frozen}: the first "
+                     f'{frozen} block(s) would stay at their random initial weights through '
+                     'every round; set model.frozen_blocks=0')
   if all(key in config for key in _BUILT_FROM):
     check_built(config)
   else:
