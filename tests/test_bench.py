@@ -14,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
 import bench_dp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_eval  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -145,3 +146,12 @@ def test_bench_dp_times_configs_wbc_model_and_runs_end_to_end_on_a_tiny_net(caps
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert set(result['ratio_to_plain']) == {'plain', 'dp[mb=4]', 'dp[mb=2]'}
   assert result['ratio_to_plain']['plain'] == 1.0 and result['args']['dtype'] == 'float32'
+
+
+def test_bench_eval_times_the_fl_evaluation_end_to_end_on_a_tiny_net(capsys):
+  bench_eval.main(['--tiny'])
+  out = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(out[-1])
+  assert set(result['secs']) == {'whole', 'halves', 'kept', 'round'}
+  assert result['eval_images'] == 42 and result['max_abs_diff'] < 1e-5  # the same predictions
+  assert sum(1 for line in out if line.startswith('| ')) == 1 + 4  # header, 4 candidates

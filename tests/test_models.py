@@ -152,3 +152,23 @@ def test_test_time_averaging_is_invariant_to_the_8_symmetries_and_acts():
                                 plain.apply(params, images, train=True))
   with pytest.raises(ValueError, match='model.tta needs square images'):
     tta.apply(params, jnp.zeros((1, 32, 64, 3)))
+
+
+@pytest.mark.parametrize('tta', [False, True])
+def test_the_network_in_two_parts_is_the_network(tta):
+  # apply(stop=k) gives block k's features, apply(start=k) runs the rest on them: FL's
+  # evaluation computes the frozen blocks' features once (fedblood.study.experiment.prepare).
+  model = models.VGG11(num_classes=5, head='fc', width=0.125, input_norm='per_image', tta=tta)
+  images = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+  params = model.init(jax.random.key(0), images)
+  whole = model.apply(params, images)
+  np.testing.assert_array_equal(model.apply(params, images, start=0), whole)
+  for k in range(1, 6):
+    features = model.apply(params, images, stop=k)
+    views = 8 if tta else 1  # under tta the 8 views ride on the batch axis
+    channels = models.scaled(models.STAGE_CHANNELS[k - 1], 0.125)
+    assert features.shape == (3 * views, 32 // 2**k, 32 // 2**k, channels)
+    np.testing.assert_allclose(model.apply(params, features, start=k), whole, atol=1e-5)
+  for start, stop in [(-1, 5), (3, 2), (0, 6), (0, 0)]:
+    with pytest.raises(ValueError, match=f'blocks {start}..{stop} are not within 0..5'):
+      model.apply(params, images, start=start, stop=stop)

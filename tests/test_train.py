@@ -250,3 +250,33 @@ def test_evaluate_many_is_each_split_evaluated_alone(tmp_path):
   for split, metrics_many in zip(splits, many):
     assert metrics_many == exp.evaluate(trainable, frozen, split)
   assert many[1]['n'] == 0
+
+
+def test_prepared_evaluation_computes_the_frozen_blocks_once(tmp_path):
+  # FL evaluates the same images every round with blocks 1..k fixed: prepare() keeps their
+  # features, and the per-round evaluation runs only the blocks after them. Same numbers as
+  # without the cache, close to the network in one piece, and the cache acts.
+  config = smoke_config(tmp_path / 'tfds')
+  config.eval.batch_size = 16
+  exp = experiment.build(config)
+  assert exp.trunk_blocks == config.model.frozen_blocks > 0
+  centers = data.load_centers(config.data)
+  trainable, frozen = exp.split(exp.init())
+  splits = [c.test for c in centers] + [c.val for c in centers]
+  cached, fresh = exp.prepare(frozen, splits), exp.prepare(frozen, splits, max_bytes=0)
+  assert cached.cached and not fresh.cached
+  assert cached.chunks[0].shape[-1] != 3 and fresh.chunks[0].shape[-1] == 3  # features, images
+  probs = exp.predict_prepared(trainable, frozen, cached)
+  np.testing.assert_array_equal(probs, exp.predict_prepared(trainable, frozen, fresh))
+  assert exp.evaluate_prepared(trainable, frozen, cached) == exp.evaluate_many(
+      trainable, frozen, splits)
+  whole = np.concatenate([centralized.predict_probs(exp.model, trainable, frozen, s.images, 16)
+                          for s in splits])
+  np.testing.assert_allclose(probs, whole, atol=1e-5)
+  np.testing.assert_array_equal(exp.predict(trainable, frozen, splits[0].images),
+                                probs[:len(splits[0].labels)])
+  # The cache acts: other block-1 weights change the fresh prediction, not the cached one.
+  other = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 3 if 'block1' in jax.tree_util.keystr(path) else x, frozen)
+  np.testing.assert_array_equal(exp.predict_prepared(trainable, other, cached), probs)
+  assert np.abs(exp.predict_prepared(trainable, other, fresh) - probs).max() > 1e-4

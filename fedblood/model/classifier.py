@@ -4,11 +4,14 @@ Any Flax classifier taking float images in ``[0, 1]`` (e.g. :class:`fedblood.mod
 
   loss_fn = classifier.classifier_loss(model, augment_fn=None)  # (trainable, frozen, batch, rng)
   predict = classifier.make_predict(model, batch_size)          # (trainable, frozen, images)
+  trunk = classifier.make_trunk(model, 3)   # (frozen, images) -> features after block3
+  rest = classifier.make_rest(model, 3)     # (trainable, frozen, features) -> logits
 
 Federated rounds (:mod:`fedblood.core.simulate`) and the pooled baseline
 (:mod:`fedblood.study.centralized`) train with the same ``loss_fn``; every evaluation runs ``predict``.
 """
 
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -73,3 +76,30 @@ def make_predict(model, batch_size: int = 64) -> Callable:
     return logits.reshape(lead + logits.shape[-1:])
 
   return predict
+
+
+@functools.lru_cache(maxsize=8)
+def make_trunk(model, blocks: int) -> Callable:
+  """Jitted ``trunk(frozen, images[B, H, W, 3]) -> features`` after ``block{blocks}``, eval mode.
+
+  ``frozen`` holds (at least) the first ``blocks`` blocks' parameters: with
+  ``model.frozen_blocks = blocks`` they never change in FL, so an evaluation repeated every round
+  on the same images computes these features once and runs only :func:`make_rest` per round.
+  """
+  @jax.jit
+  def trunk(frozen, images):
+    return model.apply({'params': frozen}, to_float(images), train=False, stop=blocks)
+
+  return trunk
+
+
+@functools.lru_cache(maxsize=8)
+def make_rest(model, blocks: int) -> Callable:
+  """Jitted ``rest(trainable, frozen, features) -> logits``: the network after
+  ``block{blocks}`` applied to :func:`make_trunk`'s features, eval mode."""
+  @jax.jit
+  def rest(trainable, frozen, features):
+    params = {'params': partition.merge(trainable, frozen)}
+    return model.apply(params, features, train=False, start=blocks)
+
+  return rest

@@ -140,25 +140,26 @@ class VGG(nn.Module):
   tta: bool = False
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f'VGG expects NHWC RGB images, got shape {images.shape}')
+  def __call__(self, images, train: bool = False, start: int = 0, stop: int | None = None):
+    """Logits of ``images`` (float in [0, 1], NHWC); or a part of the network.
+
+    ``stop=k`` (1..5) returns the features after ``block{k}`` (the 8 views on the batch axis
+    under :attr:`tta` in eval mode); ``start=k`` takes those features and runs ``block{k+1}``
+    onward and the head. ``apply(p, apply(p, x, stop=k), start=k)`` is
+    ``apply(p, x)``: an evaluation that repeats with the first k blocks fixed (FL with
+    ``model.frozen_blocks=k``) computes their features once (:func:`classifier.make_trunk`).
+    """
+    features = stop is not None
+    stop = stop if features else len(self.stages)
+    if not 0 <= start <= stop <= len(self.stages) or (features and stop < 1):
+      raise ValueError(f'VGG: blocks {start}..{stop} are not within 0..{len(self.stages)}')
     averaged = self.tta and not train
-    if averaged:  # the 8 views on the batch axis, one pass through the network
-      if images.shape[1] != images.shape[2]:
-        raise ValueError(f'model.tta needs square images, got shape {images.shape}')
-      batch = images.shape[0]
-      images = jnp.concatenate(symmetries(images), axis=0)
-    downsample = 2 ** len(self.stages)
-    if images.shape[1] % downsample or images.shape[2] % downsample:
-      raise ValueError(f'image size {images.shape[1:3]} must be a multiple of {downsample}')
-    if self.conv_init not in CONV_INITS:
-      raise ValueError(f'model.conv_init must be one of {tuple(CONV_INITS)}, '
-                       f'got {self.conv_init!r}')
-    x = normalize(images.astype(jnp.float32), self.input_norm).astype(self.dtype)
-    for i, num_convs in enumerate(self.stages):
-      x = VGGStage(num_convs, scaled(STAGE_CHANNELS[i], self.width), dtype=self.dtype,
+    x = self._inputs(images, averaged) if start == 0 else images
+    for i in range(start, stop):
+      x = VGGStage(self.stages[i], scaled(STAGE_CHANNELS[i], self.width), dtype=self.dtype,
                    conv_init=self.conv_init, name=f'block{i + 1}')(x)
+    if features:
+      return x
     if self.head == 'fc':
       head = FCHead(self.num_classes, scaled(FC_UNITS, self.width), self.dropout,
                     dtype=self.dtype, name='head')
@@ -168,9 +169,25 @@ class VGG(nn.Module):
       raise ValueError(f"model.head must be 'fc' or 'gap', got {self.head!r}")
     logits = head(x, train).astype(jnp.float32)
     if averaged:
-      probs = jax.nn.softmax(logits.reshape((8, batch, -1)), axis=-1).mean(axis=0)
+      probs = jax.nn.softmax(logits.reshape((8, x.shape[0] // 8, -1)), axis=-1).mean(axis=0)
       return jnp.log(probs)
     return logits
+
+  def _inputs(self, images, averaged: bool):
+    """The checked, normalised input of block1 (the 8 views stacked when ``averaged``)."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'VGG expects NHWC RGB images, got shape {images.shape}')
+    if averaged:  # the 8 views on the batch axis, one pass through the network
+      if images.shape[1] != images.shape[2]:
+        raise ValueError(f'model.tta needs square images, got shape {images.shape}')
+      images = jnp.concatenate(symmetries(images), axis=0)
+    downsample = 2 ** len(self.stages)
+    if images.shape[1] % downsample or images.shape[2] % downsample:
+      raise ValueError(f'image size {images.shape[1:3]} must be a multiple of {downsample}')
+    if self.conv_init not in CONV_INITS:
+      raise ValueError(f'model.conv_init must be one of {tuple(CONV_INITS)}, '
+                       f'got {self.conv_init!r}')
+    return normalize(images.astype(jnp.float32), self.input_norm).astype(self.dtype)
 
 
 def symmetries(images) -> list:

@@ -86,15 +86,14 @@ def train_step_fn(model, max_grad_norm: float, weight_decay: float, augment_fn: 
   return step, tx
 
 
-@functools.lru_cache(maxsize=8)
-def _predict_fn(model, batch_size: int):
-  return classifier.make_predict(model, batch_size)
+# classifier.make_predict(model, batch_size), compiled once per (model, batch size).
+predict_fn = functools.lru_cache(maxsize=8)(classifier.make_predict)
 
 
 def predict_probs(model, trainable, frozen, images: np.ndarray,
                   batch_size: int = 128) -> np.ndarray:
   """Softmax probabilities ``[N, K]`` of uint8 images, in fixed-size chunks (one compile)."""
-  predict = _predict_fn(model, batch_size)
+  predict = predict_fn(model, batch_size)
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start:start + batch_size]

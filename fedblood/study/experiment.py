@@ -50,6 +50,43 @@ class Loss(NamedTuple):
     return classifier.classifier_loss(self.model, self.augment)(trainable, frozen, batch, rng)
 
 
+# Features of the frozen blocks FL's per-round evaluation keeps in memory (:meth:`Experiment.prepare`):
+# 7 MB for the CPU study's 849 validation and test images; above this they are recomputed.
+EVAL_CACHE_BYTES = 1 << 30
+
+
+class Prepared(NamedTuple):
+  """Splits made ready for repeated evaluation (:meth:`Experiment.prepare`).
+
+  Attributes:
+    sizes: images per split.
+    labels: each split's labels.
+    chunks: ``eval_batch``-image chunks of every split's images in turn (the last one padded),
+      or with ``cached`` their features after block ``trunk_blocks``.
+    cached: whether ``chunks`` hold features.
+  """
+  sizes: tuple
+  labels: list
+  chunks: list
+  cached: bool
+
+
+def _chunks(images: list, batch_size: int) -> list:
+  """``images`` (a list of uint8 arrays, concatenated) in ``[batch_size, ...]`` chunks, the last
+  one padded with zeros."""
+  if not images:
+    return []
+  images = np.concatenate(images)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(jnp.asarray(chunk))
+  return out
+
+
 class Experiment(NamedTuple):
   """What every stage of a run shares, from :func:`build`.
 
@@ -64,6 +101,9 @@ class Experiment(NamedTuple):
     eval_batch: ``eval.batch_size``.
     progress: a tqdm-like ``(total, desc, initial) -> bar`` factory, or None (``progress``).
     model_name: ``model.name``, for checkpoint summaries.
+    trunk_blocks: ``model.frozen_blocks``: every evaluation runs the blocks up to it and the
+      rest as two compiled halves (:meth:`prepare`), so FL's per-round evaluation computes the
+      frozen blocks' features once.
   """
   model: Any
   rules: Any
@@ -75,6 +115,7 @@ class Experiment(NamedTuple):
   eval_batch: int
   progress: Callable | None
   model_name: str
+  trunk_blocks: int
 
   def split(self, params) -> tuple[Any, Any]:
     """``(trainable, frozen)`` of a full parameter tree, by :attr:`rules`."""
@@ -82,7 +123,7 @@ class Experiment(NamedTuple):
 
   def evaluate(self, trainable, frozen, split) -> dict:
     """Full metrics (:func:`fedblood.model.metrics.classify`) of a model on a split."""
-    return centralized.evaluate(self.model, trainable, frozen, split, self.eval_batch)
+    return self.evaluate_many(trainable, frozen, [split])[0]
 
   def evaluate_many(self, trainable, frozen, splits) -> list:
     """:meth:`evaluate` of each of ``splits``, their images predicted in ONE pass.
@@ -91,16 +132,51 @@ class Experiment(NamedTuple):
     test images no longer cost a padded chunk of their own (the per-round evaluation of 4
     centers' test and validation splits ran 11 chunks of 128 for 849 images, now 7).
     """
-    sizes = [len(s.labels) for s in splits]
-    if not sum(sizes):
-      return [self.evaluate(trainable, frozen, s) for s in splits]
-    probs = self.predict(trainable, frozen,
-                         np.concatenate([s.images for s, n in zip(splits, sizes) if n]))
+    return self.evaluate_prepared(trainable, frozen, self.prepare(frozen, splits, max_bytes=0))
+
+  def prepare(self, frozen, splits, max_bytes: int = EVAL_CACHE_BYTES) -> 'Prepared':
+    """``splits`` made ready for evaluations that repeat under the same ``frozen`` parameters.
+
+    Their images in chunks of ``eval_batch`` (across the splits' borders, the last one padded);
+    with ``model.frozen_blocks = k > 0`` each chunk is replaced by its features after block k
+    (:func:`fedblood.model.classifier.make_trunk`) when they all fit in ``max_bytes``: FL
+    evaluates every round with blocks 1..k fixed, so only the blocks after them run per round.
+    Cached or not, :meth:`evaluate_prepared` gives the same numbers (the same two compiled
+    halves on the same chunks).
+    """
+    sizes = tuple(len(s.labels) for s in splits)
+    chunks = _chunks([s.images for s, n in zip(splits, sizes) if n], self.eval_batch)
+    cached = False
+    if self.trunk_blocks and chunks:
+      trunk = classifier.make_trunk(self.model, self.trunk_blocks)
+      one = jax.eval_shape(trunk, frozen, chunks[0])
+      if len(chunks) * one.size * one.dtype.itemsize <= max_bytes:
+        chunks, cached = [trunk(frozen, c) for c in chunks], True
+    return Prepared(sizes, [s.labels for s in splits], chunks, cached)
+
+  def evaluate_prepared(self, trainable, frozen, prepared: 'Prepared') -> list:
+    """:meth:`evaluate` of each split :meth:`prepare` made ready (same ``frozen``)."""
+    probs = self.predict_prepared(trainable, frozen, prepared)
     out, start = [], 0
-    for s, n in zip(splits, sizes):
-      out.append(metrics.classify(s.labels, probs[start:start + n].argmax(-1)))
+    for labels, n in zip(prepared.labels, prepared.sizes):
+      out.append(metrics.classify(labels, probs[start:start + n].argmax(-1)))
       start += n
     return out
+
+  def predict_prepared(self, trainable, frozen, prepared: 'Prepared') -> np.ndarray:
+    """Softmax probabilities ``[N, K]`` of the images :meth:`prepare` made ready."""
+    num = sum(prepared.sizes)
+    if not num:
+      return np.zeros((0, self.model.num_classes), np.float32)
+    if self.trunk_blocks:
+      trunk = classifier.make_trunk(self.model, self.trunk_blocks)
+      rest = classifier.make_rest(self.model, self.trunk_blocks)
+      logits = [rest(trainable, frozen, c if prepared.cached else trunk(frozen, c))
+                for c in prepared.chunks]
+    else:
+      predict = centralized.predict_fn(self.model, self.eval_batch)
+      logits = [predict(trainable, frozen, c) for c in prepared.chunks]
+    return np.concatenate([np.asarray(jax.nn.softmax(x, axis=-1)) for x in logits])[:num]
 
   def evaluate_splits(self, params, splits: dict) -> dict:
     """``{name: metrics}`` of full ``params`` on each split of ``{name: split}`` (one pass)."""
@@ -108,7 +184,8 @@ class Experiment(NamedTuple):
 
   def predict(self, trainable, frozen, images):
     """Softmax probabilities ``[N, K]`` of uint8 images."""
-    return centralized.predict_probs(self.model, trainable, frozen, images, self.eval_batch)
+    chunks = _chunks([images] if len(images) else [], self.eval_batch)
+    return self.predict_prepared(trainable, frozen, Prepared((len(images),), [None], chunks, False))
 
   def summary(self, params) -> dict:
     """The parameter counts a checkpoint's meta stores (``checkpoint_listing.param_summary``)."""
@@ -130,7 +207,7 @@ def build(config) -> Experiment:
       init=functools.partial(_init_params, model, config.seed, size,
                              config.model.get('pretrained')),
       eval_batch=config.eval.batch_size, progress=_progress(config.get('progress', True)),
-      model_name=config.model.name)
+      model_name=config.model.name, trunk_blocks=config.model.frozen_blocks)
 
 
 def _init_params(model, seed: int, size: int, pretrained):

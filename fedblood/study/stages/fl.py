@@ -98,11 +98,12 @@ def privacy_info(fl, centers, run: driver.Run) -> dict:
 
 def evaluator(exp: Experiment, run: driver.Run, frozen, centers):
   """The driver's ``evaluate(r, server)``: every center's (test, val) summaries, locally."""
-  splits = [c.test for c in centers] + [c.val for c in centers]
+  # One pass over every center's images; the frozen blocks' features computed once, here.
+  prepared = exp.prepare(frozen, [c.test for c in centers] + [c.val for c in centers])
 
   def evaluate(_, server):
     params = run.eval_params(server)[run.eval_name]
-    full = exp.evaluate_many(params, frozen, splits)  # one pass over every center's images
+    full = exp.evaluate_prepared(params, frozen, prepared)
     tests, vals = full[:len(centers)], full[len(centers):]
     return {c.name: (metrics.summary(test), metrics.summary(val) if len(c.val.labels) else {})
             for c, test, val in zip(centers, tests, vals)}
