@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedblood.model import partition
@@ -103,3 +104,20 @@ def make_rest(model, blocks: int) -> Callable:
     return model.apply(params, features, train=False, start=blocks)
 
   return rest
+
+
+def chunks(images: list, batch_size: int) -> list:
+  """The uint8 arrays ``images``, concatenated, in ``[batch_size, ...]`` chunks (the last one
+  padded with zeros): every prediction compiles for one shape."""
+  images = [x for x in images if len(x)]
+  if not images:
+    return []
+  images = np.concatenate(images)
+  out = []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    pad = batch_size - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(jnp.asarray(chunk))
+  return out

@@ -94,17 +94,10 @@ def predict_probs(model, trainable, frozen, images: np.ndarray,
                   batch_size: int = 128) -> np.ndarray:
   """Softmax probabilities ``[N, K]`` of uint8 images, in fixed-size chunks (one compile)."""
   predict = predict_fn(model, batch_size)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    logits = predict(trainable, frozen, jnp.asarray(chunk))
-    out.append(np.asarray(jax.nn.softmax(logits, axis=-1))[:batch_size - pad])
-  if not out:
+  logits = [predict(trainable, frozen, c) for c in classifier.chunks([images], batch_size)]
+  if not logits:
     return np.zeros((0, model.num_classes), np.float32)
-  return np.concatenate(out)
+  return np.concatenate([np.asarray(jax.nn.softmax(x, axis=-1)) for x in logits])[:len(images)]
 
 
 def evaluate(model, trainable, frozen, split, batch_size: int = 128) -> dict:

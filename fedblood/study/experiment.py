@@ -71,22 +71,6 @@ class Prepared(NamedTuple):
   cached: bool
 
 
-def _chunks(images: list, batch_size: int) -> list:
-  """``images`` (a list of uint8 arrays, concatenated) in ``[batch_size, ...]`` chunks, the last
-  one padded with zeros."""
-  if not images:
-    return []
-  images = np.concatenate(images)
-  out = []
-  for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
-    pad = batch_size - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(jnp.asarray(chunk))
-  return out
-
-
 class Experiment(NamedTuple):
   """What every stage of a run shares, from :func:`build`.
 
@@ -145,7 +129,7 @@ class Experiment(NamedTuple):
     halves on the same chunks).
     """
     sizes = tuple(len(s.labels) for s in splits)
-    chunks = _chunks([s.images for s, n in zip(splits, sizes) if n], self.eval_batch)
+    chunks = classifier.chunks([s.images for s in splits], self.eval_batch)
     cached = False
     if self.trunk_blocks and chunks:
       trunk = classifier.make_trunk(self.model, self.trunk_blocks)
@@ -184,7 +168,7 @@ class Experiment(NamedTuple):
 
   def predict(self, trainable, frozen, images):
     """Softmax probabilities ``[N, K]`` of uint8 images."""
-    chunks = _chunks([images] if len(images) else [], self.eval_batch)
+    chunks = classifier.chunks([images], self.eval_batch)
     return self.predict_prepared(trainable, frozen, Prepared((len(images),), [None], chunks, False))
 
   def summary(self, params) -> dict:
