@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import wbc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import data  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood.core import simulate  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood.study import centralized, experiment  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood.study.stages import fl  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood import data  # noqa: E402
+from fedblood.core import simulate  # noqa: E402
+from fedblood.study import centralized, experiment  # noqa: E402
+from fedblood.study.stages import fl  # noqa: E402
 
 # The CPU study's fold 0 (configs/wbc.py): (train, val, test) images per center, PBC first.
 WBC_SPLITS = ((971, 225, 301), (227, 52, 72), (192, 44, 63), (166, 38, 54))

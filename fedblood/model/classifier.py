@@ -8,7 +8,8 @@ Any Flax classifier taking float images in ``[0, 1]`` (e.g. :class:`fedblood.mod
   rest = classifier.make_rest(model, 3)     # (trainable, frozen, features) -> logits
 
 Federated rounds (:mod:`fedblood.core.simulate`) and the pooled baseline
-(:mod:`fedblood.study.centralized`) train with the same ``loss_fn``; every evaluation runs ``predict``.
+(:mod:`fedblood.study.centralized`) train with the same ``loss_fn``; evaluations run ``predict``,
+or ``trunk`` once and ``rest`` per model when the first blocks stay fixed (FL).
 """
 
 import functools

@@ -50,8 +50,8 @@ class Loss(NamedTuple):
     return classifier.classifier_loss(self.model, self.augment)(trainable, frozen, batch, rng)
 
 
-# Features of the frozen blocks FL's per-round evaluation keeps in memory (:meth:`Experiment.prepare`):
-# 7 MB for the CPU study's 849 validation and test images; above this they are recomputed.
+# Features of the frozen blocks that FL's per-round evaluation keeps in memory
+# (:meth:`Experiment.prepare`): 7 MB for the CPU study's 849 validation and test images; above this they are recomputed.
 EVAL_CACHE_BYTES = 1 << 30
 
 
