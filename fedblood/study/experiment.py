@@ -51,7 +51,8 @@ class Loss(NamedTuple):
 
 
 # Features of the frozen blocks that FL's per-round evaluation keeps in memory
-# (:meth:`Experiment.prepare`): 7 MB for the CPU study's 849 validation and test images; above this they are recomputed.
+# (:meth:`Experiment.prepare`): 7 MB for the CPU study's 849 validation and test images; above
+# this they are recomputed every round.
 EVAL_CACHE_BYTES = 1 << 30
 
 
