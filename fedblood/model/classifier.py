@@ -122,3 +122,10 @@ def chunks(images: list, batch_size: int) -> list:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
     out.append(jnp.asarray(chunk))
   return out
+
+
+def probabilities(logits: list, num: int, num_classes: int) -> np.ndarray:
+  """Softmax ``[num, K]`` (host) of the chunks' logits in turn, their padding rows dropped."""
+  if not logits:
+    return np.zeros((0, num_classes), np.float32)
+  return np.concatenate([np.asarray(jax.nn.softmax(x, axis=-1)) for x in logits])[:num]

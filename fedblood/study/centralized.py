@@ -95,9 +95,7 @@ def predict_probs(model, trainable, frozen, images: np.ndarray,
   """Softmax probabilities ``[N, K]`` of uint8 images, in fixed-size chunks (one compile)."""
   predict = predict_fn(model, batch_size)
   logits = [predict(trainable, frozen, c) for c in classifier.chunks([images], batch_size)]
-  if not logits:
-    return np.zeros((0, model.num_classes), np.float32)
-  return np.concatenate([np.asarray(jax.nn.softmax(x, axis=-1)) for x in logits])[:len(images)]
+  return classifier.probabilities(logits, len(images), model.num_classes)
 
 
 def evaluate(model, trainable, frozen, split, batch_size: int = 128) -> dict:

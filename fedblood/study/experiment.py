@@ -119,7 +119,7 @@ class Experiment(NamedTuple):
     """
     return self.evaluate_prepared(trainable, frozen, self.prepare(frozen, splits, max_bytes=0))
 
-  def prepare(self, frozen, splits, max_bytes: int = EVAL_CACHE_BYTES) -> 'Prepared':
+  def prepare(self, frozen, splits, max_bytes: int = EVAL_CACHE_BYTES) -> Prepared:
     """``splits`` made ready for evaluations that repeat under the same ``frozen`` parameters.
 
     Their images in chunks of ``eval_batch`` (across the splits' borders, the last one padded);
@@ -132,14 +132,14 @@ class Experiment(NamedTuple):
     sizes = tuple(len(s.labels) for s in splits)
     chunks = classifier.chunks([s.images for s in splits], self.eval_batch)
     cached = False
-    if self.trunk_blocks and chunks:
+    if self.trunk_blocks and chunks and max_bytes > 0:  # (0: no tracing just to size them)
       trunk = classifier.make_trunk(self.model, self.trunk_blocks)
       one = jax.eval_shape(trunk, frozen, chunks[0])
       if len(chunks) * one.size * one.dtype.itemsize <= max_bytes:
         chunks, cached = [trunk(frozen, c) for c in chunks], True
     return Prepared(sizes, [s.labels for s in splits], chunks, cached)
 
-  def evaluate_prepared(self, trainable, frozen, prepared: 'Prepared') -> list:
+  def evaluate_prepared(self, trainable, frozen, prepared: Prepared) -> list:
     """:meth:`evaluate` of each split :meth:`prepare` made ready (same ``frozen``)."""
     probs = self.predict_prepared(trainable, frozen, prepared)
     out, start = [], 0
@@ -148,11 +148,8 @@ class Experiment(NamedTuple):
       start += n
     return out
 
-  def predict_prepared(self, trainable, frozen, prepared: 'Prepared') -> np.ndarray:
+  def predict_prepared(self, trainable, frozen, prepared: Prepared) -> np.ndarray:
     """Softmax probabilities ``[N, K]`` of the images :meth:`prepare` made ready."""
-    num = sum(prepared.sizes)
-    if not num:
-      return np.zeros((0, self.model.num_classes), np.float32)
     if self.trunk_blocks:
       trunk = classifier.make_trunk(self.model, self.trunk_blocks)
       rest = classifier.make_rest(self.model, self.trunk_blocks)
@@ -161,7 +158,7 @@ class Experiment(NamedTuple):
     else:
       predict = centralized.predict_fn(self.model, self.eval_batch)
       logits = [predict(trainable, frozen, c) for c in prepared.chunks]
-    return np.concatenate([np.asarray(jax.nn.softmax(x, axis=-1)) for x in logits])[:num]
+    return classifier.probabilities(logits, sum(prepared.sizes), self.model.num_classes)
 
   def evaluate_splits(self, params, splits: dict) -> dict:
     """``{name: metrics}`` of full ``params`` on each split of ``{name: split}`` (one pass)."""
