@@ -66,10 +66,12 @@ _PRIORS = flags.DEFINE_enum('priors', 'train', ['train', 'em'],
                             "evaluate / predict: 'train' (the model as trained) or 'em' (the "
                             "folder's class priors re-estimated on its images by EM, Saerens et "
                             'al. 2002, and the predictions corrected for them).')
-_CROP = flags.DEFINE_float('crop', None,
-                           'evaluate / predict: the central fraction of each image side to keep '
-                           "(that site's scale normalisation, as data.crop); default: the run's "
-                           'data.crop of the center named like the folder, else 1 (all of it).')
+_CROP = flags.DEFINE_string('crop', None,
+                            'evaluate / predict: the central fraction of each image side to keep '
+                            "(that site's scale normalisation, as data.crop), or 'auto': the crop "
+                            "under which the model's predictions on the folder's own images carry "
+                            'the most information (fedblood/study/scale.py). Default: for a center '
+                            "of the run, its data.crop; for any other folder, 'auto'.")
 
 _DEBUG = flags.DEFINE_bool('debug', False, 'On a failure, show the Python traceback (for a bug '
                            'report); also FEDBLOOD_DEBUG=1.')

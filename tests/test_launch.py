@@ -71,7 +71,10 @@ def test_evaluate_folder_equals_in_run_metrics(smoke, external, tmp_path):
   assert f'fl round {chosen} (active_mean)' in out.stdout and 'neutrophil' in out.stdout
   written = json.loads(output.read_text())
   assert written['round'] == chosen
-  # The unseen-folder path reproduces the run's own Table 2 numbers for that center exactly.
+  # The unseen-folder path reproduces the run's own Table 2 numbers for that center exactly:
+  # a folder the run does not know chooses its crop, and keeps the whole frame (synth2's images
+  # are the run's scale; the smoke model's information hardly moves with the crop).
+  assert written['crop']['from'] == 'auto' and written['crop']['value'] == 1.0
   assert written['metrics'] == results['details']['after']['synth2']
   # --round 0 is the reference model: Table 1.
   before = inference.evaluate_folder(workdir, folder, 0, tmp_path / 'r0.json')

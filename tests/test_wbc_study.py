@@ -86,6 +86,41 @@ def test_a_site_folder_is_read_with_its_own_crop(study, tmp_path):
     inference.evaluate_folder(workdir, WBC / 'lisc_tehran', crop=1.5)  # checked before loading
 
 
+def test_a_folder_the_run_does_not_know_chooses_its_crop(study, tmp_path):
+  """A new site (LISC's images under another name) is read at the crop chosen on its images,
+  with every candidate's score in the JSON and the report; the same crop given by hand gives
+  the same numbers; --crop auto does the same for a center of the run."""
+  from fedblood.study import scale
+  _, workdir, _, _ = study
+  site = tmp_path / 'site_x'
+  for image in (WBC / 'lisc_tehran').glob('*/*'):
+    (site / image.parent.name).mkdir(parents=True, exist_ok=True)
+    (site / image.parent.name / image.name).symlink_to(image)
+  auto = inference.evaluate_folder(workdir, site, output=tmp_path / 'auto.json')
+  crop = auto['crop']
+  assert crop['from'] == 'auto' and crop['value'] in scale.CROPS
+  scores = {float(c): v for c, v in crop['information'].items()}
+  assert list(scores) == list(scale.CROPS) and scores[crop['value']] == max(scores.values())
+  assert json.loads((tmp_path / 'auto.json').read_text())['crop'] == crop
+  assert 'chosen on these images' in (tmp_path / 'auto.md').read_text()
+  given = inference.evaluate_folder(workdir, site, output=tmp_path / 'given.json',
+                                    crop=str(crop['value']))
+  assert given['crop'] == {'value': crop['value'], 'from': '--crop', 'information': None}
+  assert given['metrics'] == auto['metrics']
+  known = inference.evaluate_folder(workdir, WBC / 'lisc_tehran', output=tmp_path / 'k.json')
+  assert known['crop'] == {'value': 0.5, 'from': 'data.crop', 'information': None}
+  asked = inference.evaluate_folder(workdir, WBC / 'lisc_tehran', output=tmp_path / 'a.json',
+                                    crop='auto')
+  assert asked['crop'] == crop  # the same images, the same model: the same choice
+  # predict chooses the same way and writes what evaluate scored.
+  count = inference.predict_folder(workdir, site, tmp_path / 'p.csv')
+  fixed = inference.predict_folder(workdir, site, tmp_path / 'q.csv', crop=crop['value'])
+  assert count == fixed == auto['metrics']['n']
+  assert (tmp_path / 'p.csv').read_text() == (tmp_path / 'q.csv').read_text()
+  with pytest.raises(ValueError, match=r"^--crop='big' must be a fraction in \(0, 1\] or 'auto'"):
+    inference.evaluate_folder(workdir, site, crop='big')  # checked before loading
+
+
 def test_confusion_matrices_count_each_test_split(study):
   _, _, results, centers = study
   for stage in ('before', 'after'):

@@ -16,6 +16,7 @@ sets PBC / Raabin-WBC / LISC / JTSC / BCCD) and :mod:`fedblood.data.builder` for
 from fedblood.data.augment import augment
 from fedblood.data.checks import require_splits
 from fedblood.data.config import crop_of
+from fedblood.data.config import crops
 from fedblood.data.config import default_config
 from fedblood.data.images import check_crop
 from fedblood.data.layouts import CLASSES
@@ -24,6 +25,9 @@ from fedblood.data.loader import Center
 from fedblood.data.loader import Split
 from fedblood.data.loader import load_centers
 from fedblood.data.loader import load_folder
+from fedblood.data.loader import list_folder
+from fedblood.data.loader import list_images
 from fedblood.data.loader import load_images
+from fedblood.data.loader import read_files
 from fedblood.data.loader import summarize
 from fedblood.data.splits import class_counts

@@ -171,6 +171,22 @@ def load_centers(data_cfg) -> list[Center]:
   return centers
 
 
+def read_files(root: str, files, image_size: int, resize: str = 'resize',
+               crop: float = 1.0) -> np.ndarray:
+  """uint8 [N, S, S, 3]: the images ``files`` (paths relative to ``root``), each read at the
+  central ``crop`` fraction of its sides (a center's ``data.crop``); errors name the file."""
+  images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
+  for i, f in enumerate(files):
+    images[i] = images_lib.read(os.path.join(root, f), image_size, resize, crop)
+  return images
+
+
+def list_folder(path: str):
+  """The labelled images of one ``<class>/<images>`` folder: ``.files`` (sorted by class, then
+  name) and ``.labels``. ValueError: an unknown class folder or no image of a known class."""
+  return layouts.list_center('folder', path)
+
+
 def load_folder(path: str, image_size: int, resize: str = 'resize', crop: float = 1.0) -> Split:
   """Loads one ``<class>/<images>`` folder whole (e.g. an unseen center to evaluate); no cache.
 
@@ -179,22 +195,16 @@ def load_folder(path: str, image_size: int, resize: str = 'resize', crop: float 
   Raises:
     ValueError: an unknown class folder, no image of a known class, or an undecodable image.
   """
-  listing = layouts.list_center('folder', path)
-  images = np.zeros((len(listing.files), image_size, image_size, 3), np.uint8)
-  for i, f in enumerate(listing.files):
-    images[i] = images_lib.read(os.path.join(path, f), image_size, resize, crop)
+  listing = list_folder(path)
+  images = read_files(path, listing.files, image_size, resize, crop)
   return Split(images, listing.labels, np.array(listing.files, dtype=str))
 
 
-def load_images(path: str, image_size: int, resize: str = 'resize', crop: float = 1.0):
-  """Loads unlabelled images to classify: an image file, or every image under a folder.
+def list_images(path: str) -> tuple[str, list]:
+  """(root, files relative to it) of an image file, or of every image under a folder (sorted).
 
   Files whose extension is not an image extension (.jpg, .png, .bmp, .tif, ...) are skipped
-  with a warning naming them; a file with an image extension that cannot be decoded is an error
-  naming it. ``crop`` as in :func:`load_folder`.
-
-  Returns:
-    (uint8 [N, S, S, 3], [N] relative file names, sorted).
+  with a warning naming them.
   """
   if os.path.isfile(path):
     root, files = os.path.dirname(path), [os.path.basename(path)]
@@ -204,10 +214,20 @@ def load_images(path: str, image_size: int, resize: str = 'resize', crop: float 
     raise FileNotFoundError(f'No such file or folder: {path!r}')
   if not files:
     raise ValueError(f'No image files ({", ".join(layouts.IMAGE_EXTENSIONS)}) under {path!r}')
-  images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
-  for i, f in enumerate(files):
-    images[i] = images_lib.read(os.path.join(root, f), image_size, resize, crop)
-  return images, files
+  return root, files
+
+
+def load_images(path: str, image_size: int, resize: str = 'resize', crop: float = 1.0):
+  """Loads unlabelled images to classify: an image file, or every image under a folder.
+
+  As :func:`list_images`; a file with an image extension that cannot be decoded is an error
+  naming it. ``crop`` as in :func:`load_folder`.
+
+  Returns:
+    (uint8 [N, S, S, 3], [N] relative file names, sorted).
+  """
+  root, files = list_images(path)
+  return read_files(root, files, image_size, resize, crop), files
 
 
 def summarize(centers) -> str:

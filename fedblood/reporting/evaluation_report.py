@@ -13,6 +13,22 @@ from fedblood.labels import CLASSES
 from fedblood.reporting import report
 
 
+def _crop_lines(crop) -> list[str]:
+  """How the images were read: the central crop, and, when chosen on them, each crop's score."""
+  if not crop:
+    return []
+  origin = {'data.crop': "the run's data.crop of this center", '--crop': '--crop',
+            'auto': "chosen on these images (`--crop auto`: the most information between image "
+                    'and predicted class, no label read)'}[crop['from']]
+  lines = [f'Read at the central {crop["value"]:g} of each side: {origin}.', '']
+  if crop.get('information'):
+    lines += ['| crop | ' + ' | '.join(crop['information']) + ' |',
+              '|---|' + '---|' * len(crop['information']),
+              '| information (nats) | '
+              + ' | '.join(f'{v:.3f}' for v in crop['information'].values()) + ' |', '']
+  return lines
+
+
 def write(result: dict, json_path) -> Path:
   """Writes ``<json stem>.md`` and ``<json stem>_confusion.png``; returns the markdown path."""
   json_path = Path(json_path)
@@ -23,6 +39,7 @@ def write(result: dict, json_path) -> Path:
   headline = ('accuracy', 'balanced_accuracy', 'precision', 'specificity', 'f1')
   lines = [f'# {result["model"]} on `{result["eval_dir"]}`', '',
            f'{m["n"]} images; metrics in %, macro over the classes present.', '',
+           *_crop_lines(result.get('crop')),
            '| ' + ' | '.join(headline) + ' |', '|' + '---|' * len(headline),
            '| ' + ' | '.join(report.pct(m[k]) for k in headline) + ' |', '',
            '## Per class', '', '| class | images | precision | recall | specificity | F1 |',

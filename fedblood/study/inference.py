@@ -10,9 +10,11 @@ or the latest round), ``round=0`` the reference model itself.
 import contextlib
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from absl import logging
 import ml_collections
 import numpy as np
 
@@ -21,7 +23,7 @@ from fedblood.model import metrics, partition
 from fedblood.reporting import evaluation_report
 from fedblood.rundir import checkpoint
 from fedblood.rundir import workdir as workdir_lib
-from fedblood.study import driver, experiment, priors as priors_lib
+from fedblood.study import driver, experiment, priors as priors_lib, scale
 from fedblood.study.stages import fl
 
 
@@ -109,18 +111,49 @@ def _probs(loaded: Loaded, images) -> np.ndarray:
   return loaded.experiment.predict(*loaded.experiment.split(loaded.params), images)
 
 
-def _check_crop(crop: float | None) -> float | None:
-  """A given ``--crop``, checked before any work (None: found later by :func:`_crop`)."""
-  return None if crop is None else data.check_crop(crop, '--crop')
+def _check_crop(crop) -> float | str | None:
+  """A given ``--crop`` (a fraction or 'auto'), checked before any work (None: :func:`_crop`)."""
+  if crop is None or crop == scale.AUTO:
+    return crop
+  if isinstance(crop, str):
+    try:
+      crop = float(crop)
+    except ValueError:
+      raise ValueError(f"--crop={crop!r} must be a fraction in (0, 1] or '{scale.AUTO}'") from None
+  return data.check_crop(crop, '--crop')
 
 
-def _crop(cfg, path, crop: float | None) -> float:
-  """``crop`` if given, else the run's ``data.crop`` of the center named like ``path``, else 1."""
-  return crop if crop is not None else data.crop_of(cfg, Path(path).resolve().name)
+def _known(cfg, name: str) -> bool:
+  """Whether the run knows a center called ``name`` (its data.crop, data.centers or data.root)."""
+  root = cfg.get('root') or ''
+  in_root = cfg.get('source') == 'folder' and bool(root) and os.path.isdir(os.path.join(root, name))
+  return name in data.crops(cfg) or name in tuple(cfg.get('centers') or ()) or in_root
+
+
+def _crop(loaded: Loaded, path, crop, root, files) -> dict:
+  """The crop ``files`` (under ``root``) are read at, and where it comes from.
+
+  ``crop`` if given; else, for a center of the run named like ``path``, its ``data.crop`` (1 when
+  not set); a folder the run does not know chooses its own (:mod:`fedblood.study.scale`), as
+  ``crop='auto'`` does.
+  Returns ``{'value', 'from', 'information'}`` ('from': '--crop', 'data.crop' or 'auto';
+  'information': each tried crop's score, auto only).
+  """
+  cfg = loaded.config.data
+  if crop is None and _known(cfg, Path(path).resolve().name):
+    return {'value': data.crop_of(cfg, Path(path).resolve().name), 'from': 'data.crop',
+            'information': None}
+  if crop not in (None, scale.AUTO):
+    return {'value': crop, 'from': '--crop', 'information': None}
+  read = lambda picked, c: data.read_files(root, [files[i] for i in picked], cfg.image_size,
+                                           cfg.resize, c)
+  value, scores = scale.auto_crop(lambda images: _probs(loaded, images), read, len(files))
+  return {'value': value, 'from': scale.AUTO,
+          'information': {str(c): v for c, v in scores.items()}}
 
 
 def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
-                    crop: float | None = None, priors: str = 'train') -> dict:
+                    crop: float | str | None = None, priors: str = 'train') -> dict:
   """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON, and as a
   report (``<name>.md``: per-class table, confusion matrix; ``<name>_confusion.png``).
 
@@ -129,32 +162,39 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
     eval_dir: a folder of class folders (may be a center never seen in training).
     round_index: FL round (None = Table 2's round, 0 = reference model).
     output: JSON path (default ``<workdir>/evaluation/<folder>_round<R>.json``).
-    crop: the folder's central crop fraction (see ``data.crop``); None: the run's ``data.crop``
-      of the center named like the folder, else 1.0.
+    crop: the folder's central crop fraction (see ``data.crop``), or 'auto' (chosen on the
+      folder's own images: :mod:`fedblood.study.scale`); None: for a center of the run, its
+      ``data.crop``, for any other folder 'auto'.
     priors: 'train' (the model as trained) or 'em' (the folder's class priors re-estimated on
       its images, labels unused, and the predictions corrected: :mod:`fedblood.study.priors`).
 
   Returns:
-    ``{'model', 'round', 'eval_dir', 'metrics', 'priors', 'output', 'report'}`` (metrics as
-    :func:`fedblood.model.metrics.classify`; priors: None, or the training and estimated shares).
+    ``{'model', 'round', 'eval_dir', 'metrics', 'priors', 'crop', 'output', 'report'}`` (metrics
+    as :func:`fedblood.model.metrics.classify`; priors: None, or the training and estimated
+    shares; crop: the crop read at and where it came from, as :func:`_crop`).
   """
   crop = _check_crop(crop)
   priors_lib.check(priors)  # before any work
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
+  root = str(eval_dir)
   try:
-    split = data.load_folder(str(eval_dir), cfg.image_size, cfg.resize,
-                             _crop(cfg, eval_dir, crop))
+    listing = data.list_folder(root)
+    if len(listing.labels) == 0:
+      raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
+                       f'{metrics.CLASSES}')
+    crop_info = _crop(loaded, eval_dir, crop, root, listing.files)
+    images = data.read_files(root, listing.files, cfg.image_size, cfg.resize, crop_info['value'])
   except (ValueError, FileNotFoundError) as e:
+    if str(e).startswith('--eval_dir'):
+      raise
     raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
                      f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
-  if len(split.labels) == 0:
-    raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
-                     f'{metrics.CLASSES}')
-  probs, prior_info = priors_lib.adjust(_probs(loaded, split.images), loaded.config, loaded.round,
+  probs, prior_info = priors_lib.adjust(_probs(loaded, images), loaded.config, loaded.round,
                                         priors)
   result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
-            'metrics': metrics.classify(split.labels, probs.argmax(-1)), 'priors': prior_info}
+            'metrics': metrics.classify(listing.labels, probs.argmax(-1)), 'priors': prior_info,
+            'crop': crop_info}
   if output is None:
     name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
     output = workdir_lib.path(workdir, workdir_lib.EVALUATION) / name
@@ -169,7 +209,9 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
 def format_metrics(result: dict) -> str:
   """The evaluation as a short text table (overall, then per class)."""
   m = result['metrics']
-  lines = [f'{result["model"]} on {result["eval_dir"]} ({m["n"]} images)',
+  crop = result.get('crop')
+  read = f', read at the central {crop["value"]:g} ({crop["from"]})' if crop else ''
+  lines = [f'{result["model"]} on {result["eval_dir"]} ({m["n"]} images{read})',
            '  ' + '  '.join(f'{k} {100 * m[k]:.1f}' if m[k] is not None else f'{k} -'
                             for k in metrics.HEADLINE),
            f'  {"class":<12} {"n":>5} {"prec":>6} {"recall":>6} {"spec":>6} {"f1":>6}']
@@ -181,7 +223,7 @@ def format_metrics(result: dict) -> str:
 
 
 def predict_folder(workdir, input_path, output, round_index: int | None = None,
-                   crop: float | None = None, priors: str = 'train') -> int:
+                   crop: float | str | None = None, priors: str = 'train') -> int:
   """Classifies every image under ``input_path`` into a CSV: file, predicted class, probabilities.
 
   Returns the number of images classified. Files without an image extension are
@@ -198,10 +240,15 @@ def predict_folder(workdir, input_path, output, round_index: int | None = None,
   loaded = load_model(workdir, round_index)
   cfg = loaded.config.data
   try:
-    images, files = data.load_images(str(input_path), cfg.image_size, cfg.resize,
-                                     _crop(cfg, input_path, crop))
+    root, files = data.list_images(str(input_path))
+    crop_info = _crop(loaded, input_path, crop, root, files)
+    images = data.read_files(root, files, cfg.image_size, cfg.resize, crop_info['value'])
   except ValueError as e:
     raise ValueError(f'--input {input_path}: {e}') from e
+  if crop_info['from'] == scale.AUTO:
+    logging.info('--input %s: read at the central crop %s, chosen on its images (%s)', input_path,
+                 crop_info['value'], ', '.join(f'{c}: {v:.3f}'
+                                               for c, v in crop_info['information'].items()))
   probs, _ = priors_lib.adjust(_probs(loaded, images), loaded.config, loaded.round, priors)
   output.parent.mkdir(parents=True, exist_ok=True)
   tmp = output.with_name(output.name + '.tmp')
