@@ -121,6 +121,31 @@ def test_a_folder_the_run_does_not_know_chooses_its_crop(study, tmp_path):
     inference.evaluate_folder(workdir, site, crop='big')  # checked before loading
 
 
+def test_bench_auto_crop_reads_every_unseen_center_three_ways(study, tmp_path, monkeypatch,
+                                                              capsys):
+  """bench/auto_crop.py on the smoke run: the reference model on each other center, every image,
+  read whole, at data.crop and at the crop chosen; the table and the paired rows follow."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
+  import auto_crop  # pylint: disable=g-import-not-at-top
+  _, workdir, _, centers = study
+  out = tmp_path / 'auto.md'
+  monkeypatch.setattr(sys, 'argv', ['auto_crop.py', '--study', str(workdir), '--out', str(out)])
+  auto_crop.main()
+  printed = capsys.readouterr().out.splitlines()
+  *rows, summary = [json.loads(line) for line in printed if line.startswith('{')]
+  assert [r['center'] for r in rows] == CENTERS[1:]
+  for r in rows:
+    hand = 0.5 if r['center'] == 'lisc_tehran' else 1.0
+    assert r['whole']['crop'] == 1.0 and r['data.crop']['crop'] == hand
+  assert summary['cases'] == 3
+  text = out.read_text()
+  sizes = {c.name: len(c.train.labels) + len(c.val.labels) + len(c.test.labels) for c in centers}
+  for c in CENTERS[1:]:
+    assert f'| {c} | {sizes[c]} |' in text
+  assert '| reference model, against whole | ' + str(sum(sizes[c] for c in CENTERS[1:])) in text
+
+
 def test_confusion_matrices_count_each_test_split(study):
   _, _, results, centers = study
   for stage in ('before', 'after'):

@@ -152,6 +152,26 @@ def _crop(loaded: Loaded, path, crop, root, files) -> dict:
           'information': {str(c): v for c, v in scores.items()}}
 
 
+def read_folder(loaded: Loaded, eval_dir, crop=None):
+  """(uint8 images, labels, crop) of a labelled ``<class>/<images>`` folder, read at the crop
+  :func:`_crop` gives (``crop``: a checked fraction, 'auto' or None); errors name the folder."""
+  cfg = loaded.config.data
+  root = str(eval_dir)
+  try:
+    listing = data.list_folder(root)
+    if len(listing.labels) == 0:
+      raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
+                       f'{metrics.CLASSES}')
+    crop_info = _crop(loaded, eval_dir, crop, root, listing.files)
+    images = data.read_files(root, listing.files, cfg.image_size, cfg.resize, crop_info['value'])
+  except (ValueError, FileNotFoundError) as e:
+    if str(e).startswith('--eval_dir'):
+      raise
+    raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
+                     f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
+  return images, np.asarray(listing.labels), crop_info
+
+
 def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=None,
                     crop: float | str | None = None, priors: str = 'train') -> dict:
   """Metrics of a checkpoint on a ``<class>/<images>`` folder; writes them as JSON, and as a
@@ -176,24 +196,11 @@ def evaluate_folder(workdir, eval_dir, round_index: int | None = None, output=No
   crop = _check_crop(crop)
   priors_lib.check(priors)  # before any work
   loaded = load_model(workdir, round_index)
-  cfg = loaded.config.data
-  root = str(eval_dir)
-  try:
-    listing = data.list_folder(root)
-    if len(listing.labels) == 0:
-      raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
-                       f'{metrics.CLASSES}')
-    crop_info = _crop(loaded, eval_dir, crop, root, listing.files)
-    images = data.read_files(root, listing.files, cfg.image_size, cfg.resize, crop_info['value'])
-  except (ValueError, FileNotFoundError) as e:
-    if str(e).startswith('--eval_dir'):
-      raise
-    raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
-                     f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
+  images, labels, crop_info = read_folder(loaded, eval_dir, crop)
   probs, prior_info = priors_lib.adjust(_probs(loaded, images), loaded.config, loaded.round,
                                         priors)
   result = {'model': loaded.name, 'round': loaded.round, 'eval_dir': str(Path(eval_dir).resolve()),
-            'metrics': metrics.classify(listing.labels, probs.argmax(-1)), 'priors': prior_info,
+            'metrics': metrics.classify(labels, probs.argmax(-1)), 'priors': prior_info,
             'crop': crop_info}
   if output is None:
     name = f'{Path(eval_dir).resolve().name}_round{loaded.round}.json'
