@@ -23,7 +23,11 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
 def get_sweep() -> list[dict]:
   """The centers' weighting: by size (the authors', the default) against equal; FL from
   scratch, every block trained from the fresh parameters the pooled model from scratch starts
-  from, against FL from the reference model with blocks 1-3 frozen (the default); and the local
-  lr decaying over rounds (0.98 a round: round 100 at 0.14 of round 1's) against constant."""
+  from, against FL from the reference model with blocks 1-3 frozen (the default); the local
+  lr decaying over rounds (0.98 a round: round 100 at 0.14 of round 1's) against constant;
+  FedDyn's alpha 0.1 and 0.001 against 0.01 (the authors' search); and stain jitter in optical
+  density (data.augment.od_stain, FL only when the reference is restored). docs/results.md
+  gives each point's table over folds 0-2."""
   return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
-          {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98}]
+          {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98},
+          {'fl.alpha': 0.1}, {'fl.alpha': 0.001}, {'data.augment.od_stain': 0.2}]
