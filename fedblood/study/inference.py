@@ -140,9 +140,9 @@ def _crop(loaded: Loaded, path, crop, root, files) -> dict:
   'information': each tried crop's score, auto only).
   """
   cfg = loaded.config.data
-  if crop is None and _known(cfg, Path(path).resolve().name):
-    return {'value': data.crop_of(cfg, Path(path).resolve().name), 'from': 'data.crop',
-            'information': None}
+  name = Path(path).resolve().name
+  if crop is None and _known(cfg, name):
+    return {'value': data.crop_of(cfg, name), 'from': 'data.crop', 'information': None}
   if crop not in (None, scale.AUTO):
     return {'value': crop, 'from': '--crop', 'information': None}
   read = lambda picked, c: data.read_files(root, [files[i] for i in picked], cfg.image_size,
@@ -158,15 +158,10 @@ def read_folder(loaded: Loaded, eval_dir, crop=None):
   cfg = loaded.config.data
   root = str(eval_dir)
   try:
-    listing = data.list_folder(root)
-    if len(listing.labels) == 0:
-      raise ValueError(f'--eval_dir {eval_dir} holds no images in known class folders '
-                       f'{metrics.CLASSES}')
+    listing = data.list_folder(root)  # a folder without images of a known class is refused here
     crop_info = _crop(loaded, eval_dir, crop, root, listing.files)
     images = data.read_files(root, listing.files, cfg.image_size, cfg.resize, crop_info['value'])
   except (ValueError, FileNotFoundError) as e:
-    if str(e).startswith('--eval_dir'):
-      raise
     raise ValueError(f'--eval_dir {eval_dir}: {e}. It must hold class folders named after '
                      f'{metrics.CLASSES} (or their usual synonyms), each with images.') from e
   return images, np.asarray(listing.labels), crop_info
