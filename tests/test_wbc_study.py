@@ -100,7 +100,8 @@ def test_a_folder_the_run_does_not_know_chooses_its_crop(study, tmp_path):
   crop = auto['crop']
   assert crop['from'] == 'auto' and crop['value'] in scale.CROPS
   scores = {float(c): v for c, v in crop['information'].items()}
-  assert list(scores) == list(scale.CROPS) and scores[crop['value']] == max(scores.values())
+  assert list(scores) == list(scale.CROPS) and crop['value'] == scale.choose(scores)
+  assert len(set(scores.values())) == len(scores)  # every candidate crop reaches the model
   assert json.loads((tmp_path / 'auto.json').read_text())['crop'] == crop
   assert 'chosen on these images' in (tmp_path / 'auto.md').read_text()
   given = inference.evaluate_folder(workdir, site, output=tmp_path / 'given.json',
