@@ -25,9 +25,11 @@ def get_sweep() -> list[dict]:
   scratch, every block trained from the fresh parameters the pooled model from scratch starts
   from, against FL from the reference model with blocks 1-3 frozen (the default); the local
   lr decaying over rounds (0.98 a round: round 100 at 0.14 of round 1's) against constant;
-  FedDyn's alpha 0.1 and 0.001 against 0.01 (the authors' search); and stain jitter in optical
-  density (data.augment.od_stain, FL only when the reference is restored). docs/results.md
-  gives each point's table over folds 0-2."""
+  FedDyn's alpha 0.1 and 0.001 against 0.01 (the authors' search); stain jitter in optical
+  density (data.augment.od_stain) and a blur of sigma up to 1 pixel (data.augment.blur: at
+  64 px the centers' sharpness spans PBC unblurred to JTSC at about sigma 0.8), each in FL only
+  when the reference is restored. docs/results.md gives each point's table over folds 0-2."""
   return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
           {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98},
-          {'fl.alpha': 0.1}, {'fl.alpha': 0.001}, {'data.augment.od_stain': 0.2}]
+          {'fl.alpha': 0.1}, {'fl.alpha': 0.001}, {'data.augment.od_stain': 0.2},
+          {'data.augment.blur': 1.0}]

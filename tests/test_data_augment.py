@@ -137,8 +137,8 @@ def test_per_channel_gain_is_cancelled_by_per_image_standardisation():
     assert _change(_cfg(**{**_OFF, knob: value}), x) < 1e-4, knob
 
 
-@pytest.mark.parametrize('knob, value', [('od_stain', 0.3), ('zoom', 0.3)])
-def test_od_stain_and_zoom_change_the_standardised_input(knob, value):
+@pytest.mark.parametrize('knob, value', [('od_stain', 0.3), ('zoom', 0.3), ('blur', 1.0)])
+def test_od_stain_zoom_and_blur_change_the_standardised_input(knob, value):
   x = _cells() * 0.5 + 0.25
   assert _change(_cfg(**{**_OFF, knob: value}), x) > 0.05
   assert _change(_cfg(**{**_OFF, knob: 0.0}), x) == 0.0
@@ -163,7 +163,35 @@ def test_zoom_magnifies_inside_the_frame():
 
 
 def test_new_jitters_leave_the_other_draws_unchanged():
-  """Zoom has its own key: on a constant image (zoom changes nothing) the colours drawn match."""
+  """Zoom and blur have their own keys: on a constant image (neither changes it) the colours
+  drawn match."""
   flat = jnp.full((16, 32, 32, 3), 0.4)
   base = augment(jax.random.key(5), flat, _cfg())
   np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(zoom=0.4)), base, atol=1e-6)
+  np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(blur=1.5)), base, atol=1e-6)
+
+
+def test_blur_is_a_gaussian_of_the_drawn_sigma_with_mirrored_borders():
+  """Each image equals scipy's Gaussian filter (mirrored borders, the same 2R + 1 taps) at the
+  sigma drawn for it, a different sigma per image in [0, blur]."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  x, rng, sigma_max = _cells(), jax.random.key(7), 1.5
+  y = np.asarray(augment_lib._blur(rng, x, sigma_max))
+  sigma = np.asarray(jax.random.uniform(rng, (x.shape[0],))) * sigma_max
+  assert sigma.min() < 0.5 < 1.0 < sigma.max() <= sigma_max
+  radius = int(np.ceil(3 * sigma_max))
+  for image, s, out in zip(np.asarray(x), sigma, y):
+    want = ndimage.gaussian_filter(image, (s, s, 0), mode='mirror', truncate=radius / s)
+    np.testing.assert_allclose(out, want, atol=2e-6)
+
+
+def test_blur_removes_fine_detail_the_more_the_wider_and_nothing_at_zero():
+  x = jnp.broadcast_to(_images(1), (16, 16, 16, 3))  # one image of pixel noise: all fine detail
+  fine = lambda v: np.abs(np.diff(np.asarray(v), axis=1)).mean(axis=(1, 2, 3))
+  rng = jax.random.fold_in(jax.random.key(2), augment_lib._BLUR_KEY)
+  sigma = np.asarray(jax.random.uniform(rng, (x.shape[0],))) * 2.0
+  left = fine(augment(jax.random.key(2), x, _cfg(**{**_OFF, 'blur': 2.0}))) / fine(x)
+  assert left.max() <= 1.0 and left.mean() < 0.6
+  order = np.argsort(sigma)
+  assert np.all(np.diff(left[order]) < 1e-6)  # a wider blur leaves less
+  np.testing.assert_allclose(augment_lib._blur(jax.random.key(2), x, 1e-4), x, atol=1e-6)

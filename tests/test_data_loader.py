@@ -245,6 +245,19 @@ def test_synthetic_sizes_must_match_num_centers(tmp_path, num, sizes):
     data.load_centers(cfg)
 
 
+@pytest.mark.parametrize('key, value, match', [
+    ('blur', -0.5, r'data\.augment\.blur=-0\.5 must be a number >= 0'),
+    ('hue', float('nan'), r'data\.augment\.hue=nan must be a number >= 0'),
+    ('blur', 21.0, r'data\.augment\.blur=21\.0: .* inside the 64-pixel image'),
+])
+def test_augment_ranges_are_checked_before_loading(tmp_path, key, value, match):
+  cfg = _cfg(tmp_path, image_size=64)
+  cfg.augment[key] = value
+  with pytest.raises(ValueError, match=match):
+    data.load_centers(cfg)
+  assert not os.listdir(tmp_path)  # nothing built
+
+
 def test_default_cache_dir_is_tfds_data_dir(monkeypatch, tmp_path):
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   assert data.config.cache_dir(data.default_config()) == str(tmp_path / 'tfds')

@@ -13,7 +13,9 @@ density (``-log I``, the Beer-Lambert space, in the HED basis of Ruifrok & Johns
 scikit-image's ``rgb2hed``; Tellez et al. 2018's HED jitter without its bias term, which is a
 per-channel gain in RGB), a non-linear change of every channel; and ``zoom``, a random
 magnification of up to ``1 + zoom`` at a random position, for the cell-size differences between
-optics. Each is drawn from its own key, so turning it on leaves the other draws unchanged.
+optics; and ``blur``, a Gaussian blur of a random width, for the optics' sharpness (at 64 px the
+centers' high-frequency content differs fourfold, docs/results.md). Each is drawn from its own
+key, so turning it on leaves the other draws unchanged.
 
 Usage::
 
@@ -37,7 +39,7 @@ _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
 _OD_FLOOR = 1e-3  # intensity floor before -log: an optical density of at most ~6.9
 # Keys of the jitters added after the first draw (fold_in constants: never reuse one).
-_ZOOM_KEY, _OD_KEY = 1, 2
+_ZOOM_KEY, _OD_KEY, _BLUR_KEY = 1, 2, 3
 
 
 def _uniform(u, spread):
@@ -54,8 +56,9 @@ def augment(rng, images, cfg):
     cfg: the ``data.augment`` ConfigDict: ``enabled``, ``flip``, ``rot90`` (bools) and the
       jitter ranges ``brightness`` (additive), ``contrast``, ``saturation``, ``stain``
       (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
-      (each stain's optical density times 1 +- value) and ``zoom`` (magnification in
-      [1, 1 + value]), absent in older configs: 0. Read at trace time: a zero range costs
+      (each stain's optical density times 1 +- value), ``zoom`` (magnification in
+      [1, 1 + value]) and ``blur`` (Gaussian sigma in [0, value] pixels), absent in older
+      configs: 0. Read at trace time: a zero range costs
       nothing.
 
   Returns:
@@ -82,6 +85,8 @@ def augment(rng, images, cfg):
     x = _zoom(jax.random.fold_in(rng, _ZOOM_KEY), x, cfg.zoom)
   if cfg.get('od_stain', 0.0):
     x = _od_stain(jax.random.fold_in(rng, _OD_KEY), x, cfg.od_stain)
+  if cfg.get('blur', 0.0):
+    x = _blur(jax.random.fold_in(rng, _BLUR_KEY), x, cfg.blur)
 
   if cfg.stain:  # per-channel intensity: a crude stain / white-balance change
     x = x * (1 + _uniform(u[:, None, None, 2:5], cfg.stain))
@@ -124,3 +129,23 @@ def _od_stain(rng, x, spread: float):
   od = -jnp.log(jnp.maximum(x, _OD_FLOOR))
   stains = od @ jnp.asarray(_HED_FROM_RGB)
   return jnp.exp(-(stains * factors) @ jnp.asarray(_RGB_FROM_HED))
+
+
+def _blur(rng, x, sigma_max: float):
+  """Each image blurred by a Gaussian of sigma drawn in ``[0, sigma_max]`` pixels.
+
+  Separable, ``2 R + 1`` taps per axis with ``R = ceil(3 sigma_max)``, the border mirrored (so a
+  constant image stays constant and no dark frame enters). Sigma 0 is the image itself.
+  """
+  radius = max(int(np.ceil(3 * sigma_max)), 1)
+  sigma = jax.random.uniform(rng, (x.shape[0],)) * sigma_max
+  d2 = jnp.arange(-radius, radius + 1, dtype=jnp.float32) ** 2
+  # Sigma -> 0 gives a delta: exp(-d^2 / tiny) is 1 at d = 0 and 0 elsewhere.
+  taps = jnp.exp(-d2 / (2 * jnp.maximum(sigma[:, None], 1e-3) ** 2))
+  taps = taps / taps.sum(-1, keepdims=True)                                 # [B, 2R + 1]
+  size_h, size_w = x.shape[1:3]
+  padded = jnp.pad(x, ((0, 0), (radius, radius), (0, 0), (0, 0)), mode='reflect')
+  x = sum(taps[:, i, None, None, None] * padded[:, i:i + size_h] for i in range(2 * radius + 1))
+  padded = jnp.pad(x, ((0, 0), (0, 0), (radius, radius), (0, 0)), mode='reflect')
+  return sum(taps[:, i, None, None, None] * padded[:, :, i:i + size_w]
+             for i in range(2 * radius + 1))

@@ -88,6 +88,8 @@ def augment_config() -> ml_collections.ConfigDict:
   a.od_stain = 0.0
   # Random magnification in [1, 1 + this] at a random position (cell-size differences).
   a.zoom = 0.0
+  # Gaussian blur of sigma in [0, this] pixels at data.image_size (the optics' sharpness).
+  a.blur = 0.0
   return a
 
 
@@ -109,12 +111,32 @@ def check_fields(data_cfg) -> None:
   splits_lib.check_folds(*folds_of(data_cfg))
   for name, fraction in crops(data_cfg).items():
     images_lib.check_crop(fraction, f'data.crop.{name}')
+  check_augment(data_cfg.get('augment', None), size)
   if data_cfg.source != 'synthetic' and data_cfg.root:
     root, cache = os.path.realpath(data_cfg.root), os.path.realpath(cache_dir(data_cfg))
     # (The reverse, images inside the cache dir, is TFDS' own manual-download convention.)
     if os.path.commonpath([root, cache]) == root:
       raise ValueError(f'data.cache_dir ({cache}) must not be inside data.root ({root}): '
                        'caches never go beside the images')
+
+
+# data.augment's jitter ranges (fedblood.data.augment); each >= 0, 0 turns it off.
+AUGMENT_RANGES = ('brightness', 'contrast', 'saturation', 'hue', 'stain', 'od_stain', 'zoom',
+                  'blur')
+
+
+def check_augment(augment_cfg, image_size: int) -> None:
+  """ValueError naming the ``data.augment`` key whose range cannot be drawn from."""
+  if augment_cfg is None:
+    return
+  for key in AUGMENT_RANGES:
+    value = augment_cfg.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f'data.augment.{key}={value!r} must be a number >= 0 (0 turns it off)')
+  blur = augment_cfg.get('blur', 0.0)
+  if blur and 3 * blur >= image_size - 1:
+    raise ValueError(f'data.augment.blur={blur!r}: the blur reaches 3 sigma, which must stay '
+                     f'inside the {image_size}-pixel image (data.image_size)')
 
 
 def crops(data_cfg) -> dict:
