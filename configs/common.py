@@ -92,6 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
   # parameters of config.seed the reference itself started from, as the pooled model from scratch;
   # needs model.frozen_blocks=0: no block stays at random weights).
   config.fl.init = 'reference'
+  # Logit-adjusted local loss (Menon et al. 2021; FedLC, Zhang et al. 2022): tau * each center's
+  # class log-frequencies added to the logits in training, so no center's class mix is learned
+  # as a shortcut; 0 is plain cross-entropy.
+  config.fl.logit_adjust = 0.0
   config.fl.participation = 1.0        # fraction of centers active each round (drawn from the seed)
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).

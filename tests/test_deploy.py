@@ -64,7 +64,8 @@ def _run_config(overrides, workdir, **kw):
 
 @pytest.mark.slow
 def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch):
-  """SCAFFOLD with an lr decaying over rounds, over TLS with node authentication ==
+  """SCAFFOLD with an lr decaying over rounds and logit-adjusted local losses (each site's class
+  prior from its own labels), over TLS with node authentication ==
   fedblood's simulation (FedDyn's is tests/test_deploy_wbc.py's, on the real centers, and the
   replays below).
 
@@ -73,7 +74,7 @@ def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch)
   """
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   # fl.lr_decay: round 2 runs at half round 1's lr, at each site from the round it trains.
-  overrides = _reference(tmp_path, TINY + ' fl.rounds=2 fl.lr_decay=0.5')
+  overrides = _reference(tmp_path, TINY + ' fl.rounds=2 fl.lr_decay=0.5 fl.logit_adjust=1.0')
   with local.Federation(tmp_path / 'fed', tls=True, auth=True) as fed:
     fed.start_superlink()
     for k in range(3):

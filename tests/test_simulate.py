@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from fedblood import algorithms
+from fedblood import algorithms, data
 from fedblood.core import batches, simulate
 from fedblood.model import classifier, models, partition
 
@@ -338,6 +338,72 @@ def test_classifier_loss_counts_only_masked_in_rows():
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[:4])
   np.testing.assert_allclose(loss, np.mean(ce), rtol=1e-5)
   np.testing.assert_allclose(aux['accuracy'], np.mean(np.argmax(logits, -1) == labels[:4]))
+
+
+def test_logit_adjusted_loss_adds_tau_times_each_rows_log_prior():
+  """fl.logit_adjust: the cross-entropy of logits + tau * log_prior (each row its own prior);
+  tau 0 is the plain loss, and a prior that favours the true class lowers it."""
+  model, _, trainable, frozen, predict = tiny_vgg()
+  centers = colour_centers()
+  images, labels = centers.examples['image'][1, :4], centers.examples['label'][1, :4]
+  log_prior = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]] * 2, jnp.float32))
+  batch, rng = dict(image=images, label=labels, log_prior=log_prior), jax.random.key(0)
+  logits = predict(trainable, frozen, centers.examples['image'][:2])[1, :4]
+  for tau in (0.0, 0.5, 1.0):
+    loss, _ = classifier.classifier_loss(model, logit_adjust=tau)(trainable, frozen, batch, rng)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits + tau * log_prior, labels)
+    np.testing.assert_allclose(loss, np.mean(want), rtol=1e-5)
+  plain = classifier.classifier_loss(model)(trainable, frozen, batch, rng)[0]
+  sure = dict(batch, log_prior=jnp.log(jax.nn.one_hot(labels, 3) * 0.9 + 0.05))
+  assert classifier.classifier_loss(model, logit_adjust=1.0)(trainable, frozen, sure, rng)[0] < plain
+  with pytest.raises(KeyError, match="needs batch\\['log_prior'\\]"):
+    classifier.classifier_loss(model, logit_adjust=1.0)(trainable, frozen,
+                                                        dict(image=images, label=labels), rng)
+
+
+def test_pad_centers_gives_every_row_its_centers_smoothed_log_prior():
+  split = lambda labels: data.Split(np.zeros((len(labels), 4, 4, 3), np.uint8),
+                                    np.asarray(labels, np.int32), [''] * len(labels))
+  centers = simulate.pad_centers([split([0, 0, 0, 2]), split([1, 2])], num_classes=3)
+  log_prior = np.asarray(centers.examples['log_prior'])
+  assert log_prior.shape == (2, 4, 3)
+  want = np.log(np.array([[4, 1, 2], [1, 2, 2]]) / np.array([[7], [5]]))  # (n_c + 1) / (n + K)
+  np.testing.assert_allclose(log_prior, np.broadcast_to(want[:, None], (2, 4, 3)), rtol=1e-6)
+  assert 'log_prior' not in simulate.pad_centers([split([0, 1])]).examples
+  # A site pads its own split alone to the federation's Nmax: the same rows.
+  site = simulate.pad_centers([split([1, 2])], 4, num_classes=3).examples['log_prior']
+  np.testing.assert_array_equal(site[0], log_prior[1])
+  with pytest.raises(ValueError, match='label >= num_classes=2'):
+    simulate.pad_centers([split([0, 2])], num_classes=2)
+
+
+def test_logit_adjust_reaches_the_round_and_changes_training():
+  """fl.logit_adjust through rounds.spec: the round's loss adds the prior, and centers whose
+  class mixes differ train otherwise than without it."""
+  from fedblood.core import rounds  # pylint: disable=g-import-not-at-top
+  from fedblood.study import experiment  # pylint: disable=g-import-not-at-top
+  model, _, trainable, frozen, _ = tiny_vgg()
+  fl = dict(algorithm='fed_avg', lr=0.05, batch_size=4, local_epochs=1, execution='loop')
+  loss = experiment.Loss(model, None)
+  assert rounds.local_loss(rounds.spec(loss, fl)) == loss
+  assert rounds.local_loss(rounds.spec(loss, dict(fl, logit_adjust=1.0))) == loss._replace(
+      logit_adjust=1.0)
+  assert rounds.prior_classes(dict(fl, logit_adjust=1.0), 3) == 3
+  assert rounds.prior_classes(fl, 3) == rounds.prior_classes(dict(fl, logit_adjust=0.0), 3) == 0
+  sizes = (6, 10, 4)
+  base = colour_centers(sizes)
+  splits = [data.Split(np.asarray(base.examples['image'][k, :n]),
+                       np.asarray(base.examples['label'][k, :n]), [''] * n)
+            for k, n in enumerate(sizes)]
+  out = {}
+  for tau in (0.0, 1.0):
+    alg, round_fn = rounds.compiled(rounds.spec(loss, dict(fl, logit_adjust=tau)))
+    centers = simulate.pad_centers(splits, None, rounds.prior_classes(dict(fl, logit_adjust=tau), 3))
+    server, _, _ = round_fn(*alg.init(trainable, 3), frozen, centers, ALL, jax.random.key(0), 1)
+    out[tau] = server
+  diff = max(float(jnp.max(jnp.abs(a - b)))
+             for a, b in zip(jax.tree.leaves(out[0.0]), jax.tree.leaves(out[1.0])))
+  assert diff > 1e-4
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ class RoundSpec(NamedTuple):
   local_epochs: int
   execution: str
   dp: DpSpec | None         # None: no fl.dp, or fl.dp.mode='off'
+  logit_adjust: float = 0.0  # fl.logit_adjust: tau of the local loss (the examples' log_prior)
 
 
 _ALGORITHM_KEYS = ('lr', 'lr_decay', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
@@ -71,13 +72,28 @@ def spec(loss, fl, dp_plan=None) -> RoundSpec:
   return RoundSpec(loss=loss, algorithm=fl['algorithm'],
                    **{k: fl[k] if k in fl else None for k in _ALGORITHM_KEYS},
                    batch_size=fl['batch_size'], local_epochs=fl['local_epochs'],
-                   execution=fl['execution'] if 'execution' in fl else 'auto', dp=dp_spec)
+                   execution=fl['execution'] if 'execution' in fl else 'auto', dp=dp_spec,
+                   logit_adjust=float(fl['logit_adjust']) if 'logit_adjust' in fl else 0.0)
+
+
+def local_loss(round_spec: RoundSpec):
+  """The centers' training loss: the spec's ``loss`` (an :class:`fedblood.study.experiment.Loss`
+  when ``logit_adjust`` is on) with its logit adjustment."""
+  if not round_spec.logit_adjust:
+    return round_spec.loss
+  return round_spec.loss._replace(logit_adjust=round_spec.logit_adjust)
+
+
+def prior_classes(fl, num_classes: int) -> int:
+  """``num_classes`` when ``fl.logit_adjust`` is on, else 0: what
+  :func:`fedblood.core.simulate.pad_centers` takes so that the examples carry ``log_prior``."""
+  return num_classes if ('logit_adjust' in fl and fl['logit_adjust']) else 0
 
 
 def fl_settings(round_spec: RoundSpec) -> dict:
   """The spec as the ``config.fl`` mapping the builders read (absent fields left out)."""
   settings = {k: v for k, v in round_spec._asdict().items()
-              if k not in ('loss', 'dp') and v is not None}
+              if k not in ('loss', 'dp', 'logit_adjust') and v is not None}
   if round_spec.dp is not None:
     settings['dp'] = {k: v for k, v in round_spec.dp._asdict().items() if v is not None}
   return settings
@@ -101,7 +117,7 @@ def compiled(round_spec: RoundSpec, form: str = 'round') -> tuple[Any, Any]:
   """
   if form not in FORMS:
     raise ValueError(f'form must be one of {FORMS}, got {form!r}')
-  fl, loss = fl_settings(round_spec), round_spec.loss
+  fl, loss = fl_settings(round_spec), local_loss(round_spec)
   if form == 'round':
     return simulate.build(fl, loss)
   algorithm = algorithms.build(fl)

@@ -65,12 +65,15 @@ class Centers(NamedTuple):
   sizes: Any
 
 
-def pad_centers(splits, nmax: Optional[int] = None) -> Centers:
+def pad_centers(splits, nmax: Optional[int] = None, num_classes: int = 0) -> Centers:
   """:class:`Centers` of training splits (``images``, ``labels``), each padded to ``nmax``.
 
   ``nmax`` defaults to the longest split. The simulation pads every center's split; a deployed
   site pads its own one to the federation's ``Nmax`` with this same function, so both see the
-  same ``[C, Nmax, ...]`` rows (``C = 1`` at a site).
+  same ``[C, Nmax, ...]`` rows (``C = 1`` at a site). ``num_classes > 0`` adds ``log_prior``,
+  float32 ``[C, Nmax, K]``: on every row its own center's class log-frequencies in its training
+  split, add-one smoothed (``log((n_kc + 1) / (n_k + K))``), for ``fl.logit_adjust``; a site
+  computes its own from its own labels.
   """
   sizes = [len(s.labels) for s in splits]
   nmax = max(sizes) if nmax is None else nmax
@@ -81,10 +84,16 @@ def pad_centers(splits, nmax: Optional[int] = None) -> Centers:
   def pad(x):
     return np.concatenate([x, np.zeros((nmax - len(x),) + x.shape[1:], x.dtype)])
 
-  return Centers(
-      examples={'image': jnp.asarray(np.stack([pad(s.images) for s in splits])),
-                'label': jnp.asarray(np.stack([pad(s.labels.astype(np.int32)) for s in splits]))},
-      sizes=jnp.asarray(sizes, jnp.int32))
+  examples = {'image': jnp.asarray(np.stack([pad(s.images) for s in splits])),
+              'label': jnp.asarray(np.stack([pad(s.labels.astype(np.int32)) for s in splits]))}
+  if num_classes:
+    counts = np.stack([np.bincount(s.labels, minlength=num_classes) for s in splits])
+    if counts.shape[1] != num_classes:
+      raise ValueError(f'a training split has a label >= num_classes={num_classes}')
+    log_prior = np.log((counts + 1) / (counts.sum(1, keepdims=True) + num_classes))
+    examples['log_prior'] = jnp.asarray(
+        np.broadcast_to(log_prior[:, None], (len(splits), nmax, num_classes)), jnp.float32)
+  return Centers(examples=examples, sizes=jnp.asarray(sizes, jnp.int32))
 
 
 def check_centers(centers: Centers):

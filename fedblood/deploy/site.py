@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedblood.core import simulate
+from fedblood.core import rounds, simulate
 from fedblood.deploy import site_privacy
 from fedblood.deploy import study as study_lib
 from fedblood.deploy import wire
@@ -220,7 +220,9 @@ def _handle(kind, request, server_rec, frozen_rec, node_config, name, state_dir,
                   lambda: _state_manager(folder, st.config.checkpoint.get('every', 1)))
   client_state = warm.client_state(folder, committed,
                                    lambda: _restore_client_state(mngr, st, committed, name))
-  examples = simulate.pad_centers([center.train], int(request['nmax'])).examples
+  examples = simulate.pad_centers(  # the class prior (fl.logit_adjust) from its own labels
+      [center.train], int(request['nmax']),
+      rounds.prior_classes(st.config.fl, st.experiment.model.num_classes)).examples
   size = jnp.int32(len(center.train.labels))
   # Under DP the key is secret (the server knows the seed); else the simulation's own.
   key = site_privacy.secret_key() if dp else study_lib.rng(st.config.seed, r, k)

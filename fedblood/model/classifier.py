@@ -30,16 +30,22 @@ def to_float(images):
   return images.astype(jnp.float32)
 
 
-def classifier_loss(model, augment_fn: Optional[Callable] = None) -> Callable:
+def classifier_loss(model, augment_fn: Optional[Callable] = None,
+                    logit_adjust: float = 0.0) -> Callable:
   """Masked softmax cross-entropy of a Flax classifier over (trainable, frozen) params.
 
   Args:
     model: a linen module taking float images in [0, 1] and ``train`` (dropout rng 'dropout').
     augment_fn: optional ``(rng, images) -> images`` on float32 images in [0, 1].
+    logit_adjust: ``tau``; above 0 the loss is the logit-adjusted cross-entropy of Menon et al.
+      (2021), as FedLC (Zhang et al. 2022) uses it in FL: ``tau * batch['log_prior']`` (each
+      row's own class log-frequencies, ``[B, K]``) is added to the logits before the softmax, so
+      the model is not rewarded for predicting a frequent class and its plain logits (what
+      prediction uses) estimate the class-balanced posterior.
 
   Returns:
     ``loss_fn(trainable, frozen, batch, rng) -> (loss, {'accuracy': ...})`` for batches
-    ``{'image', 'label'[, 'mask']}``; rows with mask 0 do not count.
+    ``{'image', 'label'[, 'mask'][, 'log_prior']}``; rows with mask 0 do not count.
   """
   def loss_fn(trainable, frozen, batch, rng):
     aug_rng, dropout_rng = jax.random.split(rng)
@@ -51,7 +57,13 @@ def classifier_loss(model, augment_fn: Optional[Callable] = None) -> Callable:
     labels = batch['label']
     mask = batch.get('mask', jnp.ones(labels.shape, jnp.float32))
     count = jnp.maximum(jnp.sum(mask), 1.0)
-    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels) * mask) / count
+    fit = logits
+    if logit_adjust:
+      if 'log_prior' not in batch:
+        raise KeyError("logit_adjust > 0 needs batch['log_prior'] (simulate.pad_centers with "
+                       'num_classes)')
+      fit = logits + logit_adjust * batch['log_prior']
+    loss = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(fit, labels) * mask) / count
     accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * mask) / count
     return loss, {'accuracy': accuracy}
 

@@ -41,13 +41,16 @@ class Loss(NamedTuple):
   """The classifier's masked cross-entropy with ``augment``, as a hashable value.
 
   ``(trainable, frozen, batch, rng) -> (loss, aux)``
-  (:func:`fedblood.model.classifier.classifier_loss`).
+  (:func:`fedblood.model.classifier.classifier_loss`); ``logit_adjust`` is FL's
+  (``fl.logit_adjust``, set by :func:`fedblood.core.rounds.local_loss`).
   """
   model: Any
   augment: Augment | None
+  logit_adjust: float = 0.0
 
   def __call__(self, trainable, frozen, batch, rng):
-    return classifier.classifier_loss(self.model, self.augment)(trainable, frozen, batch, rng)
+    return classifier.classifier_loss(self.model, self.augment, self.logit_adjust)(
+        trainable, frozen, batch, rng)
 
 
 # Features of the frozen blocks that FL's per-round evaluation keeps in memory

@@ -258,7 +258,8 @@ def fl_vectorized(configs, workdirs) -> None:
     states.append(state)
     frozens.append(frozen)
     keys.append(jax.random.fold_in(exps[-1].key, experiment.STAGE['fl']))
-  sim = simulate.pad_centers([c.train for c in centers])
+  sim = simulate.pad_centers([c.train for c in centers], None,
+                             rounds.prior_classes(configs[0].fl, exps[0].model.num_classes))
   _, sweep_fn = rounds.compiled(rounds.spec(exps[0].loss, configs[0].fl), 'sweep')
   stacked_frozen, stacked_keys = vectorized.stack(frozens), jnp.stack(keys)
 

@@ -161,6 +161,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.select': one_of(*driver.SELECT_RULES),
     'fl.holdout': center_names,
     'fl.init': one_of(*fl_stage.INITS),
+    'fl.logit_adjust': nonnegative,
     **_recipe('baselines'),
     'fl.dp.mode': one_of(*dp.MODES),
     'fl.dp.clip': positive,

@@ -136,7 +136,8 @@ def fl_stage(exp: Experiment, fl, checkpoint_cfg, reference_params, centers, wor
   held = [c for c in centers if c.name in holdout]
   run, round_fn, frozen, state = fl_setup(exp, fl, checkpoint_cfg, reference_params, trained,
                                           workdir)
-  sim = simulate.pad_centers([c.train for c in trained])
+  sim = simulate.pad_centers([c.train for c in trained], None,
+                             rounds.prior_classes(fl, exp.model.num_classes))
   fl_key = jax.random.fold_in(exp.key, STAGE['fl'])
   bar = exp.progress(fl.rounds, f'fl {fl.algorithm}', run.start) if exp.progress else None
 
