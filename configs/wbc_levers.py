@@ -28,8 +28,10 @@ def get_sweep() -> list[dict]:
   FedDyn's alpha 0.1 and 0.001 against 0.01 (the authors' search); stain jitter in optical
   density (data.augment.od_stain) and a blur of sigma up to 1 pixel (data.augment.blur: at
   64 px the centers' sharpness spans PBC unblurred to JTSC at about sigma 0.8), each in FL only
-  when the reference is restored. docs/results.md gives each point's table over folds 0-2."""
+  when the reference is restored; and logit-adjusted local losses (fl.logit_adjust 1: each
+  center's class mix added to its logits in training). docs/results.md gives each point's table
+  over folds 0-2."""
   return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
           {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98},
           {'fl.alpha': 0.1}, {'fl.alpha': 0.001}, {'data.augment.od_stain': 0.2},
-          {'data.augment.blur': 1.0}]
+          {'data.augment.blur': 1.0}, {'fl.logit_adjust': 1.0}]

@@ -14,7 +14,7 @@ scikit-image's ``rgb2hed``; Tellez et al. 2018's HED jitter without its bias ter
 per-channel gain in RGB), a non-linear change of every channel; and ``zoom``, a random
 magnification of up to ``1 + zoom`` at a random position, for the cell-size differences between
 optics; and ``blur``, a Gaussian blur of a random width, for the optics' sharpness (at 64 px the
-centers' high-frequency content differs fourfold, docs/results.md). Each is drawn from its own
+centers' high-frequency content differs fivefold, docs/results.md). Each is drawn from its own
 key, so turning it on leaves the other draws unchanged.
 
 Usage::
