@@ -191,6 +191,18 @@ def test_fl_from_scratch_starts_at_the_fresh_parameters(tmp_path):
   assert not (tmp_path / 'frozen').exists()
 
 
+def test_logit_adjust_under_dp_is_refused_before_any_work(tmp_path):
+  """The prior is computed from all of a center's labels: DP-SGD's per-example bound would not
+  hold, so the two are refused together, naming both keys."""
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.logit_adjust, config.fl.dp.mode = 1.0, 'example'
+  with pytest.raises(ValueError, match=r"fl.logit_adjust=1.0 with fl.dp.mode='example'"):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+  config.fl.dp.mode = 'off'
+  validate.check(config)  # without DP it is fine
+
+
 def test_matmul_precision_is_applied_and_restored():
   config = common.get_config()
   x = jnp.ones((4, 4))

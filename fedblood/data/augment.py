@@ -58,8 +58,7 @@ def augment(rng, images, cfg):
       (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
       (each stain's optical density times 1 +- value), ``zoom`` (magnification in
       [1, 1 + value]) and ``blur`` (Gaussian sigma in [0, value] pixels), absent in older
-      configs: 0. Read at trace time: a zero range costs
-      nothing.
+      configs: 0. Read at trace time: a zero range costs nothing.
 
   Returns:
     float32 [B, H, W, 3] in [0, 1]; the input itself when ``cfg.enabled`` is False.

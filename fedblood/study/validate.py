@@ -257,6 +257,12 @@ def check(config) -> None:
     raise ValueError(f"config fl.init='scratch' with model.frozen_blocks={frozen}: the first "
                      f'{frozen} block(s) would stay at their random initial weights through '
                      'every round; set model.frozen_blocks=0')
+  adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
+  if adjust not in (0, 0.0, _ABSENT) and dp_mode not in ('off', _ABSENT):
+    raise ValueError(f"config fl.logit_adjust={adjust!r} with fl.dp.mode={dp_mode!r}: the class "
+                     "prior comes from every label of the center, so one image would change "
+                     "every example's loss and the privacy bound would not hold; set "
+                     "fl.logit_adjust=0 or fl.dp.mode='off'")
   if all(key in config for key in _BUILT_FROM):
     check_built(config)
   else:
