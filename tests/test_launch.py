@@ -283,3 +283,18 @@ def test_loco_sweep_leaves_out_each_external_center_once():
   assert sorted(h for (h,) in held) == sorted(set(config.data.crop) - {config.data.reference})
   for p in wbc_loco.get_sweep():
     validate.check(sweep.apply(config, p))  # the rules of every field, before any data
+
+
+def test_levers_sweep_points_are_distinct_and_each_passes_the_config_rules():
+  from configs import wbc, wbc_levers  # pylint: disable=g-import-not-at-top
+  from fedblood.study import validate  # pylint: disable=g-import-not-at-top
+  config, recipe = wbc_levers.get_config(), wbc.get_config()
+  points = wbc_levers.get_sweep()
+  assert len({sweep.point_name(p) for p in points}) == len(points)
+  for p in points:
+    point = sweep.apply(config, p)
+    validate.check(point)  # the rules of every field (fl.init='scratch' needs frozen 0), before data
+    changed = [k for k, v in p.items()
+               if (recipe[k.rpartition('.')[0]] if '.' in k else recipe)[k.rpartition('.')[2]] != v]
+    # Each point is the recipe with its own lever(s) moved, except the recipe's own weighting.
+    assert changed or p == {'fl.weighting': recipe.fl.weighting}, p
