@@ -293,7 +293,7 @@ def test_levers_sweep_points_are_distinct_and_each_passes_the_config_rules():
   assert len({sweep.point_name(p) for p in points}) == len(points)
   for p in points:
     point = sweep.apply(config, p)
-    validate.check(point)  # the rules of every field (fl.init='scratch' needs frozen 0), before data
+    validate.check(point)  # every field's rules (fl.init='scratch' needs frozen 0), before data
     changed = [k for k, v in p.items()
                if (recipe[k.rpartition('.')[0]] if '.' in k else recipe)[k.rpartition('.')[2]] != v]
     # Each point is the recipe with its own lever(s) moved, except the recipe's own weighting.
