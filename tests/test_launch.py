@@ -294,7 +294,6 @@ def test_levers_sweep_points_are_distinct_and_each_passes_the_config_rules():
   for p in points:
     point = sweep.apply(config, p)
     validate.check(point)  # every field's rules (fl.init='scratch' needs frozen 0), before data
-    changed = [k for k, v in p.items()
-               if (recipe[k.rpartition('.')[0]] if '.' in k else recipe)[k.rpartition('.')[2]] != v]
+    changed = [k for k, v in p.items() if recipe[k] != v]  # ConfigDict reads dotted keys
     # Each point is the recipe with its own lever(s) moved, except the recipe's own weighting.
     assert changed or p == {'fl.weighting': recipe.fl.weighting}, p

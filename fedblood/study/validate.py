@@ -258,7 +258,7 @@ def check(config) -> None:
                      f'{frozen} block(s) would stay at their random initial weights through '
                      'every round; set model.frozen_blocks=0')
   adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
-  if adjust not in (0, 0.0, _ABSENT) and dp_mode not in ('off', _ABSENT):
+  if adjust not in (0, _ABSENT) and dp_mode not in ('off', _ABSENT):
     raise ValueError(f"config fl.logit_adjust={adjust!r} with fl.dp.mode={dp_mode!r}: the class "
                      "prior comes from every label of the center, so one image would change "
                      "every example's loss and the privacy bound would not hold; set "
