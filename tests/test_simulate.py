@@ -377,13 +377,18 @@ def test_pad_centers_gives_every_row_its_centers_smoothed_log_prior():
     simulate.pad_centers([split([0, 2])], num_classes=2)
 
 
-def test_logit_adjust_reaches_the_round_and_changes_training():
+@pytest.mark.parametrize('dp', [None, dict(mode='client', clip=100.0, noise_multiplier=0.0,
+                                            seed=0)], ids=['no_dp', 'client_dp'])
+def test_logit_adjust_reaches_the_round_and_changes_training(dp):
   """fl.logit_adjust through rounds.spec: the round's loss adds the prior, and centers whose
-  class mixes differ train otherwise than without it."""
+  class mixes differ train otherwise than without it; also under client-level DP, which wraps
+  the algorithm and keeps the centers' adjusted loss."""
   from fedblood.core import rounds  # pylint: disable=g-import-not-at-top
   from fedblood.study import experiment  # pylint: disable=g-import-not-at-top
   model, _, trainable, frozen, _ = tiny_vgg()
   fl = dict(algorithm='fed_avg', lr=0.05, batch_size=4, local_epochs=1, execution='loop')
+  if dp is not None:
+    fl['dp'] = dp
   loss = experiment.Loss(model, None)
   assert rounds.local_loss(rounds.spec(loss, fl)) == loss
   assert rounds.local_loss(rounds.spec(loss, dict(fl, logit_adjust=1.0))) == loss._replace(

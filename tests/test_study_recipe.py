@@ -193,7 +193,7 @@ def test_fl_from_scratch_starts_at_the_fresh_parameters(tmp_path):
 
 def test_logit_adjust_under_dp_is_refused_before_any_work(tmp_path):
   """The prior is computed from all of a center's labels: DP-SGD's per-example bound would not
-  hold, so the two are refused together, naming both keys."""
+  hold, so the two are refused together, naming both keys; client-level DP allows it."""
   config = smoke_config(tmp_path / 'tfds')
   config.fl.logit_adjust, config.fl.dp.mode = 1.0, 'example'
   with pytest.raises(ValueError, match=r"fl.logit_adjust=1.0 with fl.dp.mode='example'"):
@@ -201,6 +201,9 @@ def test_logit_adjust_under_dp_is_refused_before_any_work(tmp_path):
   assert not (tmp_path / 'run').exists()
   config.fl.dp.mode = 'off'
   validate.check(config)  # without DP it is fine
+  # Client level: the unit is the whole center, whose clipped, noised update covers the prior.
+  config.fl.algorithm, config.fl.dp.mode = 'fed_avg', 'client'
+  validate.check(config)
 
 
 def test_matmul_precision_is_applied_and_restored():

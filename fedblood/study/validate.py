@@ -258,11 +258,14 @@ def check(config) -> None:
                      f'{frozen} block(s) would stay at their random initial weights through '
                      'every round; set model.frozen_blocks=0')
   adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
-  if adjust not in (0, _ABSENT) and dp_mode not in ('off', _ABSENT):
+  # Record level only: under fl.dp.mode='client' the unit is a whole center, whose clipped and
+  # noised update covers anything computed from its own labels, the prior included.
+  if adjust not in (0, _ABSENT) and dp_mode == 'example':
     raise ValueError(f"config fl.logit_adjust={adjust!r} with fl.dp.mode={dp_mode!r}: the class "
                      "prior comes from every label of the center, so one image would change "
-                     "every example's loss and the privacy bound would not hold; set "
-                     "fl.logit_adjust=0 or fl.dp.mode='off'")
+                     "every example's loss and the per-image privacy bound would not hold; set "
+                     "fl.logit_adjust=0, or fl.dp.mode='off' or 'client' (a whole center as "
+                     "the unit)")
   if all(key in config for key in _BUILT_FROM):
     check_built(config)
   else:
