@@ -122,6 +122,28 @@ def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
   assert rows[0]['val_n'] == 20
 
 
+def test_center_mean_validation_predicts_every_center_in_one_pass(monkeypatch):
+  """The pooled monitor (a list of splits): one prediction over the centers' images together,
+  each center's metrics from its own rows, equal to evaluating the centers one by one; a center
+  with no validation images is left out."""
+  rng = np.random.default_rng(0)
+  val = [_tiny_split(rng, 15, 0), _tiny_split(rng, 0, 20), _tiny_split(rng, 7, 40)]
+  model = models.build(ml_collections.ConfigDict(dict(
+      name='VGG11', num_classes=5, head='gap', width=1 / 32, dropout=0.0, input_norm='per_image',
+      conv_init='he', dtype='float32')))
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  trainable, frozen = partition.split(params, partition.frozen_block_rules(0))
+  one_by_one = selection.center_mean([metrics.summary(centralized.evaluate(
+      model, trainable, frozen, v, 8)) for v in val if len(v.labels)])
+  calls = []
+  predict_probs = centralized.predict_probs
+  monkeypatch.setattr(centralized, 'predict_probs',
+                      lambda *a, **k: calls.append(len(a[3])) or predict_probs(*a, **k))
+  assert centralized._val_summary(model, trainable, frozen, val, 8) == (None, one_by_one)
+  assert calls == [22]
+  assert centralized._val_summary(model, trainable, frozen, [val[1]], 8) == (None, None)
+
+
 def test_local_only_from_scratch_at_the_reference_center_is_the_reference_model(tmp_path):
   # With the reference's own recipe (configs/wbc.py: baselines.scratch = the reference recipe),
   # local-only from scratch at the reference center would retrain the reference model with
