@@ -50,9 +50,9 @@ _FOLDS = flags.DEFINE_integer('folds', None,
                               '<workdir>/fold=I, and write folds_report.md: every image is a test '
                               'image once.')
 _ONLY_FOLDS = flags.DEFINE_string('only_folds', None,
-                                  "With --folds K: run only these of the K folds ('0-2', '0,3'), "
-                                  'the report over them; the others can run later into the same '
-                                  'workdir.')
+                                  "With --folds K: run only these of the K folds ('0-2', '0,3'); "
+                                  'the others can run later into the same workdir, and the '
+                                  'report covers every fold finished there with this config.')
 _VECTORIZE = flags.DEFINE_bool('vectorize', False,
                                '--seeds: train the seeds\' federated rounds as one vmapped program '
                                '(docs/performance.md: slower on CPU).')

@@ -2,7 +2,9 @@
 
 import csv
 import json
+import logging
 from pathlib import Path
+import re
 import shutil
 import subprocess
 import sys
@@ -164,7 +166,7 @@ def test_launch_seed_flags_are_checked_before_any_work(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
-def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
+def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path, caplog):
   config = smoke_config(tmp_path / 'tfds')
   config.fl.rounds = 1
   config.baselines.local_only = config.baselines.pooled = False
@@ -204,6 +206,22 @@ def test_folds_test_every_image_once_and_aggregate_over_folds(tmp_path):
   seeds.run_folds(config, tmp_path / 'w', 2)
   assert (tmp_path / 'w' / 'fold=0' / 'results.json').stat().st_mtime_ns == stamp
   assert (tmp_path / 'w' / 'folds_timing.json').read_text() == timing
+  # A study run a few folds at a time reports every fold it holds: --only_folds 1 after both.
+  report = path.read_text()
+  seeds.run_folds(config, tmp_path / 'w', 2, '1')
+  assert json.loads((tmp_path / 'w' / 'folds_summary.json').read_text())['folds'] == [0, 1]
+  assert path.read_text() == report
+  # A finished fold of another config in the same workdir stays out of it, with a warning.
+  other = tmp_path / 'other'
+  shutil.copytree(tmp_path / 'w', other)
+  saved = json.loads((other / 'fold=0' / 'config.json').read_text())
+  saved['fl']['lr'] *= 2
+  (other / 'fold=0' / 'config.json').write_text(json.dumps(saved))
+  with caplog.at_level(logging.WARNING):
+    seeds.run_folds(config, other, 2, '1')
+  assert json.loads((other / 'folds_summary.json').read_text())['folds'] == [1]
+  assert re.search(r'fold=0 has finished with another config \(fl\.lr: .* in the workdir, .* '
+                   r'now\): left out of .*folds_report\.md', caplog.text), caplog.text
 
 
 def test_folds_restore_each_folds_own_reference_from_a_folds_study(tmp_path):

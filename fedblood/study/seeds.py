@@ -27,6 +27,7 @@ interrupted at different rounds are first brought, one at a time, to the latest 
 """
 
 import json
+import logging
 from pathlib import Path
 import re
 import time
@@ -160,11 +161,35 @@ def seed_runs(config, workdir, seeds) -> tuple[list, list]:
 
 def run_folds(config, workdir, folds: int, only=None) -> Path:
   """Runs (or resumes) each fold of a ``folds``-fold split (or the folds ``only`` names);
-  returns ``folds_report.md``, over the folds run."""
+  returns ``folds_report.md``, over the folds run and every other fold of the same study that
+  has finished in ``workdir`` (:func:`finished_folds`): a study run a few folds at a time
+  reports all it holds."""
   ids = fold_ids(folds, only)
   configs, dirs = fold_runs(config, workdir, folds, ids)
   _run_all(configs, dirs, Path(workdir), {'folds': folds, 'fold_ids': ids}, 'folds_timing.json')
-  return aggregate.write(workdir, ids, dirs, label='fold')
+  done = finished_folds(config, workdir, folds, ids)
+  return aggregate.write(workdir, done, [fold_dir(workdir, i) for i in done], label='fold')
+
+
+def finished_folds(config, workdir, folds: int, ids) -> list[int]:
+  """``ids`` and every other fold in ``workdir`` that has finished with the config this study
+  gives it, in order. A finished fold of another config (other overrides in the same workdir)
+  stays out of the report, with a warning naming it and the first differing field."""
+  done = set(ids)
+  for i in sorted(set(range(folds)) - done):
+    fold = fold_dir(workdir, i)
+    if not workdir_lib.path(fold, workdir_lib.RESULTS).exists():
+      continue
+    try:
+      (cfg,), _ = fold_runs(config, workdir, folds, [i])
+      workdir_lib.check_config(cfg, fold, write=False)
+    except ValueError as e:
+      why = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
+      logging.warning('%s has finished with another config (%s): left out of %s', fold, why,
+                      Path(workdir) / 'folds_report.md')
+      continue
+    done.add(i)
+  return sorted(done)
 
 
 def run_sweep(config, config_file: str, workdir, *, seeds=None, folds: int | None = None,
