@@ -12,10 +12,8 @@ stratified k-fold split (``<workdir>/fold=I``), then one aggregate report.
 exactly once, and each run also draws its own seed, so the spread over folds holds both the
 split's and the training's variance (``folds_report.md``).
 
-Each seed's sub-workdir is an ordinary run (config.json with its ``seed``, report.md,
-checkpoints...): rerunning the command skips finished seeds and resumes the others.
-The aggregate (``seeds_report.md``, ``seeds_summary.csv`` / ``.json``, the banded
-figure) is written by :mod:`fedblood.reporting.aggregate`.
+Each seed's sub-workdir is an ordinary run: rerunning the command skips finished seeds and
+resumes the others; :mod:`fedblood.reporting.aggregate` writes the aggregate.
 
 ``vectorize``: the federated stage of all unfinished seeds runs as ONE program over a
 leading seed axis (:mod:`fedblood.core.vectorized`); the reference models are trained
@@ -161,9 +159,7 @@ def seed_runs(config, workdir, seeds) -> tuple[list, list]:
 
 def run_folds(config, workdir, folds: int, only=None) -> Path:
   """Runs (or resumes) each fold of a ``folds``-fold split (or the folds ``only`` names);
-  returns ``folds_report.md``, over the folds run and every other fold of the same study that
-  has finished in ``workdir`` (:func:`finished_folds`): a study run a few folds at a time
-  reports all it holds."""
+  returns ``folds_report.md``, over every fold finished in ``workdir`` (:func:`finished_folds`)."""
   ids = fold_ids(folds, only)
   configs, dirs = fold_runs(config, workdir, folds, ids)
   _run_all(configs, dirs, Path(workdir), {'folds': folds, 'fold_ids': ids}, 'folds_timing.json')
@@ -172,23 +168,18 @@ def run_folds(config, workdir, folds: int, only=None) -> Path:
 
 
 def finished_folds(config, workdir, folds: int, ids) -> list[int]:
-  """``ids`` and every other fold in ``workdir`` that has finished with the config this study
-  gives it, in order. A finished fold of another config (other overrides in the same workdir)
-  stays out of the report, with a warning naming it and the first differing field."""
+  """``ids`` and every other fold finished in ``workdir`` with the config this study gives it, in
+  order; a finished fold of other overrides stays out, with a warning naming it."""
   done = set(ids)
-  for i in sorted(set(range(folds)) - done):
+  for i in set(range(folds)) - done:
     fold = fold_dir(workdir, i)
-    if not workdir_lib.path(fold, workdir_lib.RESULTS).exists():
-      continue
-    try:
-      (cfg,), _ = fold_runs(config, workdir, folds, [i])
-      workdir_lib.check_config(cfg, fold, write=False)
-    except ValueError as e:
-      why = str(e).split('\n')[1].strip() if '\n' in str(e) else str(e)
-      logging.warning('%s has finished with another config (%s): left out of %s', fold, why,
-                      Path(workdir) / 'folds_report.md')
-      continue
-    done.add(i)
+    if workdir_lib.path(fold, workdir_lib.RESULTS).exists():
+      try:
+        workdir_lib.check_config(fold_runs(config, workdir, folds, [i])[0][0], fold, write=False)
+        done.add(i)
+      except ValueError as e:  # the first differing field, or why its reference does not fit
+        logging.warning('%s has finished with another config (%s): left out of the report',
+                        fold, (str(e).split('\n') + [''])[1].strip() or e)
   return sorted(done)
 
 
