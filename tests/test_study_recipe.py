@@ -91,14 +91,19 @@ def _tiny_split(rng, n, offset):
   return data.Split(images, labels.astype(np.int32), np.array([f'{i}.png' for i in range(n)]))
 
 
+def _tiny_model():
+  """A VGG11 at width 1/32 on 32 px images and its initial params."""
+  model = models.build(ml_collections.ConfigDict(dict(
+      name='VGG11', num_classes=5, head='gap', width=1 / 32, dropout=0.0, input_norm='per_image',
+      conv_init='he', dtype='float32')))
+  return model, model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+
+
 def test_tiny_fit_balanced_center_mean_monitor_restores_best_epoch(tmp_path):
   rng = np.random.default_rng(0)
   train_a, train_b = _tiny_split(rng, 24, 0), _tiny_split(rng, 6, 40)
   val = [_tiny_split(rng, 15, 0), _tiny_split(rng, 5, 40)]
-  model = models.build(ml_collections.ConfigDict(dict(
-      name='VGG11', num_classes=5, head='gap', width=1 / 32, dropout=0.0, input_norm='per_image',
-      conv_init='he', dtype='float32')))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  model, params = _tiny_model()
   recipe = _recipe(epochs=6, batch_size=8, lr=3e-3, patience=1, stop_below_lr=0.5)
   rows = []
   train_split = data.Split(*[np.concatenate([getattr(train_a, f), getattr(train_b, f)])
@@ -128,10 +133,7 @@ def test_center_mean_validation_predicts_every_center_in_one_pass(monkeypatch):
   with no validation images is left out."""
   rng = np.random.default_rng(0)
   val = [_tiny_split(rng, 15, 0), _tiny_split(rng, 0, 20), _tiny_split(rng, 7, 40)]
-  model = models.build(ml_collections.ConfigDict(dict(
-      name='VGG11', num_classes=5, head='gap', width=1 / 32, dropout=0.0, input_norm='per_image',
-      conv_init='he', dtype='float32')))
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  model, params = _tiny_model()
   trainable, frozen = partition.split(params, partition.frozen_block_rules(0))
   one_by_one = selection.center_mean([metrics.summary(centralized.evaluate(
       model, trainable, frozen, v, 8)) for v in val if len(v.labels)])
