@@ -78,7 +78,6 @@ def _set(config, key, value):
     ('model.num_classes', 3, 'must be 5: the data has the classes'),
     ('seed', 2**64, r'must be an integer in \[0, 2\^63\)'),
     ('fl.dp.seed', -1, r'must be an integer in \[0, 2\^63\)'),
-    ('eval.batch_size', 10**9, 'larger than all 260 images of the run'),
     ('fl.holdout', ('synth0',), 'the reference center .* cannot be held out'),
     ('fl.holdout', ('nowhere',), 'no center named'),
     ('fl.participation', float('nan'), r'in \(0, 1\]'),

@@ -14,7 +14,7 @@ import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
 from fedblood import data
-from fedblood.model import metrics
+from fedblood.model import classifier, metrics
 from fedblood.rundir import checkpoint, checkpoint_listing
 from fedblood.study import centralized, inference, sweep
 from fedblood.study import driver, experiment, train
@@ -250,6 +250,32 @@ def test_evaluate_many_is_each_split_evaluated_alone(tmp_path):
   for split, metrics_many in zip(splits, many):
     assert metrics_many == exp.evaluate(trainable, frozen, split)
   assert many[1]['n'] == 0
+
+
+def test_the_last_evaluation_chunk_is_padded_to_a_multiple_of_16_only(tmp_path):
+  # A center's 38 validation images ran as a chunk of 128 (1024 views under model.tta): the last
+  # chunk is now padded to the next multiple of 16 (never past the chunk size), the images first
+  # and in order, and the predictions, hence the metrics, are those of whole chunks.
+  images = np.random.default_rng(0).integers(0, 256, (38, 32, 32, 3), np.uint8)
+  for batch, shapes in ((128, [48]), (16, [16, 16, 16]), (20, [20, 20]), (3, [3] * 13)):
+    out = classifier.chunks([images[:30], images[:0], images[30:]], batch)
+    assert [len(c) for c in out] == shapes, batch
+    flat = np.concatenate(out)
+    np.testing.assert_array_equal(flat[:38], images)
+    assert not flat[38:].any()
+  config = smoke_config(tmp_path / 'tfds')
+  config.model.tta = True
+  exp = experiment.build(config)
+  trainable, frozen = exp.split(exp.init())
+  split = data.load_centers(config.data)[1].test
+  assert len(split.labels) % 16 and len(split.labels) < 128
+  small = centralized.predict_probs(exp.model, trainable, frozen, split.images, 128)
+  pad = np.zeros((128 - len(split.labels),) + split.images.shape[1:], np.uint8)
+  padded = np.concatenate([split.images, pad])
+  whole = centralized.predict_probs(exp.model, trainable, frozen, padded, 128)[:len(split.labels)]
+  np.testing.assert_allclose(small, whole, atol=1e-6)
+  assert centralized.evaluate(exp.model, trainable, frozen, split, 128) == metrics.classify(
+      split.labels, whole.argmax(-1))
 
 
 def test_prepared_evaluation_computes_the_frozen_blocks_once(tmp_path):

@@ -210,7 +210,7 @@ def check_built(config) -> None:
   if config.model.get('pretrained'):
     weights.check_model(exp.model, config.model.pretrained)  # the file's type; no weight read
   centers = data_plan.plan(config.data)
-  _check_against_data(config, exp, centers)
+  _check_against_data(config, centers)
   holdout = fl_stage.held_out(config.fl.get('holdout', ()), [c.name for c in centers])
   joined = [c for c in centers if c.name not in holdout]
   driver.participation(config.fl.participation, exp.key, 1, len(joined))
@@ -221,18 +221,13 @@ def check_built(config) -> None:
   budgets_lib.check(config.fl, {c.name: len(c.train.labels) for c in joined})
 
 
-def _check_against_data(config, exp, centers) -> None:
-  """The model's classes and the evaluation batch against the data plan's centers."""
+def _check_against_data(config, centers) -> None:
+  """The model's classes against the data plan's centers; no center's train or test split empty."""
   classes = len(data.CLASSES)
   if config.model.num_classes != classes:
     raise ValueError(f'config model.num_classes={config.model.num_classes!r} must be {classes}: '
                      f'the data has the classes {data.CLASSES}')
   data.require_splits(centers)
-  total = sum(len(s.labels) for c in centers for s in (c.train, c.val, c.test))
-  if exp.eval_batch > total:
-    raise ValueError(f'config eval.batch_size={exp.eval_batch} is larger than all {total} images '
-                     'of the run: evaluation pads every chunk to it; set it to at most '
-                     f'{total}')
 
 
 # The sections a config needs for :func:`check_built` (a partial config gets its rules only).
