@@ -14,7 +14,7 @@ import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
 from fedblood import data
-from fedblood.model import classifier, metrics
+from fedblood.model import classifier, metrics, partition
 from fedblood.rundir import checkpoint, checkpoint_listing
 from fedblood.study import centralized, inference, sweep
 from fedblood.study import driver, experiment, train
@@ -276,6 +276,49 @@ def test_the_last_evaluation_chunk_is_padded_to_a_multiple_of_16_only(tmp_path):
   np.testing.assert_allclose(small, whole, atol=1e-6)
   assert centralized.evaluate(exp.model, trainable, frozen, split, 128) == metrics.classify(
       split.labels, whole.argmax(-1))
+
+
+def test_a_fit_with_the_trunk_frozen_validates_on_its_features_computed_once(tmp_path,
+                                                                           monkeypatch):
+  # The baselines from the reference keep blocks 1..k frozen: their validation computes those
+  # blocks' features once per fit, and each epoch runs only the blocks after them, with the
+  # numbers of the two halves run afresh. A fit that trains the trunk (from scratch) validates
+  # on the network whole.
+  config = smoke_config(tmp_path / 'tfds')
+  config.eval.batch_size = 16
+  exp = experiment.build(config)
+  centers = data.load_centers(config.data)
+  trunk_calls = []
+  make_trunk = classifier.make_trunk
+
+  def counted_trunk(model, blocks):
+    trunk = make_trunk(model, blocks)
+    def counted(frozen, images):  # (jax.eval_shape's trace, sizing the cache, is not a call)
+      if not isinstance(images, jax.core.Tracer):
+        trunk_calls.append(len(images))
+      return trunk(frozen, images)
+
+    return counted
+
+  monkeypatch.setattr(classifier, 'make_trunk', counted_trunk)
+  val = [c.val for c in centers]
+  n_val = sum(len(v.labels) for v in val)
+  recipe = config.baselines.copy_and_resolve_references()
+  recipe.epochs, recipe.patience = 3, 0
+  rows = []
+  result = centralized.fit('pooled', exp, exp.init(), exp.rules, centers[0].train, val, recipe,
+                           jax.random.key(0), tmp_path / 'ckpt', log=rows.append)
+  assert len(rows) == 3 and sum(trunk_calls) == n_val + (-n_val % 16)  # once, not per epoch
+  trainable, frozen = exp.split(result.params)
+  want = metrics.summary(exp.evaluate_many(trainable, frozen, val)[0])
+  single = exp.validator(frozen, val[0])(trainable)
+  assert single[1] == want and single[0] == exp.evaluate(trainable, frozen, val[0])
+  trunk_calls.clear()
+  scratch, none = partition.split(result.params, partition.frozen_block_rules(0))
+  whole = exp.validator(none, val[0])(scratch)
+  assert not trunk_calls and whole == centralized.FitModel(exp.model, eval_batch=16).validator(
+      none, val[0])(scratch)
+  assert whole[0]['n'] == len(val[0].labels)
 
 
 def test_prepared_evaluation_computes_the_frozen_blocks_once(tmp_path):

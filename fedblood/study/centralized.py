@@ -150,9 +150,8 @@ def check_finite(value: float, what: str, last_good: str) -> None:
 
 
 class FitModel(NamedTuple):
-  """The model-side settings of a fit: what :class:`fedblood.study.experiment.Experiment` holds too.
-
-  A fit takes the run's Experiment (its fields of these names) or this, for a fit on its own.
+  """The model-side settings of a fit on its own; a run's fits take its Experiment, which has
+  the fields and method of these names too.
 
   Attributes:
     model: the Flax module.
@@ -165,6 +164,10 @@ class FitModel(NamedTuple):
   eval_batch: int = 128
   progress: Callable | None = None
 
+  def validator(self, frozen, val) -> Callable:
+    """``trainable -> (metrics or None, summary or None)`` on ``val``: the network whole."""
+    return lambda trainable: _val_summary(self.model, trainable, frozen, val, self.eval_batch)
+
 
 def fit(name: str, exp, params, rules, train, val, recipe, key, ckpt_dir, *, log=None,
         keep: int = 1, on_resume: Callable[[int], None] | None = None,
@@ -173,8 +176,8 @@ def fit(name: str, exp, params, rules, train, val, recipe, key, ckpt_dir, *, log
 
   Args:
     name: stage name (logs, checkpoint meta, messages), e.g. 'reference'.
-    exp: the run's Experiment, or a :class:`FitModel` (``model``, ``augment``, ``eval_batch``,
-      ``progress``).
+    exp: the run's Experiment, or a :class:`FitModel` (``model``, ``augment``, ``progress``,
+      ``validator``).
     params, rules: initial full parameter tree; partition rules (frozen blocks get no update).
     train, val: splits with ``images`` uint8 [N, S, S, 3] and ``labels`` int [N]; ``val`` may
       be a list of splits (one per center): the monitor is then the unweighted mean over them.
@@ -201,6 +204,7 @@ def fit(name: str, exp, params, rules, train, val, recipe, key, ckpt_dir, *, log
   if on_resume is not None:
     on_resume(track['epoch'])
   bar = exp.progress(recipe.epochs, name, track['epoch']) if exp.progress else None
+  validate = exp.validator(frozen, val)
   while not track['done']:
     epoch = track['epoch'] + 1
     last_good = f'epoch {track["epoch"]} in {ckpt_dir}' if track['epoch'] else 'none yet'
@@ -208,8 +212,7 @@ def fit(name: str, exp, params, rules, train, val, recipe, key, ckpt_dir, *, log
                                              jax.random.fold_in(key, epoch), epoch,
                                              steps_per_epoch)
     _check_epoch(f'{name}, epoch {epoch}', loss, state['trainable'], last_good)
-    val_metrics, val_summary = _val_summary(exp.model, state['trainable'], frozen, val,
-                                            exp.eval_batch)
+    val_metrics, val_summary = validate(state['trainable'])
     score = (val_metrics or val_summary or {}).get(recipe.get('monitor', 'accuracy'))
     score = -loss if score is None else score  # no validation split: fall back to train loss
     track = _advance(track, recipe, epoch, score, val_summary, steps_per_epoch)

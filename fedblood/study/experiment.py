@@ -22,7 +22,7 @@ import numpy as np
 from fedblood import data
 from fedblood.model import classifier, metrics, models, partition
 from fedblood.rundir import checkpoint_listing
-from fedblood.study import centralized
+from fedblood.study import centralized, selection
 
 # Sub-keys of the run's key, one per stage (fold_in(key, STAGE[...])).
 STAGE = {'reference': 1, 'fl': 2, 'participation': 3, 'pooled': 4, 'local': 100,
@@ -141,6 +141,36 @@ class Experiment(NamedTuple):
       if len(chunks) * one.size * one.dtype.itemsize <= max_bytes:
         chunks, cached = [trunk(frozen, c) for c in chunks], True
     return Prepared(sizes, [s.labels for s in splits], chunks, cached)
+
+  def validator(self, frozen, val) -> Callable:
+    """``trainable -> (metrics or None, summary or None)``: a fit's validation on ``val`` (a split,
+    or a list of splits: the mean over them), as :meth:`centralized.FitModel.validator`.
+
+    A fit that keeps this run's trunk blocks frozen (the baselines and site fine-tuning from
+    the reference or a federated model) gets ``val`` made ready once (:meth:`prepare`): each
+    epoch then runs only the blocks after them, as FL's per-round evaluation does.
+    """
+    if not self._holds_trunk(frozen):
+      return centralized.FitModel(self.model, eval_batch=self.eval_batch).validator(frozen, val)
+    splits = [v for v in (val if isinstance(val, list) else [val]) if len(v.labels)]
+    prepared = self.prepare(frozen, splits) if splits else None
+
+    def validate(trainable):
+      if prepared is None:
+        return None, None
+      per = self.evaluate_prepared(trainable, frozen, prepared)
+      if isinstance(val, list):
+        return None, selection.center_mean([metrics.summary(m) for m in per])
+      return per[0], metrics.summary(per[0])
+
+    return validate
+
+  def _holds_trunk(self, frozen) -> bool:
+    """Whether ``frozen`` holds every parameter of blocks 1..:attr:`trunk_blocks` (> 0)."""
+    blocks = [f'block{i}' for i in range(1, self.trunk_blocks + 1)]
+    return bool(blocks) and all(
+        b in frozen and jax.tree.structure(frozen[b]) == jax.tree.structure(self.shapes[b])
+        for b in blocks)
 
   def evaluate_prepared(self, trainable, frozen, prepared: Prepared) -> list:
     """:meth:`evaluate` of each split :meth:`prepare` made ready (same ``frozen``)."""
