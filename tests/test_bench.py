@@ -17,6 +17,7 @@ import bench_dp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-
 import bench_eval  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_val  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -155,3 +156,12 @@ def test_bench_eval_times_the_fl_evaluation_end_to_end_on_a_tiny_net(capsys):
   assert set(result['secs']) == {'whole', 'halves', 'kept', 'round'}
   assert result['eval_images'] == 42 and result['max_abs_diff'] < 1e-5  # the same predictions
   assert sum(1 for line in out if line.startswith('| ')) == 1 + 4  # header, 4 candidates
+
+
+def test_bench_val_times_a_fits_validation_three_ways_with_the_same_metrics(capsys):
+  bench_val.main(['--tiny'])
+  out = capsys.readouterr().out.strip().splitlines()
+  result = json.loads(out[-1])
+  assert result['sizes'] == {'a': 20, 'b': 9} and result['same']
+  assert all(set(s) == {'chunk128', 'multiple16', 'kept'} for s in result['secs'].values())
+  assert sum(1 for line in out if line.startswith('| ')) == 1 + 2  # header, 2 validation sets
