@@ -45,33 +45,42 @@ from fedblood.study.stages import fl  # noqa: E402
 WBC_SPLITS = ((971, 225, 301), (227, 52, 72), (192, 44, 63), (166, 38, 54))
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--tiny', action='store_true', help='32 px, width 1/16, 3 small centers')
-  parser.add_argument('--steps', type=int, default=10, help='timed calls of each candidate')
+def parse_args(argv=None, doc: str = __doc__, tiny: str = '3 small centers', steps: int = 10):
+  """``--tiny`` (32 px, width 1/16, ``tiny``), ``--steps``, ``--out`` of a benchmark on ``doc``."""
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  parser.add_argument('--tiny', action='store_true', help=f'32 px, width 1/16, {tiny}')
+  parser.add_argument('--steps', type=int, default=steps, help='timed calls of each candidate')
   parser.add_argument('--out', default=None, help='also write the JSON record here')
   return parser.parse_args(argv)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def wbc_config(tiny: bool):
+  """configs/wbc.py's config, unlocked; ``tiny``: 32 px and width 1/16 (a smoke check)."""
   config = wbc.get_config()
   config.unlock()
+  if tiny:
+    config.data.image_size, config.model.width = 32, 1 / 16
+  return config
+
+
+def random_split(rng, n: int, px: int) -> data.Split:
+  """``n`` random uint8 ``px``-pixel images with random labels of the 5 classes."""
+  return data.Split(rng.integers(0, 256, (n, px, px, 3), np.uint8),
+                    rng.integers(0, 5, n).astype(np.int32), np.array([''] * n))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config = wbc_config(args.tiny)
   sizes = WBC_SPLITS
   if args.tiny:
-    config.data.image_size, config.model.width, args.steps = 32, 1 / 16, 1
-    sizes = ((24, 10, 12), (12, 5, 6), (8, 4, 5))
+    args.steps, sizes = 1, ((24, 10, 12), (12, 5, 6), (8, 4, 5))
   config.fl.rounds = 1
   config.lock()
   exp = experiment.build(config)
   px = config.data.image_size
   rng = np.random.default_rng(0)
-
-  def split(n):
-    return data.Split(rng.integers(0, 256, (n, px, px, 3), np.uint8),
-                      rng.integers(0, 5, n).astype(np.int32), np.array([''] * n))
-
-  centers = [[split(n) for n in s] for s in sizes]
+  centers = [[random_split(rng, n, px) for n in s] for s in sizes]
   evals = [c[2] for c in centers] + [c[1] for c in centers]  # tests, then vals: as fl.evaluator
   params = exp.init()
   _, round_fn, state, frozen = fl.fl_template(exp, config.fl, params, len(centers))

@@ -22,7 +22,6 @@ Timed INTERLEAVED after a warm-up (``bench_step.interleaved``), medians compared
 a shared machine hits all alike. The three give the same metrics (checked here too).
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,25 +29,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/
 
+import bench_eval  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_sweep  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import wbc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from fedblood import data  # noqa: E402
 from fedblood.model import metrics  # noqa: E402
 from fedblood.study import centralized, experiment  # noqa: E402
 
 # configs/wbc.py's fold 0: validation images per center (PBC first), and the pooled fits' set.
 WBC_VAL = {'pbc_barcelona': 225, 'lisc_tehran': 52, 'jtsc_jiangxi_tecom': 44, 'bccd': 38,
            'pooled (4 centers)': 359}
-
-
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--tiny', action='store_true', help='32 px, width 1/16, small sets')
-  parser.add_argument('--steps', type=int, default=5, help='timed calls of each candidate')
-  parser.add_argument('--out', default=None, help='also write the JSON record here')
-  return parser.parse_args(argv)
 
 
 def chunk128(exp, frozen, split):
@@ -65,13 +55,11 @@ def chunk128(exp, frozen, split):
 
 
 def main(argv=None):
-  args = parse_args(argv)
-  config = wbc.get_config()
-  config.unlock()
+  args = bench_eval.parse_args(argv, __doc__, 'small sets', steps=5)
+  config = bench_eval.wbc_config(args.tiny)
   sizes = WBC_VAL
   if args.tiny:
-    config.data.image_size, config.model.width, args.steps = 32, 1 / 16, 1
-    sizes = {'a': 20, 'b': 9}
+    args.steps, sizes = 1, {'a': 20, 'b': 9}
   config.lock()
   exp = experiment.build(config)
   px = config.data.image_size
@@ -79,8 +67,7 @@ def main(argv=None):
   trainable, frozen = exp.split(exp.init())
   rows, secs_all = [], {}
   for name, n in sizes.items():
-    split = data.Split(rng.integers(0, 256, (n, px, px, 3), np.uint8),
-                       rng.integers(0, 5, n).astype(np.int32), np.array([''] * n))
+    split = bench_eval.random_split(rng, n, px)
     validators = {
         'chunk128': chunk128(exp, frozen, split),
         'multiple16': centralized.FitModel(exp.model, eval_batch=exp.eval_batch).validator(
