@@ -124,7 +124,8 @@ def make_rest(model, blocks: int) -> Callable:
 # The last chunk of an evaluation is padded to a multiple of this many images, not to a whole
 # chunk: predictions compile for at most eval.batch_size / 16 + 1 shapes (~0.5 s each at the
 # CPU study's scale), and a center's 38 validation images run as a chunk of 48 (384 views under
-# model.tta), not of 128 (1024 views): the local-only fits' validation, 3x cheaper.
+# model.tta), not of 128 (1024 views): the local-only fits' validation 2.2-2.9x cheaper
+# (bench/bench_val.py).
 CHUNK_MULTIPLE = 16
 
 
