@@ -293,6 +293,7 @@ def test_a_fit_with_the_trunk_frozen_validates_on_its_features_computed_once(tmp
 
   def counted_trunk(model, blocks):
     trunk = make_trunk(model, blocks)
+
     def counted(frozen, images):  # (jax.eval_shape's trace, sizing the cache, is not a call)
       if not isinstance(images, jax.core.Tracer):
         trunk_calls.append(len(images))

@@ -125,20 +125,16 @@ def _batched(order: np.ndarray, batch_size: int):
 
 
 def _val_summary(model, t, frozen, val, eval_batch):
-  """``(metrics or None, summary or None)`` of a split, or of a list of splits (center mean)."""
-  if isinstance(val, list):  # (a Split is a NamedTuple: a tuple)
-    val = [v for v in val if len(v.labels)]
-    if not val:
-      return None, None
-    # One pass over every center's images (one padded chunk in all, not one per center), then
-    # each center's own metrics from its rows.
-    probs = predict_probs(model, t, frozen, np.concatenate([v.images for v in val]), eval_batch)
-    ends = np.cumsum([len(v.labels) for v in val])
-    per = [metrics.summary(metrics.classify(v.labels, p.argmax(-1)))
-           for v, p in zip(val, np.split(probs, ends[:-1]))]
-    return None, selection.center_mean(per)
-  val_metrics = evaluate(model, t, frozen, val, eval_batch) if len(val.labels) else None
-  return val_metrics, metrics.summary(val_metrics) if val_metrics else None
+  """:func:`selection.validation` of a fit's ``val``, the network whole: one pass over every
+  split's images (one padded chunk in all, not one per center), each split's metrics from its
+  own rows."""
+  splits = selection.val_splits(val)
+  if not splits:
+    return None, None
+  probs = predict_probs(model, t, frozen, np.concatenate([v.images for v in splits]), eval_batch)
+  ends = np.cumsum([len(v.labels) for v in splits])[:-1]
+  return selection.validation(val, [metrics.classify(v.labels, p.argmax(-1))
+                                    for v, p in zip(splits, np.split(probs, ends))])
 
 
 def check_finite(value: float, what: str, last_good: str) -> None:

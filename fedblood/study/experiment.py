@@ -152,18 +152,9 @@ class Experiment(NamedTuple):
     """
     if not self._holds_trunk(frozen):
       return centralized.FitModel(self.model, eval_batch=self.eval_batch).validator(frozen, val)
-    splits = [v for v in (val if isinstance(val, list) else [val]) if len(v.labels)]
-    prepared = self.prepare(frozen, splits) if splits else None
-
-    def validate(trainable):
-      if prepared is None:
-        return None, None
-      per = self.evaluate_prepared(trainable, frozen, prepared)
-      if isinstance(val, list):
-        return None, selection.center_mean([metrics.summary(m) for m in per])
-      return per[0], metrics.summary(per[0])
-
-    return validate
+    prepared = self.prepare(frozen, selection.val_splits(val))
+    return lambda trainable: selection.validation(
+        val, self.evaluate_prepared(trainable, frozen, prepared))
 
   def _holds_trunk(self, frozen) -> bool:
     """Whether ``frozen`` holds every parameter of blocks 1..:attr:`trunk_blocks` (> 0)."""

@@ -12,6 +12,9 @@ Pure functions of plain values, so each rule is tested exactly on a made-up case
   training set is drawn the same number of times, whatever its size.
 * :func:`center_mean`: the unweighted mean over centers of their validation summaries, the
   monitor of a pooled fit that the largest center does not dominate.
+* :func:`val_splits`, :func:`validation`: a fit's validation (one split, or a list of splits
+  monitored by their :func:`center_mean`) from its non-empty splits' metrics, however they were
+  predicted (the network whole, or the frozen blocks' features kept).
 """
 
 import math
@@ -19,6 +22,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
+
+from fedblood.model import metrics
 
 
 def stop_counts(recipe, epoch: int, steps_per_epoch: int, total_steps: int, lr_fn) -> bool:
@@ -88,3 +93,19 @@ def center_mean(summaries: Sequence[dict]) -> dict:
 
 def _nan(x) -> bool:
   return isinstance(x, float) and math.isnan(x)
+
+
+def val_splits(val) -> list:
+  """The non-empty splits of a fit's ``val`` (a split, or a list of splits), in order."""
+  return [v for v in (val if isinstance(val, list) else [val]) if len(v.labels)]
+
+
+def validation(val, per: Sequence[dict]) -> tuple:
+  """``(metrics or None, summary or None)`` of a fit's ``val`` from the full metrics of its
+  :func:`val_splits`, in order: a list is monitored by the :func:`center_mean` of their
+  summaries (no metrics), one split by its own; no images, ``(None, None)``."""
+  if not per:
+    return None, None
+  if isinstance(val, list):  # (a Split is a NamedTuple: a tuple)
+    return None, center_mean([metrics.summary(m) for m in per])
+  return per[0], metrics.summary(per[0])
