@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 import bench_dp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_eval  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import bench_malloc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_val  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -165,3 +166,15 @@ def test_bench_val_times_a_fits_validation_three_ways_with_the_same_metrics(caps
   assert result['sizes'] == {'a': 20, 'b': 9} and result['same']
   assert all(set(s) == {'chunk128', 'multiple16', 'kept'} for s in result['secs'].values())
   assert sum(1 for line in out if line.startswith('| ')) == 1 + 2  # header, 2 validation sets
+
+
+def test_bench_malloc_alternates_child_processes_with_and_without_the_tuning(capsys):
+  from fedblood.backend import flags  # pylint: disable=g-import-not-at-top
+  record = bench_malloc.main(['--tiny', '--workloads', 'eval tta'])
+  (row,) = record['rows']
+  assert row['workload'] == 'eval tta' and row['same_numbers']
+  assert set(row['seconds']) == {'tuned', 'default'} and row['ratio'] > 0
+  if flags._glibc() is not None:  # pylint: disable=protected-access
+    # 1024 views' buffers: mapped afresh each call by default, kept by the tuned heap.
+    assert row['faults_per_call']['tuned'] < row['faults_per_call']['default'] / 4
+  assert '| eval tta |' in capsys.readouterr().out
