@@ -84,6 +84,8 @@ def tune_malloc(environ=None) -> dict:
 
   ``FEDBLOOD_MALLOC=0`` in the environment sets none, and so does any malloc threshold the user
   set (``MALLOC_MMAP_THRESHOLD_`` and the like, or ``GLIBC_TUNABLES``' malloc thresholds).
+  ``environ`` (default ``os.environ``) is only where those are read: what is set is this
+  process's malloc either way.
 
   Returns:
     ``{option: value}`` of what was set.
