@@ -278,6 +278,25 @@ def test_the_last_evaluation_chunk_is_padded_to_a_multiple_of_16_only(tmp_path):
       split.labels, whole.argmax(-1))
 
 
+def test_the_evaluation_step_size_changes_no_prediction(tmp_path):
+  # configs/wbc.py evaluates 16 images a step, not 128, for speed: every image's probabilities,
+  # hence every metric, are those of the larger step (under model.tta too).
+  config = smoke_config(tmp_path / 'tfds')
+  config.model.tta = True
+  exp = experiment.build(config)
+  trainable, frozen = exp.split(exp.init())
+  centers = data.load_centers(config.data)
+  parts = [s for c in centers for s in (c.train, c.val, c.test)]
+  images, labels, files = (np.concatenate(x) for x in zip(*parts))
+  assert len(images) > 128
+  probs = {b: centralized.predict_probs(exp.model, trainable, frozen, images, b)
+           for b in (128, 16)}
+  np.testing.assert_allclose(probs[16], probs[128], atol=1e-6)
+  split = data.Split(images, labels, files)
+  assert centralized.evaluate(exp.model, trainable, frozen, split, 16) == centralized.evaluate(
+      exp.model, trainable, frozen, split, 128)
+
+
 def test_a_fit_with_the_trunk_frozen_validates_on_its_features_computed_once(tmp_path,
                                                                            monkeypatch):
   # The baselines from the reference keep blocks 1..k frozen: their validation computes those
