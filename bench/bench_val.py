@@ -16,7 +16,11 @@ the same random uint8 images and parameters, by three candidates:
 - ``multiple16``: ``centralized.FitModel.validator``: the last chunk padded to a multiple of 16
   (``classifier.CHUNK_MULTIPLE``), the network whole (what a fit that trains every block runs);
 - ``kept``: ``Experiment.validator`` with blocks 1..3 frozen: their features computed once, each
-  epoch runs blocks 4-5 and the head (what the baselines from the reference run).
+  epoch runs blocks 4-5 and the head (what the baselines from the reference run);
+- ``step16``: ``multiple16`` in steps of 16 images instead of 128 (configs/wbc.py's
+  ``eval.batch_size`` since docs/performance.md decision 10).
+
+The first three run at ``eval.batch_size`` = 128, the step the padding rule was compared at.
 
 Timed INTERLEAVED after a warm-up (``bench_step.interleaved``), medians compared, so the load of
 a shared machine hits all alike. The three give the same metrics (checked here too).
@@ -57,6 +61,7 @@ def chunk128(exp, frozen, split):
 def main(argv=None):
   args = bench_eval.parse_args(argv, __doc__, 'small sets', steps=5)
   config = bench_eval.wbc_config(args.tiny)
+  config.eval.batch_size = 128  # the padding rule's comparison (decision 8); step16 is decision 10
   sizes = WBC_VAL
   if args.tiny:
     args.steps, sizes = 1, {'a': 20, 'b': 9}
@@ -73,9 +78,10 @@ def main(argv=None):
         'multiple16': centralized.FitModel(exp.model, eval_batch=exp.eval_batch).validator(
             frozen, split),
         'kept': exp.validator(frozen, split),
+        'step16': centralized.FitModel(exp.model, eval_batch=16).validator(frozen, split),
     }
     results = {k: v(trainable) for k, v in validators.items()}
-    same = results['chunk128'] == results['multiple16'] == results['kept']
+    same = all(r == results['chunk128'] for r in results.values())
     secs = bench_step.interleaved({k: (lambda v=v: v(trainable)) for k, v in validators.items()},
                                   args.steps)
     secs_all[name] = secs
@@ -83,13 +89,14 @@ def main(argv=None):
   print(f'{px} px, width {config.model.width}, model.tta={config.model.tta}, frozen '
         f'{config.model.frozen_blocks}, eval.batch_size {exp.eval_batch}; {args.steps} timed '
         'calls each')
-  print('| validation set | images | chunk128 s | multiple16 s | kept s | chunk128 / multiple16 '
-        '| chunk128 / kept | same metrics |')
-  print('|---|---|---|---|---|---|---|---|')
+  print('| validation set | images | chunk128 s | multiple16 s | kept s | step16 s '
+        '| chunk128 / multiple16 | chunk128 / kept | multiple16 / step16 | same metrics |')
+  print('|---|---|---|---|---|---|---|---|---|---|')
   for name, n, secs, same in rows:
     print(f"| {name} | {n} | {secs['chunk128']:.3f} | {secs['multiple16']:.3f} | "
-          f"{secs['kept']:.3f} | {secs['chunk128'] / secs['multiple16']:.2f}x | "
-          f"{secs['chunk128'] / secs['kept']:.2f}x | {same} |")
+          f"{secs['kept']:.3f} | {secs['step16']:.3f} | "
+          f"{secs['chunk128'] / secs['multiple16']:.2f}x | {secs['chunk128'] / secs['kept']:.2f}x | "
+          f"{secs['multiple16'] / secs['step16']:.2f}x | {same} |")
   bench_step.emit_record({'bench': 'val', 'secs': secs_all, 'sizes': sizes,
                           'same': all(r[3] for r in rows), **bench_sweep.machine()}, args.out)
 

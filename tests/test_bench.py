@@ -159,12 +159,13 @@ def test_bench_eval_times_the_fl_evaluation_end_to_end_on_a_tiny_net(capsys):
   assert sum(1 for line in out if line.startswith('| ')) == 1 + 4  # header, 4 candidates
 
 
-def test_bench_val_times_a_fits_validation_three_ways_with_the_same_metrics(capsys):
+def test_bench_val_times_a_fits_validation_four_ways_with_the_same_metrics(capsys):
   bench_val.main(['--tiny'])
   out = capsys.readouterr().out.strip().splitlines()
   result = json.loads(out[-1])
   assert result['sizes'] == {'a': 20, 'b': 9} and result['same']
-  assert all(set(s) == {'chunk128', 'multiple16', 'kept'} for s in result['secs'].values())
+  assert all(set(s) == {'chunk128', 'multiple16', 'kept', 'step16'}
+             for s in result['secs'].values())
   assert sum(1 for line in out if line.startswith('| ')) == 1 + 2  # header, 2 validation sets
 
 
