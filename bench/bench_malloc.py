@@ -36,9 +36,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this repository's fedblood
+
+# Importing fedblood (bench_step does) applies its settings, malloc's unless FEDBLOOD_MALLOC=0.
+import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood.backend import flags  # noqa: E402
+from fedblood.model import classifier, models, partition  # noqa: E402
 
 WORKLOADS = ('step frozen 0', 'step frozen 3', 'eval tta')
 VARIANTS = {'tuned': {}, 'default': {'FEDBLOOD_MALLOC': '0'}}
@@ -65,15 +73,10 @@ def parse_args(argv=None):
 
 def workload(name: str, tiny: bool):
   """``(fn, check)``: one blocking call of the workload, and a number it computes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import bench_step  # pylint: disable=g-import-not-at-top
-  from fedblood.model import classifier, models, partition  # pylint: disable=g-import-not-at-top
   size, width = (32, 1 / 16) if tiny else (64, 1 / 8)
-  model = models.VGG16(num_classes=5, head='gap', width=width)
   rng = np.random.default_rng(0)
   if name.startswith('step'):
+    model = models.VGG16(num_classes=5, head='gap', width=width)
     batch = {'image': jnp.asarray(rng.integers(0, 256, (32, size, size, 3), np.uint8)),
              'label': jnp.arange(32, dtype=jnp.int32) % 5, 'mask': jnp.ones(32, jnp.float32)}
     compiled, args, _ = bench_step.compile_step(model, int(name.split()[-1]), batch)
@@ -98,7 +101,6 @@ def workload(name: str, tiny: bool):
 
 def child(name: str, calls: int, tiny: bool) -> dict:
   """Runs in a child process: seconds per call, page faults and kernel share of ``calls``."""
-  import fedblood  # pylint: disable=g-import-not-at-top,unused-import
   fn, check = workload(name, tiny)
   for _ in range(3):  # compiled, and the heap grown to its working size
     fn()
@@ -112,7 +114,7 @@ def child(name: str, calls: int, tiny: bool) -> dict:
   user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
   return dict(times=times, faults_per_call=float(np.median(faults)),
               sys_share=system / max(user + system, 1e-9), check=check(),
-              malloc=fedblood._flags.applied_malloc())  # pylint: disable=protected-access
+              malloc=flags.applied_malloc())
 
 
 def run_child(name: str, variant: str, args) -> dict:
@@ -128,8 +130,6 @@ def main(argv=None):
   if args.child:
     print(json.dumps(child(args.child, args.calls, args.tiny)))
     return None
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
-  import bench_step  # pylint: disable=g-import-not-at-top
   rows = []
   print('| workload | default s | tuned s | default / tuned | faults per call (default, tuned) '
         '| kernel share of CPU (default, tuned) | same numbers |')
