@@ -137,8 +137,9 @@ def test_per_channel_gain_is_cancelled_by_per_image_standardisation():
     assert _change(_cfg(**{**_OFF, knob: value}), x) < 1e-4, knob
 
 
-@pytest.mark.parametrize('knob, value', [('od_stain', 0.3), ('zoom', 0.3), ('blur', 1.0)])
-def test_od_stain_zoom_and_blur_change_the_standardised_input(knob, value):
+@pytest.mark.parametrize('knob, value', [('od_stain', 0.3), ('zoom', 0.3), ('blur', 1.0),
+                                         ('rand_conv', 1.0)])
+def test_od_stain_zoom_blur_and_rand_conv_change_the_standardised_input(knob, value):
   x = _cells() * 0.5 + 0.25
   assert _change(_cfg(**{**_OFF, knob: value}), x) > 0.05
   assert _change(_cfg(**{**_OFF, knob: 0.0}), x) == 0.0
@@ -163,12 +164,15 @@ def test_zoom_magnifies_inside_the_frame():
 
 
 def test_new_jitters_leave_the_other_draws_unchanged():
-  """Zoom and blur have their own keys: on a constant image (neither changes it) the colours
-  drawn match."""
+  """Zoom, blur and RandConv have their own keys: on a constant image (none changes it) the
+  colours drawn match."""
   flat = jnp.full((16, 32, 32, 3), 0.4)
   base = augment(jax.random.key(5), flat, _cfg())
   np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(zoom=0.4)), base, atol=1e-6)
   np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(blur=1.5)), base, atol=1e-6)
+  # (RandConv brings a flat image to its own mean, a float32 mean of 1024 pixels: 1e-5.)
+  np.testing.assert_allclose(augment(jax.random.key(5), flat, _cfg(rand_conv=1.0)), base,
+                             atol=5e-5)
 
 
 def test_blur_is_a_gaussian_of_the_drawn_sigma_with_mirrored_borders():
@@ -195,3 +199,38 @@ def test_blur_removes_fine_detail_the_more_the_wider_and_nothing_at_zero():
   order = np.argsort(sigma)
   assert np.all(np.diff(left[order]) < 1e-6)  # a wider blur leaves less
   np.testing.assert_allclose(augment_lib._blur(jax.random.key(2), x, 1e-4), x, atol=1e-6)
+
+
+def test_rand_conv_is_a_mirrored_correlation_at_the_image_statistics_mixed_in():
+  """Against scipy: each image correlated with its own 3 -> 3 channel kernel (mirrored borders),
+  brought to the image's per-channel mean and std, then mixed with the image."""
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  x = _cells()[:4]
+  kernels = jax.random.normal(jax.random.key(1), (4, 7, 7, 3, 3)) * 0.2
+  mix = jnp.asarray([0.0, 0.3, 0.7, 1.0])
+  y = np.asarray(augment_lib._convolve_mix(x, kernels, mix))
+  for image, kernel, a, out in zip(np.asarray(x, np.float64), np.asarray(kernels, np.float64),
+                                   np.asarray(mix), y):
+    c = np.stack([sum(ndimage.correlate(image[..., i], kernel[:, :, i, o], mode='mirror')
+                      for i in range(3)) for o in range(3)], -1)
+    c = image.mean((0, 1)) + (c - c.mean((0, 1))) * image.std((0, 1)) / c.std((0, 1))
+    np.testing.assert_allclose(out, a * image + (1 - a) * c, atol=2e-5)
+
+
+def test_rand_conv_draws_the_papers_sizes_for_the_asked_share_of_images():
+  """On a one-pixel image the convolution's footprint is its kernel: 1, 3, 5 or 7 pixels wide,
+  each drawn; an image not drawn (share 1 - probability) is returned as it was."""
+  b = 256
+  dot = jnp.zeros((b, 15, 15, 3)).at[:, 7, 7, :].set(1.0)
+  y = np.asarray(augment_lib._rand_conv(jax.random.key(4), dot, 0.5))
+  changed = np.abs(y - y[:, :1, :1]).max(-1) > 0      # differs from the corner: the footprint
+  untouched = np.all(y == np.asarray(dot), axis=(1, 2, 3))
+  widths = changed.any(1).sum(-1)
+  assert set(widths[~untouched]) == {1, 3, 5, 7}
+  assert 0.4 < untouched.mean() < 0.6
+  for image_changed, width in zip(changed[~untouched], widths[~untouched]):
+    lo, hi = 7 - width // 2, 7 + width // 2 + 1
+    assert image_changed[lo:hi, lo:hi].all() and image_changed.sum() == width ** 2
+  every = np.asarray(augment_lib._rand_conv(jax.random.key(4), dot, 1.0))
+  assert not np.all(every == np.asarray(dot), axis=(1, 2, 3)).any()  # probability 1: all drawn
+

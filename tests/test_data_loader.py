@@ -249,6 +249,8 @@ def test_synthetic_sizes_must_match_num_centers(tmp_path, num, sizes):
     ('blur', -0.5, r'data\.augment\.blur=-0\.5 must be a number >= 0'),
     ('hue', float('nan'), r'data\.augment\.hue=nan must be a number >= 0'),
     ('blur', 21.0, r'data\.augment\.blur=21\.0: .* inside the 64-pixel image'),
+    ('rand_conv', 1.5, r'data\.augment\.rand_conv=1\.5 is a probability'),
+    ('rand_conv', -0.1, r'data\.augment\.rand_conv=-0\.1 must be a number >= 0'),
 ])
 def test_augment_ranges_are_checked_before_loading(tmp_path, key, value, match):
   cfg = _cfg(tmp_path, image_size=64)

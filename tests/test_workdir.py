@@ -106,14 +106,26 @@ def test_a_config_with_the_later_field_must_match_it(tmp_path):
     workdir_lib.check_config(other, tmp_path)
 
 
-def test_a_later_field_that_changes_results_matches_only_its_old_value(tmp_path):
+@pytest.mark.parametrize('path, value, shown', [
+    (('model', 'tta'), True, 'True'),                 # written before test-time averaging
+    (('data', 'augment', 'rand_conv'), 0.5, '0.5'),   # written before RandConv
+])
+def test_a_later_field_that_changes_results_matches_only_its_old_value(tmp_path, path, value,
+                                                                       shown):
   workdir_lib.check_config(demo.get_config('smoke'), tmp_path)
   saved = json.loads((tmp_path / 'config.json').read_text())
-  del saved['model']['tta']  # written before model.tta existed: no test-time averaging
+  parent = saved
+  for key in path[:-1]:
+    parent = parent[key]
+  del parent[path[-1]]  # as a run written before the field existed
   (tmp_path / 'config.json').write_text(json.dumps(saved))
-  workdir_lib.check_config(demo.get_config('smoke'), tmp_path)  # tta=False: what it did
+  workdir_lib.check_config(demo.get_config('smoke'), tmp_path)  # the old value: what it did
   other = demo.get_config('smoke')
   with other.unlocked():
-    other.model.tta = True
-  with pytest.raises(ValueError, match=r"model\.tta: '\(absent\)' in the workdir, True now"):
+    node = other
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+  name = '.'.join(path).replace('.', r'\.')
+  with pytest.raises(ValueError, match=rf"{name}: '\(absent\)' in the workdir, {shown} now"):
     workdir_lib.check_config(other, tmp_path)

@@ -14,8 +14,13 @@ scikit-image's ``rgb2hed``; Tellez et al. 2018's HED jitter without its bias ter
 per-channel gain in RGB), a non-linear change of every channel; and ``zoom``, a random
 magnification of up to ``1 + zoom`` at a random position, for the cell-size differences between
 optics; and ``blur``, a Gaussian blur of a random width, for the optics' sharpness (at 64 px the
-centers' high-frequency content differs fivefold, docs/results.md). Each is drawn from its own
-key, so turning it on leaves the other draws unchanged.
+centers' high-frequency content differs fivefold, docs/results.md); and ``rand_conv``, random
+convolutions (Xu et al., ICLR 2021, "RandConv"): with that probability an image passes through a
+convolution of random weights and random size (1, 3, 5 or 7 pixels), which maps its colours and
+local textures to new ones while keeping the shapes, mixed with the image by a random weight, so
+that a network learns the cell's shape rather than one center's textures (domain
+generalisation: centers that never joined). Each is drawn from its own key, so turning it on
+leaves the other draws unchanged.
 
 Usage::
 
@@ -39,7 +44,9 @@ _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29],
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
 _OD_FLOOR = 1e-3  # intensity floor before -log: an optical density of at most ~6.9
 # Keys of the jitters added after the first draw (fold_in constants: never reuse one).
-_ZOOM_KEY, _OD_KEY, _BLUR_KEY = 1, 2, 3
+_ZOOM_KEY, _OD_KEY, _BLUR_KEY, _RAND_CONV_KEY = 1, 2, 3, 4
+# RandConv's kernel sizes (drawn uniformly per image; the paper's {1, 3, 5, 7}).
+RAND_CONV_SIZES = (1, 3, 5, 7)
 
 
 def _uniform(u, spread):
@@ -57,8 +64,8 @@ def augment(rng, images, cfg):
       jitter ranges ``brightness`` (additive), ``contrast``, ``saturation``, ``stain``
       (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
       (each stain's optical density times 1 +- value), ``zoom`` (magnification in
-      [1, 1 + value]) and ``blur`` (Gaussian sigma in [0, value] pixels), absent in older
-      configs: 0. Read at trace time: a zero range costs nothing.
+      [1, 1 + value]), ``blur`` (Gaussian sigma in [0, value] pixels) and ``rand_conv`` (the
+      probability of a random convolution), absent in older configs: 0. Read at trace time: a zero range costs nothing.
 
   Returns:
     float32 [B, H, W, 3] in [0, 1]; the input itself when ``cfg.enabled`` is False.
@@ -86,6 +93,8 @@ def augment(rng, images, cfg):
     x = _od_stain(jax.random.fold_in(rng, _OD_KEY), x, cfg.od_stain)
   if cfg.get('blur', 0.0):
     x = _blur(jax.random.fold_in(rng, _BLUR_KEY), x, cfg.blur)
+  if cfg.get('rand_conv', 0.0):
+    x = _rand_conv(jax.random.fold_in(rng, _RAND_CONV_KEY), x, cfg.rand_conv)
 
   if cfg.stain:  # per-channel intensity: a crude stain / white-balance change
     x = x * (1 + _uniform(u[:, None, None, 2:5], cfg.stain))
@@ -148,3 +157,50 @@ def _blur(rng, x, sigma_max: float):
   padded = jnp.pad(x, ((0, 0), (0, 0), (radius, radius), (0, 0)), mode='reflect')
   return sum(taps[:, i, None, None, None] * padded[:, :, i:i + size_w]
              for i in range(2 * radius + 1))
+
+
+def _rand_conv(rng, x, probability: float):
+  """RandConv: each image, with ``probability``, through a random convolution mixed with it.
+
+  Per image: a kernel size k drawn from :data:`RAND_CONV_SIZES`, weights ~ N(0, 1 / (3 k^2))
+  (3 input channels to 3 output channels, the paper's Kaiming-normal draw) and a mixing weight
+  a ~ U(0, 1); the output ``a x + (1 - a) c``, where ``c`` is the convolution (mirrored borders)
+  brought to the image's own per-channel mean and standard deviation, so it stays in the
+  image's range (the network's per-image standardisation would remove that scale anyway).
+  """
+  keys = jax.random.split(rng, 3)
+  batch = x.shape[0]
+  weights = jax.random.normal(keys[0], (batch, 7, 7, 3, 3))
+  u = jax.random.uniform(keys[1], (batch, 3))
+  size = jnp.asarray(RAND_CONV_SIZES)[jnp.floor(u[:, 0] * len(RAND_CONV_SIZES)).astype(jnp.int32)]
+  offset = jnp.abs(jnp.arange(7) - 3)                          # distance from the kernel centre
+  inside = (2 * offset[None, :] + 1 <= size[:, None]).astype(jnp.float32)          # [B, 7]
+  mask = inside[:, :, None] * inside[:, None, :]                                    # [B, 7, 7]
+  std = 1 / jnp.sqrt(3.0 * size.astype(jnp.float32) ** 2)
+  kernels = weights * (mask * std[:, None, None])[..., None, None]
+  apply = u[:, 1] < probability
+  mix = jnp.where(apply, u[:, 2], 1.0)
+  return _convolve_mix(x, kernels, mix)
+
+
+def _convolve_mix(x, kernels, mix):
+  """``mix x + (1 - mix) c`` per image, ``c`` the image correlated with its own [7, 7, 3, 3]
+  kernel (mirrored borders) and brought to the image's per-channel mean and std."""
+  _, height, width, _ = x.shape
+  # Channels first, each (tap, input, output) one multiply-add over whole [B, H, W] planes:
+  # the 441 fuse into one loop, several times faster on XLA:CPU than a grouped convolution
+  # with the batch as groups (bench/bench_augment.py).
+  planes = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode='reflect').transpose(3, 0, 1, 2)
+  out = [0.0, 0.0, 0.0]
+  for dy in range(7):
+    for dx in range(7):
+      window = planes[:, :, dy:dy + height, dx:dx + width]
+      for i in range(3):
+        for o in range(3):
+          out[o] = out[o] + window[i] * kernels[:, dy, dx, i, o, None, None]
+  out = jnp.stack(out, -1)
+  mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
+  out_mean, out_std = out.mean(axis=(1, 2), keepdims=True), out.std(axis=(1, 2), keepdims=True)
+  out = mean + (out - out_mean) * (std / jnp.maximum(out_std, 1e-6))
+  mix = mix[:, None, None, None]
+  return mix * x + (1 - mix) * out

@@ -90,6 +90,9 @@ def augment_config() -> ml_collections.ConfigDict:
   a.zoom = 0.0
   # Gaussian blur of sigma in [0, this] pixels at data.image_size (the optics' sharpness).
   a.blur = 0.0
+  # Probability that an image passes through a random convolution (RandConv, Xu et al. 2021):
+  # random colours and textures, the shapes kept, for centers that never joined.
+  a.rand_conv = 0.0
   return a
 
 
@@ -122,7 +125,7 @@ def check_fields(data_cfg) -> None:
 
 # data.augment's jitter ranges (fedblood.data.augment); each >= 0, 0 turns it off.
 AUGMENT_RANGES = ('brightness', 'contrast', 'saturation', 'hue', 'stain', 'od_stain', 'zoom',
-                  'blur')
+                  'blur', 'rand_conv')
 
 
 def check_augment(augment_cfg, image_size: int) -> None:
@@ -133,6 +136,9 @@ def check_augment(augment_cfg, image_size: int) -> None:
     value = augment_cfg.get(key, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
       raise ValueError(f'data.augment.{key}={value!r} must be a number >= 0 (0 turns it off)')
+  if augment_cfg.get('rand_conv', 0.0) > 1:
+    raise ValueError(f'data.augment.rand_conv={augment_cfg.rand_conv!r} is a probability: it '
+                     'must be in [0, 1]')
   blur = augment_cfg.get('blur', 0.0)
   if blur and 3 * blur >= image_size - 1:
     raise ValueError(f'data.augment.blur={blur!r}: the blur reaches 3 sigma, which must stay '
