@@ -13,6 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'bench'))
 
+import bench_augment  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_dp  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_eval  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -179,3 +180,10 @@ def test_bench_malloc_alternates_child_processes_with_and_without_the_tuning(cap
     # 1024 views' buffers: mapped afresh each call by default, kept by the tuned heap.
     assert row['faults_per_call']['tuned'] < row['faults_per_call']['default'] / 4
   assert '| eval tta |' in capsys.readouterr().out
+
+
+def test_bench_augment_times_both_rand_conv_forms_which_agree(capsys):
+  record = bench_augment.main(['--tiny'])
+  assert set(record['ms']) == {'recipe', 'rand_conv', 'rand_conv grouped', 'step frozen 3'}
+  assert record['max_difference'] < 1e-4 and record['image_size'] == 32
+  assert '| rand_conv grouped |' in capsys.readouterr().out
