@@ -48,8 +48,8 @@ def parse_args(argv=None):
   return args
 
 
-def grouped_convolve_mix(x, kernels, mix):
-  """``augment_lib._convolve_mix`` as one grouped convolution (the batch as groups)."""
+def grouped_correlate(x, kernels):
+  """``augment_lib._correlate`` as one grouped convolution (the batch as groups)."""
   batch, height, width, _ = x.shape
   padded = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode='reflect')
   stacked = padded.transpose(1, 2, 0, 3).reshape(1, height + 6, width + 6, batch * 3)
@@ -57,25 +57,20 @@ def grouped_convolve_mix(x, kernels, mix):
   out = jax.lax.conv_general_dilated(stacked, kernel, (1, 1), 'VALID',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                      feature_group_count=batch)
-  out = out.reshape(height, width, batch, 3).transpose(2, 0, 1, 3)
-  mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
-  out_mean, out_std = out.mean(axis=(1, 2), keepdims=True), out.std(axis=(1, 2), keepdims=True)
-  out = mean + (out - out_mean) * (std / jnp.maximum(out_std, 1e-6))
-  mix = mix[:, None, None, None]
-  return mix * x + (1 - mix) * out
+  return out.reshape(height, width, batch, 3).transpose(2, 0, 1, 3)
 
 
-def augmentation(cfg, convolve=None):
-  """A jitted ``(rng, images) -> images`` of ``cfg``, RandConv's convolution by ``convolve``."""
+def augmentation(cfg, correlate=None):
+  """A jitted ``(rng, images) -> images`` of ``cfg``, RandConv's correlation by ``correlate``."""
   def fn(rng, images):
-    if convolve is None:
+    if correlate is None:
       return augment_lib.augment(rng, images, cfg)
-    own = augment_lib._convolve_mix  # pylint: disable=protected-access
-    augment_lib._convolve_mix = convolve  # pylint: disable=protected-access
-    try:  # traced once, here: the jitted program keeps this convolution
+    own = augment_lib._correlate  # pylint: disable=protected-access
+    augment_lib._correlate = correlate  # pylint: disable=protected-access
+    try:  # traced once, here: the jitted program keeps this correlation
       return augment_lib.augment(rng, images, cfg)
     finally:
-      augment_lib._convolve_mix = own  # pylint: disable=protected-access
+      augment_lib._correlate = own  # pylint: disable=protected-access
   return jax.jit(fn)
 
 
@@ -89,7 +84,7 @@ def main(argv=None):
   with_rand_conv = recipe.copy_and_resolve_references()
   with_rand_conv.rand_conv = 0.5
   fns = {'recipe': augmentation(recipe), 'rand_conv': augmentation(with_rand_conv),
-         'rand_conv grouped': augmentation(with_rand_conv, grouped_convolve_mix)}
+         'rand_conv grouped': augmentation(with_rand_conv, grouped_correlate)}
   key = jax.random.key(3)
   outs = {name: np.asarray(fn(key, images)) for name, fn in fns.items()}
   same = float(np.abs(outs['rand_conv'] - outs['rand_conv grouped']).max())

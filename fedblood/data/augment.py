@@ -185,11 +185,24 @@ def _rand_conv(rng, x, probability: float):
 
 def _convolve_mix(x, kernels, mix):
   """``mix x + (1 - mix) c`` per image, ``c`` the image correlated with its own [7, 7, 3, 3]
-  kernel (mirrored borders) and brought to the image's per-channel mean and std."""
+  kernel (mirrored borders, :func:`_correlate`) and brought to the image's per-channel mean
+  and std."""
+  out = _correlate(x, kernels)
+  mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
+  out_mean, out_std = out.mean(axis=(1, 2), keepdims=True), out.std(axis=(1, 2), keepdims=True)
+  out = mean + (out - out_mean) * (std / jnp.maximum(out_std, 1e-6))
+  mix = mix[:, None, None, None]
+  return mix * x + (1 - mix) * out
+
+
+def _correlate(x, kernels):
+  """Each image [H, W, 3] correlated with its own [7, 7, 3, 3] kernel, borders mirrored.
+
+  Channels first, each (tap, input, output) one multiply-add over whole [B, H, W] planes: the
+  441 fuse into one loop, several times faster on XLA:CPU than a grouped convolution with the
+  batch as groups (bench/bench_augment.py).
+  """
   _, height, width, _ = x.shape
-  # Channels first, each (tap, input, output) one multiply-add over whole [B, H, W] planes:
-  # the 441 fuse into one loop, several times faster on XLA:CPU than a grouped convolution
-  # with the batch as groups (bench/bench_augment.py).
   planes = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)), mode='reflect').transpose(3, 0, 1, 2)
   out = [0.0, 0.0, 0.0]
   for dy in range(7):
@@ -198,9 +211,4 @@ def _convolve_mix(x, kernels, mix):
       for i in range(3):
         for o in range(3):
           out[o] = out[o] + window[i] * kernels[:, dy, dx, i, o, None, None]
-  out = jnp.stack(out, -1)
-  mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True)
-  out_mean, out_std = out.mean(axis=(1, 2), keepdims=True), out.std(axis=(1, 2), keepdims=True)
-  out = mean + (out - out_mean) * (std / jnp.maximum(out_std, 1e-6))
-  mix = mix[:, None, None, None]
-  return mix * x + (1 - mix) * out
+  return jnp.stack(out, -1)
