@@ -65,7 +65,8 @@ def augment(rng, images, cfg):
       (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
       (each stain's optical density times 1 +- value), ``zoom`` (magnification in
       [1, 1 + value]), ``blur`` (Gaussian sigma in [0, value] pixels) and ``rand_conv`` (the
-      probability of a random convolution), absent in older configs: 0. Read at trace time: a zero range costs nothing.
+      probability of a random convolution), absent in older configs: 0. Read at trace time: a
+      zero range costs nothing.
 
   Returns:
     float32 [B, H, W, 3] in [0, 1]; the input itself when ``cfg.enabled`` is False.
