@@ -60,13 +60,11 @@ def augment(rng, images, cfg):
   Args:
     rng: a JAX PRNG key (fold in the step / center so every batch differs).
     images: float32 [B, H, W, 3] in [0, 1]; H == W when ``cfg.rot90``.
-    cfg: the ``data.augment`` ConfigDict: ``enabled``, ``flip``, ``rot90`` (bools) and the
-      jitter ranges ``brightness`` (additive), ``contrast``, ``saturation``, ``stain``
-      (multiplicative, 1 +- value) and ``hue`` (fraction of the colour wheel); ``od_stain``
-      (each stain's optical density times 1 +- value), ``zoom`` (magnification in
-      [1, 1 + value]), ``blur`` (Gaussian sigma in [0, value] pixels) and ``rand_conv`` (the
-      probability of a random convolution), absent in older configs: 0. Read at trace time: a
-      zero range costs nothing.
+    cfg: the ``data.augment`` ConfigDict: ``enabled``, ``flip``, ``rot90`` (bools), the jitter
+      ranges ``brightness`` (additive), ``contrast``, ``saturation``, ``stain`` (1 +- value),
+      ``hue`` (fraction of the colour wheel), ``od_stain`` (each stain's optical density times
+      1 +- value), ``zoom`` (magnification in [1, 1 + value]), ``blur`` (sigma in [0, value]
+      px), ``rand_conv`` (a probability); absent in older configs: 0; a zero costs nothing.
 
   Returns:
     float32 [B, H, W, 3] in [0, 1]; the input itself when ``cfg.enabled`` is False.
