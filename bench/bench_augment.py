@@ -91,8 +91,7 @@ def main(argv=None):
   candidates = {name: (lambda fn=fn: fn(key, images).block_until_ready())
                 for name, fn in fns.items()}
   model = models.VGG16(num_classes=5, head='gap', width=config.model.width)
-  batch = {'image': jnp.asarray(rng.integers(0, 256, (32, size, size, 3), np.uint8)),
-           'label': jnp.arange(32, dtype=jnp.int32) % 5, 'mask': jnp.ones(32, jnp.float32)}
+  batch = bench_step.random_batch(rng, size)
   compiled, step_args, _ = bench_step.compile_step(model, 3, batch)
   candidates['step frozen 3'] = bench_step.jax_candidate(compiled, step_args)
   times = bench_step.interleaved(candidates, args.steps)

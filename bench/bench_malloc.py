@@ -77,8 +77,7 @@ def workload(name: str, tiny: bool):
   rng = np.random.default_rng(0)
   if name.startswith('step'):
     model = models.VGG16(num_classes=5, head='gap', width=width)
-    batch = {'image': jnp.asarray(rng.integers(0, 256, (32, size, size, 3), np.uint8)),
-             'label': jnp.arange(32, dtype=jnp.int32) % 5, 'mask': jnp.ones(32, jnp.float32)}
+    batch = bench_step.random_batch(rng, size)
     compiled, args, _ = bench_step.compile_step(model, int(name.split()[-1]), batch)
     out = {}
 

@@ -227,6 +227,12 @@ def model_flops(fn, *args) -> float:
   return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+def random_batch(rng, size: int, n: int = 32) -> dict:
+  """A local step's batch of ``n`` random uint8 images of ``size`` px, labels 0-4 in turn."""
+  return {'image': jnp.asarray(rng.integers(0, 256, (n, size, size, 3), np.uint8)),
+          'label': jnp.arange(n, dtype=jnp.int32) % 5, 'mask': jnp.ones(n, jnp.float32)}
+
+
 def compile_step(model, frozen_blocks: int, batch: dict, options=None):
   """``(compiled, args, info)`` of one local step; ``compiled(*args)`` -> (params, loss)."""
   params = he_init(model, batch['image'].shape[1])
