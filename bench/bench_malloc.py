@@ -116,10 +116,19 @@ def child(name: str, calls: int, tiny: bool) -> dict:
               malloc=flags.applied_malloc())
 
 
+def child_env(environ, variant: str) -> dict:
+  """``environ`` as a ``variant`` child gets it: without the user's malloc thresholds
+  (``MALLOC_*_`` and ``GLIBC_TUNABLES``' malloc entries), with which fedblood sets none."""
+  env = {k: v for k, v in environ.items()
+         if k != flags.MALLOC_ENV and k not in flags.USER_MALLOC_ENV}
+  tunables = ':'.join(t for t in env.pop('GLIBC_TUNABLES', '').split(':')
+                      if t and not t.startswith(flags._TUNABLES))  # pylint: disable=protected-access
+  return {**env, **({'GLIBC_TUNABLES': tunables} if tunables else {}), **VARIANTS[variant]}
+
+
 def run_child(name: str, variant: str, args) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != 'FEDBLOOD_MALLOC'}
   cmd = [sys.executable, __file__, '--child', name, '--calls', str(args.calls)]
-  out = subprocess.run(cmd + ['--tiny'] * args.tiny, env={**env, **VARIANTS[variant]},
+  out = subprocess.run(cmd + ['--tiny'] * args.tiny, env=child_env(os.environ, variant),
                        capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -129,6 +138,9 @@ def main(argv=None):
   if args.child:
     print(json.dumps(child(args.child, args.calls, args.tiny)))
     return None
+  if flags._glibc() is None:  # pylint: disable=protected-access
+    raise SystemExit('bench_malloc: this Python\'s C library is not glibc (macOS, musl...): '
+                     'fedblood leaves malloc as it is there, so there is nothing to compare')
   rows = []
   print('| workload | default s | tuned s | default / tuned | faults per call (default, tuned) '
         '| kernel share of CPU (default, tuned) | same numbers |')

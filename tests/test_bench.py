@@ -20,6 +20,7 @@ import bench_layers  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-imp
 import bench_malloc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import bench_val  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from fedblood.backend import flags  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 from fedblood.model import models  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -170,6 +171,7 @@ def test_bench_val_times_a_fits_validation_four_ways_with_the_same_metrics(capsy
   assert sum(1 for line in out if line.startswith('| ')) == 1 + 2  # header, 2 validation sets
 
 
+@pytest.mark.skipif(flags._glibc() is None, reason='malloc tuning is for glibc only')
 def test_bench_malloc_alternates_child_processes_with_and_without_the_tuning(capsys):
   record = bench_malloc.main(['--tiny', '--workloads', 'eval tta'])
   (row,) = record['rows']
@@ -183,6 +185,25 @@ def test_bench_malloc_alternates_child_processes_with_and_without_the_tuning(cap
   # thresholds' effect where it is deterministic, one thread's malloc/free cycles.
   assert all(row['faults_per_call'][v] >= 0 for v in ('tuned', 'default'))
   assert '| eval tta |' in capsys.readouterr().out
+
+
+def test_bench_malloc_children_get_no_malloc_setting_of_the_user():
+  # With the user's own thresholds fedblood sets none, and both children would run untuned.
+  environ = {'PATH': '/bin', 'FEDBLOOD_MALLOC': '1', 'MALLOC_MMAP_THRESHOLD_': '4096',
+             'MALLOC_TOP_PAD_': '0',
+             'GLIBC_TUNABLES': 'glibc.cpu.x86_rep_movsb_threshold=2048:'
+                               'glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=9'}
+  tuned, default = (bench_malloc.child_env(environ, v) for v in ('tuned', 'default'))
+  assert tuned == {'PATH': '/bin', 'GLIBC_TUNABLES': 'glibc.cpu.x86_rep_movsb_threshold=2048'}
+  assert default == {**tuned, 'FEDBLOOD_MALLOC': '0'}
+  only_malloc = {'GLIBC_TUNABLES': 'glibc.malloc.mmap_threshold=9'}
+  assert bench_malloc.child_env(only_malloc, 'tuned') == {}
+
+
+def test_bench_malloc_says_why_it_has_nothing_to_compare_off_glibc(monkeypatch):
+  monkeypatch.setattr(bench_malloc.flags, '_glibc', lambda: None)
+  with pytest.raises(SystemExit, match='not glibc'):
+    bench_malloc.main(['--tiny'])
 
 
 def test_bench_augment_times_both_rand_conv_forms_which_agree(capsys):
