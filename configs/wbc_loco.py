@@ -8,8 +8,9 @@ Each point leaves one external center out of FL and of the pooled baselines (``f
 FedDyn federates PBC and the other two, and the pooled model trained from scratch is trained
 without it, the two evaluated on the left-out center every round and in Table 2 (marked held
 out), next to the reference model alone (Table 1). Fold i restores W's fold-i reference, so only
-FL and the pooled fits train. ``sweep_folds.md`` holds the federated centers; each point's
-``folds_report.md`` the left-out one.
+FL and the pooled fits train. ``sweep_folds.md`` holds the federated centers;
+``loco_folds.md`` the left-out ones, each against the reference model alone and the pooled
+model trained without it on the same images (:mod:`fedblood.reporting.loco_table`).
 """
 
 from configs import wbc

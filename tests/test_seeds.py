@@ -350,6 +350,7 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
                          '  return [{"fl.eval_model": "active_mean"}, {"fl.eval_model": "server"}]\n')
   path = seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)
   assert path == tmp_path / 'w' / 'sweep_folds.md'
+  assert not (tmp_path / 'w' / 'loco_folds.md').exists()  # no point left a center out
   names = ['fl.eval_model=active_mean', 'fl.eval_model=server']
   external, correct = ['synth1', 'synth2'], {}
   for name in names:  # each point is an ordinary --folds study
@@ -405,6 +406,28 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
   config.fl.rounds = 2
   with pytest.raises(ValueError, match=r'fl\.rounds: 1 in the workdir, 2 now'):
     seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)
+
+
+def test_a_leave_one_center_out_sweep_over_folds_writes_the_left_out_centers_table(tmp_path):
+  config = smoke_config(tmp_path / 'tfds')
+  config.fl.rounds = 1
+  config.baselines.local_only = config.baselines.pooled = False
+  config_file = tmp_path / 'loco.py'
+  config_file.write_text('def get_sweep():\n  return [{"fl.holdout": ("synth2",)}]\n')
+  seeds.run_sweep(config, str(config_file), tmp_path / 'w', folds=2)
+  point = tmp_path / 'w' / sweep.points(config, str(config_file))[0]['name']
+  results = [json.loads((point / f'fold={i}' / 'results.json').read_text()) for i in (0, 1)]
+  assert all(r['held_out'] == ['synth2'] for r in results)
+  rows = list(csv.DictReader((tmp_path / 'w' / 'loco_folds.csv').open()))
+  for quantity, table in (('FL', 'after'), ('reference alone', 'before')):
+    row = next(r for r in rows if r['quantity'] == quantity)
+    parts = [np.asarray(r['details'][table]['synth2']['predictions'])
+             == np.asarray(r['details'][table]['synth2']['labels']) for r in results]
+    assert row['center'] == 'synth2' and row['folds'] == '0;1'
+    assert int(row['images']) == sum(map(len, parts))
+    assert int(row['correct']) == sum(int(p.sum()) for p in parts)
+    assert row['per_fold'] == ';'.join(repr(float(p.mean())) for p in parts)
+  assert 'synth2' in (tmp_path / 'w' / 'loco_folds.md').read_text()
 
 
 def test_the_n_column_counts_images_per_run_over_folds():

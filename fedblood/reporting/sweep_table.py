@@ -10,6 +10,8 @@ them and writes ``sweep_<label>s.md`` / ``.csv``, a row per point:
   test image with its 95 % Wilson interval, and the paired difference of the point's FL against
   the first point's on the same images (bootstrap 95 % interval, McNemar's p). "above" / "below"
   only when the interval excludes 0: the ablation's answer, made by the tool.
+* over folds, the centers a point left out of FL (``fl.holdout``): ``loco_folds.md``
+  (:mod:`fedblood.reporting.loco_table`).
 
 :func:`compare` writes the same table for studies that ran apart, e.g. a lever's ``--folds``
 study (restoring the references) against the default's::
@@ -27,7 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from fedblood import stats
-from fedblood.reporting import aggregate, per_image
+from fedblood.reporting import aggregate, loco_table, per_image
 from fedblood.reporting.report import pct
 from fedblood.rundir import workdir as workdir_lib
 
@@ -118,6 +120,9 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
   stem.with_suffix('.csv').write_text(buf.getvalue())
   path = stem.with_suffix('.md')
   path.write_text('\n'.join(md) + '\n')
+  if label == 'fold':  # centers a point left out of FL (fl.holdout): loco_folds.md, if any
+    loco_table.write(workdir, {p['name']: Path(p['dir']) if 'dir' in p else workdir / p['name']
+                               for p in points})
   return path
 
 
