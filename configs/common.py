@@ -100,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.execution = 'auto'         # per backend; or loop, vmap, unroll, shard
   # FedDyn: 'active_mean' (what the paper reports) or 'server' (corrected).
   config.fl.eval_model = 'active_mean'
+  # Average the server's models over the rounds from this one on (0: off; fedblood.algorithms.swa):
+  # evaluated as 'swa_active_mean' / 'swa_server' (fl.eval_model), training unchanged.
+  config.fl.swa_start = 0
   # Which round Table 2 reports: 'val', the checkpointed round with the best mean validation
   # accuracy over the training centers (as every baseline picks its epoch), or 'last'. The last
   # round is reported beside it either way. Only the final evaluation reads it.

@@ -12,6 +12,8 @@ import pytest
 
 from fedblood import algorithms
 from fedblood.algorithms import base
+from fedblood.algorithms import swa as swa_lib
+from fedblood.study import driver
 
 SIZES = np.array([33, 60, 120, 250, 400])
 DIM = 5
@@ -388,3 +390,38 @@ def test_lr_decay_runs_round_r_at_lr_times_decay_to_the_r_minus_1(problem, name)
   with pytest.raises(ValueError, match='lr_decay=0.9: the local lr depends on the round'):
     alg.client_update(server, jax.tree.map(lambda c: c[0], clients), weight=1.0, loss_fn=mse,
                       batch_fn=lambda s: batch, num_steps=1, rng=jax.random.key(0))
+
+
+@pytest.mark.parametrize('name', ['fed_dyn', 'fed_avg'])
+def test_swa_averages_each_model_over_the_rounds_from_start_and_trains_as_without(problem, name):
+  data, _ = problem
+  cfg = dict(algorithm=name, lr=0.05, alpha=0.1)
+  plain, averaged = algorithms.build(cfg), algorithms.build({**cfg, 'swa_start': 3})
+  # The plain algorithm's models after each of 6 rounds (1 local step: they keep moving).
+  models = [plain.eval_params(run(plain, data, SIZES, r, 1)[0]) for r in range(1, 7)]
+  for rounds in (2, 6):
+    server, clients = run(averaged, data, SIZES, rounds, 1)
+    out = averaged.eval_params(server)
+    assert set(out) == set(models[0]) | {'swa_' + n for n in models[0]}
+    for model, params in models[rounds - 1].items():
+      np.testing.assert_array_equal(out[model], params)  # training as without the average
+      # Before round 3 the average is the current model; after round 6 the mean of rounds 3-6.
+      want = params if rounds < 3 else np.mean([m[model] for m in models[2:rounds]], axis=0)
+      np.testing.assert_allclose(out['swa_' + model], want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(clients, run(plain, data, SIZES, rounds, 1)[1])
+  assert not np.allclose(models[5]['server'], models[2]['server'], atol=1e-3)  # it moved
+
+
+def test_swa_start_must_be_a_round_and_eval_model_swa_needs_it():
+  with pytest.raises(ValueError, match='fl.swa_start must be a round >= 1'):
+    swa_lib.swa(algorithms.fed_avg(0.05), -1)
+  off, on = (algorithms.build(dict(algorithm='fed_avg', lr=0.1, swa_start=s)) for s in (0, 5))
+  assert not isinstance(off.init(jnp.zeros(2), 2)[0], swa_lib.SwaServerState)
+  assert isinstance(on.init(jnp.zeros(2), 2)[0], swa_lib.SwaServerState)
+  with pytest.raises(ValueError, match=r"fl.eval_model='swa_active_mean' .* set fl.swa_start"):
+    driver.eval_model_name('swa_active_mean', {'server': 0, 'active_mean': 0})
+  # FedAvg's one model: its average stands for both names.
+  assert driver.eval_model_name('swa_active_mean', {'server': 0, 'swa_server': 0}) == 'swa_server'
+  assert driver.eval_model_name('swa_active_mean', {'server': 0, 'active_mean': 0,
+                                                     'swa_server': 0, 'swa_active_mean': 0}) \
+      == 'swa_active_mean'

@@ -21,7 +21,7 @@ from fedblood.model import metrics, models, partition
 from fedblood.study import centralized, experiment, inference, selection, train
 from fedblood.study import validate
 from fedblood.study.stages import baselines
-from study_helpers import smoke_config
+from study_helpers import assert_same_tree, fl_state, smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,6 +213,35 @@ def test_fl_from_scratch_starts_at_the_fresh_parameters(tmp_path):
   with pytest.raises(ValueError, match=r"fl.init='scratch' with model.frozen_blocks=3"):
     train.run(config, tmp_path / 'frozen')
   assert not (tmp_path / 'frozen').exists()
+
+
+def test_swa_reports_the_average_of_the_rounds_from_start_and_trains_as_without(tmp_path):
+  # fl.swa_start=2 of 3 rounds, evaluated as 'swa_active_mean': Table 2's model, Orbax's
+  # checkpoint and inference read the mean of rounds 2 and 3's active_mean; what trains (the
+  # wrapped state) is bit for bit the run without averaging.
+  configs = {}
+  for name, swa_start, eval_model in (('plain', 0, 'active_mean'), ('swa', 2, 'swa_active_mean')):
+    config = configs[name] = smoke_config(tmp_path / 'tfds')
+    config.baselines.local_only = config.baselines.pooled = False
+    config.checkpoint.keep, config.fl.select = 3, 'last'
+    config.fl.swa_start, config.fl.eval_model = swa_start, eval_model
+    results = train.run(config, tmp_path / name)
+  assert results['eval_model'] == 'swa_active_mean'
+  states = {r: fl_state(config, tmp_path / 'swa', r)[0]['server'] for r in (1, 2, 3)}
+  for r, state in states.items():
+    plain = fl_state(configs['plain'], tmp_path / 'plain', r)[0]['server']
+    assert_same_tree(state.inner, plain)
+    assert int(state.rounds) == r
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, states[2].inner.active_mean,
+                      states[3].inner.active_mean)
+  for a, b in zip(jax.tree.leaves(states[3].average['active_mean']), jax.tree.leaves(mean)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert_same_tree(states[1].average['active_mean'], states[1].inner.active_mean)
+  loaded = inference.load_model(tmp_path / 'swa', 3)
+  assert loaded.name == 'fl round 3 (swa_active_mean)'
+  trainable, _ = partition.split(loaded.params, partition.frozen_block_rules(
+      config.model.frozen_blocks))
+  assert_same_tree(trainable, states[3].average['active_mean'])
 
 
 def test_logit_adjust_under_dp_is_refused_before_any_work(tmp_path):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from fedblood.algorithms import base
 from fedblood.algorithms import dp
 from fedblood.algorithms import dp_fedavg
+from fedblood.algorithms import swa
 from fedblood.algorithms.base import ClientUpdate, FedAlgorithm, client_weights
 from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
@@ -110,6 +111,8 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
   or ``'equal'`` (:func:`equal_weights`).
   ``fl_cfg.dp`` (optional, :mod:`fedblood.algorithms.dp`): ``mode='example'`` passes DP-SGD to
   the local step, ``mode='client'`` wraps the algorithm in DP-FedAvg.
+  ``fl_cfg.swa_start`` (optional, 0 = off): the server also averages its models over the rounds
+  from that one on (:func:`fedblood.algorithms.swa.swa`; ``fl.eval_model='swa_active_mean'``).
   ``rewrite``: the local gradient's backend rewrite (default
   :func:`fedblood.backend.platform.gradient_rewrite`).
   """
@@ -127,6 +130,9 @@ def build(fl_cfg, *, rewrite: Optional[Callable] = None) -> FedAlgorithm:
     cfg = fl_cfg['dp']
     algorithm = dp_fedavg.client_level(algorithm, float(cfg['clip']),
                                        float(cfg['noise_multiplier']), int(cfg.get('seed', 0)))
+  swa_start = fl_cfg['swa_start'] if 'swa_start' in fl_cfg else 0
+  if swa_start:
+    algorithm = swa.swa(algorithm, swa_start)
   return algorithm
 
 

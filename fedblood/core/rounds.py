@@ -52,6 +52,7 @@ class RoundSpec(NamedTuple):
   execution: str
   dp: DpSpec | None         # None: no fl.dp, or fl.dp.mode='off'
   logit_adjust: float = 0.0  # fl.logit_adjust: tau of the local loss (the examples' log_prior)
+  swa_start: int = 0        # fl.swa_start: the server averages its models from that round (0: off)
 
 
 _ALGORITHM_KEYS = ('lr', 'lr_decay', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
@@ -73,7 +74,8 @@ def spec(loss, fl, dp_plan=None) -> RoundSpec:
                    **{k: fl[k] if k in fl else None for k in _ALGORITHM_KEYS},
                    batch_size=fl['batch_size'], local_epochs=fl['local_epochs'],
                    execution=fl['execution'] if 'execution' in fl else 'auto', dp=dp_spec,
-                   logit_adjust=float(fl['logit_adjust']) if 'logit_adjust' in fl else 0.0)
+                   logit_adjust=float(fl['logit_adjust']) if 'logit_adjust' in fl else 0.0,
+                   swa_start=fl['swa_start'] if 'swa_start' in fl else 0)
 
 
 def local_loss(round_spec: RoundSpec):

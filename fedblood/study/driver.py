@@ -29,7 +29,7 @@ from fedblood.rundir import checkpoint, runlog
 from fedblood.rundir import workdir as workdir_lib
 from fedblood.study import centralized
 
-EVAL_MODELS = ('server', 'active_mean')
+EVAL_MODELS = ('server', 'active_mean', 'swa_server', 'swa_active_mean')  # swa_: fl.swa_start
 BEST_METRIC = 'val_accuracy'
 # fl.select: which round Table 2 reports ('val': the best mean validation accuracy; 'last').
 SELECT_RULES = ('val', 'last')
@@ -52,8 +52,12 @@ def eval_model_name(requested: str, available) -> str:
   """``fl.eval_model``, checked; 'server' for algorithms whose only model is the server's."""
   if requested not in EVAL_MODELS:
     raise ValueError(f'fl.eval_model must be one of {EVAL_MODELS}, got {requested!r}')
+  swa = requested.startswith('swa_')
+  if swa and not any(name.startswith('swa_') for name in available):
+    raise ValueError(f'fl.eval_model={requested!r} evaluates the models averaged over rounds: '
+                     'set fl.swa_start to the first round averaged (0 turns averaging off)')
   # FedAvg / FedProx / SCAFFOLD have one model: their server model IS the average.
-  return requested if requested in available else 'server'
+  return requested if requested in available else 'swa_server' if swa else 'server'
 
 
 class Checkpoints(NamedTuple):

@@ -162,6 +162,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.holdout': center_names,
     'fl.init': one_of(*fl_stage.INITS),
     'fl.logit_adjust': nonnegative,
+    'fl.swa_start': nonnegative_int,
     **_recipe('baselines'),
     'fl.dp.mode': one_of(*dp.MODES),
     'fl.dp.clip': positive,
