@@ -64,8 +64,9 @@ def _run_config(overrides, workdir, **kw):
 
 @pytest.mark.slow
 def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch):
-  """SCAFFOLD with an lr decaying over rounds and logit-adjusted local losses (each site's class
-  prior from its own labels), over TLS with node authentication ==
+  """SCAFFOLD with an lr decaying over rounds, logit-adjusted local losses (each site's class
+  prior from its own labels) and the server's models averaged over rounds (evaluated at the
+  sites from the server state they receive), over TLS with node authentication ==
   fedblood's simulation (FedDyn's is tests/test_deploy_wbc.py's, on the real centers, and the
   replays below).
 
@@ -74,7 +75,8 @@ def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch)
   """
   monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'tfds'))
   # fl.lr_decay: round 2 runs at half round 1's lr, at each site from the round it trains.
-  overrides = _reference(tmp_path, TINY + ' fl.rounds=2 fl.lr_decay=0.5 fl.logit_adjust=1.0')
+  overrides = _reference(tmp_path, TINY + " fl.rounds=2 fl.lr_decay=0.5 fl.logit_adjust=1.0 "
+                                   "fl.swa_start=1 fl.eval_model='swa_server'")
   with local.Federation(tmp_path / 'fed', tls=True, auth=True) as fed:
     fed.start_superlink()
     for k in range(3):
@@ -105,6 +107,7 @@ def test_deployed_equals_simulated_with_tls_and_node_auth(tmp_path, monkeypatch)
       for key in ('centers', 'before', 'after', 'after_models', 'after_last', 'selection',
                   'confusion', 'train_sizes'):
         assert res_d[key] == res_s[key], key
+      assert res_d['eval_model'] == res_s['eval_model'] == 'swa_server'
       assert (deployed / 'report.md').exists()
       assert (deployed / 'figures' / 'accuracy_per_round.png').stat().st_size > 0
       log = (deployed / 'deploy.log').read_text()
