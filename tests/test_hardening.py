@@ -83,6 +83,9 @@ def _set(config, key, value):
     ('fl.participation', float('nan'), r'in \(0, 1\]'),
     ('baselines.init', 'pooled', 'must be one of'),
     ('model.head', 'mlp', 'must be one of'),
+    ('fl.swa_start', -1, 'must be an integer >= 0'),
+    ('fl.swa_start', 4, r'is after the last round \(fl.rounds=3\): nothing would be averaged'),
+    ('fl.eval_model', 'swa_server', 'set fl.swa_start to the first round averaged'),
 ])
 def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, says):
   config = smoke_config(tmp_path / 'tfds')

@@ -253,6 +253,11 @@ def check(config) -> None:
     raise ValueError(f"config fl.init='scratch' with model.frozen_blocks={frozen}: the first "
                      f'{frozen} block(s) would stay at their random initial weights through '
                      'every round; set model.frozen_blocks=0')
+  swa_start, rounds = _get(config, 'fl.swa_start'), _get(config, 'fl.rounds')
+  if swa_start not in (0, _ABSENT) and rounds is not _ABSENT and swa_start > rounds:
+    raise ValueError(f'config fl.swa_start={swa_start!r} is after the last round (fl.rounds='
+                     f'{rounds}): nothing would be averaged; set a round from 1 to {rounds}, '
+                     'or 0 (off)')
   adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
   # Record level only: under fl.dp.mode='client' the unit is a whole center, whose clipped and
   # noised update covers anything computed from its own labels, the prior included.
