@@ -80,8 +80,7 @@ def rows_of(name: str, directory) -> list:
                                                               summary['workdirs'])}
     held = sorted({c for r in results.values() for c in r.get('held_out') or ()})
     for center in held:
-      rows.append({'name': name if len(studies) == 1 else f'{name}/{study.name}' if name
-                   else study.name, 'center': center,
+      rows.append({'name': name if len(studies) == 1 else f'{name}/{study.name}', 'center': center,
                    'folds': {i: _fold_images(r, center) for i, r in results.items()}})
   return rows
 
