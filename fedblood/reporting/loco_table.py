@@ -12,8 +12,8 @@ center :func:`write` gives, for every model that never saw its images,
   exact p; "above" / "below" only when the interval excludes 0): a center that never joined
   should score at or above both;
 * where several rows hold the same center out (points of another sweep, or studies that ran
-  apart, named on the command line), each row's FL against the first row's, on the same images (checked:
-  the same folds and the same labels in the same order).
+  apart, named on the command line), each row's FL against the first row's, on the same images
+  (checked: the same folds and the same labels in the same order).
 
 ``--sweep --folds`` writes it as ``loco_folds.md`` / ``.csv`` beside ``sweep_folds.md`` when a
 point leaves a center out; for studies that ran apart (e.g. the recipe's and a lever's)::
@@ -183,7 +183,8 @@ def write(out, studies: dict) -> Path | None:
 
 def main(argv) -> None:
   if len(argv) < 2 or not all('=' in a for a in argv[1:]):
-    sys.exit('usage: python -m fedblood.reporting.loco_table OUT NAME=STUDY_DIR [NAME=STUDY_DIR ...]')
+    sys.exit('usage: python -m fedblood.reporting.loco_table OUT NAME=STUDY_DIR '
+             '[NAME=STUDY_DIR ...]')
   path = write(argv[0], dict(a.split('=', 1) for a in argv[1:]))
   if path is None:
     sys.exit('no run of these studies left a center out (fl.holdout): no table written')
