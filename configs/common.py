@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.batch_size = 32            # local SGD batch
   config.fl.lr = 0.05                  # local SGD learning rate (no momentum, as FedDyn's code)
   config.fl.lr_decay = 1.0             # round r's local lr: fl.lr * fl.lr_decay ** (r - 1)
+  # Heavy-ball momentum of the local SGD, its buffer reset every round (0: plain SGD, as FedDyn's
+  # code). Steps settle at fl.lr / (1 - m): lower fl.lr with it. SCAFFOLD refuses it.
+  config.fl.local_momentum = 0.0
   config.fl.alpha = 0.01               # FedDyn regulariser (the paper searched 0.1, 0.01, 0.001)
   config.fl.mu = 0.01                  # FedProx proximal weight (fed_prox only)
   config.fl.weight_decay = 1e-3        # ordinary weight decay on top of FedDyn's alpha_k

@@ -392,6 +392,73 @@ def test_lr_decay_runs_round_r_at_lr_times_decay_to_the_r_minus_1(problem, name)
                       batch_fn=lambda s: batch, num_steps=1, rng=jax.random.key(0))
 
 
+@pytest.mark.parametrize('name', ['fed_dyn', 'fed_avg', 'fed_prox'])
+def test_local_momentum_is_heavy_ball_from_a_zero_buffer_every_round(problem, name):
+  # fl.local_momentum m: each step v <- m v + g, p <- p - lr v on the algorithm's own
+  # regularised gradient (FedDyn's linear and quadratic terms, FedProx's proximal term), with v
+  # zero at the start of every client_update: nothing is carried between rounds.
+  (x, y, mask), _ = problem
+  batch = (x[1], y[1], mask[1])
+  lr, m, steps, weight, alpha, mu, wd = 0.02, 0.7, 5, 0.8, 0.1, 0.3, 1e-3
+  cfg = dict(algorithm=name, lr=lr, alpha=alpha, mu=mu, max_grad_norm=0.0, weight_decay=wd)
+  start = jnp.linspace(-1.0, 1.0, DIM)
+
+  def update(num_steps=steps, **extra):
+    alg = algorithms.build(dict(cfg, **extra))
+    server, clients = alg.init(start, 2)
+    client = jax.tree.map(lambda c: c[0] + 0.3, clients)  # a nonzero lambda_k
+    out = alg.client_update(server, client, weight=weight, loss_fn=mse,
+                            batch_fn=lambda s: batch, num_steps=num_steps, rng=jax.random.key(0))
+    return np.asarray(out.local_params)
+
+  xs, ys, ms = (np.asarray(a, np.float64) for a in batch)
+  theta = np.asarray(start, np.float64)
+  lam = np.full(DIM, 0.3)  # the client state above
+
+  def grad(p):  # the local objective's gradient, weight decay included
+    g = xs.T @ (ms * (xs @ p - ys)) / ms.sum() + wd * p
+    if name == 'fed_dyn':
+      alpha_k = alpha / weight
+      g = g + alpha_k * (lam - theta) + alpha_k * p
+    if name == 'fed_prox':
+      g = g + mu * (p - theta)
+    return g
+
+  p, v = theta.copy(), np.zeros(DIM)
+  for _ in range(steps):
+    v = m * v + grad(p)
+    p = p - lr * v
+  np.testing.assert_allclose(update(local_momentum=m), p, rtol=1e-5, atol=1e-6)
+  assert np.abs(p - update()).max() > 1e-3  # momentum moved it
+  # One step from a zero buffer is the plain SGD step, whatever m: the buffer starts empty.
+  np.testing.assert_array_equal(update(1, local_momentum=m), update(1))
+  np.testing.assert_array_equal(update(local_momentum=0.0), update())
+
+
+def test_feddyn_with_local_momentum_reaches_the_weighted_optimum(problem):
+  # FedDyn's fixed point does not depend on how each center solves its local problem.
+  data, optimum = problem
+  server, _ = run(algorithms.fed_dyn(0.01, alpha=0.1, local_momentum=0.8), data, SIZES, 300, 50)
+  assert rel_error(server.params, optimum) < CONSENSUS_TOL
+
+
+@pytest.mark.parametrize('momentum, says', [
+    (1.0, r'fl.local_momentum must be in \[0, 1\), got 1.0'),
+    (-0.1, r'fl.local_momentum must be in \[0, 1\), got -0.1'),
+])
+def test_local_momentum_outside_0_1_refused(momentum, says):
+  for name in ('fed_dyn', 'fed_avg'):
+    with pytest.raises(ValueError, match=says):
+      algorithms.build(dict(algorithm=name, lr=0.05, alpha=0.1, local_momentum=momentum))
+
+
+def test_scaffold_refuses_local_momentum():
+  with pytest.raises(ValueError, match=r"fl.local_momentum=0.9: fl.algorithm='scaffold' runs "
+                                       'plain local SGD'):
+    algorithms.build(dict(algorithm='scaffold', lr=0.05, local_momentum=0.9))
+  algorithms.build(dict(algorithm='scaffold', lr=0.05, local_momentum=0.0))  # the default: fine
+
+
 @pytest.mark.parametrize('name', ['fed_dyn', 'fed_avg'])
 def test_swa_averages_each_model_over_the_rounds_from_start_and_trains_as_without(problem, name):
   data, _ = problem

@@ -83,6 +83,7 @@ def _set(config, key, value):
     ('fl.participation', float('nan'), r'in \(0, 1\]'),
     ('baselines.init', 'pooled', 'must be one of'),
     ('model.head', 'mlp', 'must be one of'),
+    ('fl.local_momentum', 1.0, r'in \[0, 1\)'),
     ('fl.swa_start', -1, 'must be an integer >= 0'),
     ('fl.swa_start', 4, r'is after the last round \(fl.rounds=3\): nothing would be averaged'),
     ('fl.eval_model', 'swa_server', 'set fl.swa_start to the first round averaged'),
@@ -102,6 +103,9 @@ def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, say
     ({'fl.dp.mode': 'example', 'fl.dp.delta': 0.5}, r'fl.dp.delta=0.5 must be in \(0, 1/n_k\)'),
     ({'fl.dp.mode': 'client', 'fl.algorithm': 'fed_avg', 'fl.participation': 0.5},
      'fl.participation=1.0'),
+    ({'fl.algorithm': 'scaffold', 'fl.local_momentum': 0.9},
+     r"fl\.local_momentum=0\.9: fl\.algorithm='scaffold' runs plain local SGD"),
+    ({'fl.algorithm': 'fed_avg', 'fl.local_momentum': 0.9}, None),
     ({'fl.algorithm': 'fed_avg', 'fl.server_lr': 0.5, 'fl.alpha': 0.0}, None),  # fed_avg: fine
 ])
 def test_settings_refused_against_the_data_plan(tmp_path, settings, says):

@@ -31,8 +31,10 @@ from fedblood.algorithms.fed_avg import fed_avg, fed_prox
 from fedblood.algorithms.fed_dyn import fed_dyn
 from fedblood.algorithms.scaffold import scaffold
 
-# optional keys of every algorithm's local step
-_LOCAL = ('weight_decay', 'max_grad_norm', 'lr_decay')
+# optional keys of every algorithm's local step; SCAFFOLD's control variates divide a move by
+# steps * lr, which holds for plain SGD only: it refuses fl.local_momentum
+_LOCAL_SGD = ('weight_decay', 'max_grad_norm', 'lr_decay')
+_LOCAL = _LOCAL_SGD + ('local_momentum',)
 _SERVER = ('server_lr', 'server_momentum')  # optional keys of the FedAvg-type server rule
 
 
@@ -73,7 +75,9 @@ def _fed_prox(fl_cfg, **backend) -> FedAlgorithm:
 
 
 def _scaffold(fl_cfg, **backend) -> FedAlgorithm:
-  return scaffold(lr=_required(fl_cfg, 'lr'), **_given(fl_cfg, _LOCAL + _SERVER), **backend)
+  _unused(fl_cfg, {'local_momentum': 0.0},
+          "runs plain local SGD (its control variates divide a center's move by steps * lr)")
+  return scaffold(lr=_required(fl_cfg, 'lr'), **_given(fl_cfg, _LOCAL_SGD + _SERVER), **backend)
 
 
 # fl.algorithm -> the builder reading its keys of ``fl`` (``backend``: ``dp`` and ``rewrite``).

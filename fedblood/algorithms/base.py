@@ -165,10 +165,21 @@ def round_lr(lr: float, lr_decay: float, round_index):
   return lr * jnp.asarray(lr_decay, jnp.float32) ** (jnp.asarray(round_index, jnp.float32) - 1)
 
 
-def local_tx(lr, max_grad_norm: Optional[float], weight_decay) -> optax.GradientTransformation:
-  """Clip the gradient, then add ``weight_decay * params``, then plain SGD (FedDyn's order)."""
+def local_tx(lr, max_grad_norm: Optional[float], weight_decay,
+             momentum: float = 0.0) -> optax.GradientTransformation:
+  """Clip the gradient, then add ``weight_decay * params``, then SGD (FedDyn's order): plain
+  when ``momentum`` is 0 (the authors' code), else heavy-ball with a buffer that starts at zero
+  in every round (``fl.local_momentum``; nothing of it is carried between rounds)."""
   clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
-  return optax.chain(clip, optax.add_decayed_weights(weight_decay), optax.sgd(lr))
+  return optax.chain(clip, optax.add_decayed_weights(weight_decay),
+                     optax.sgd(lr, momentum=momentum or None))
+
+
+def check_momentum(momentum) -> float:
+  """``fl.local_momentum`` as a float in [0, 1), else a ValueError naming it."""
+  if not 0.0 <= momentum < 1.0:
+    raise ValueError(f'fl.local_momentum must be in [0, 1), got {momentum}')
+  return float(momentum)
 
 
 def gradient(objective: Callable, rewrite: Callable) -> Callable:
@@ -178,7 +189,7 @@ def gradient(objective: Callable, rewrite: Callable) -> Callable:
 
 def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, weight_decay,
               penalty_fn: Optional[Callable] = None, dp: Optional[dp_lib.DpSgd] = None,
-              rewrite: Optional[Callable] = None):
+              rewrite: Optional[Callable] = None, momentum: float = 0.0):
   """Runs ``num_steps`` steps of clipped SGD on ``loss_fn + penalty_fn`` from ``params``.
 
   Args:
@@ -195,12 +206,13 @@ def local_sgd(params, loss_fn, batch_fn, num_steps, rng, *, lr, max_grad_norm, w
       gradient (data-independent) is added after the noise.
     rewrite: ``grad_fn -> grad_fn`` applied to the gradient (and DP-SGD's clipped sums)
       before tracing; default :func:`fedblood.backend.platform.gradient_rewrite` of this backend.
+    momentum: heavy-ball momentum of the local SGD (:func:`local_tx`; 0: plain SGD).
 
   Returns:
     ``(params, metrics)``, metrics ``{'loss', **aux}`` averaged over the steps taken
     (zero when none) and ``'num_steps'``.
   """
-  tx = local_tx(lr, max_grad_norm, weight_decay)
+  tx = local_tx(lr, max_grad_norm, weight_decay, momentum)
   rewrite = platform.gradient_rewrite() if rewrite is None else rewrite
 
   def objective(p, batch, step_rng):

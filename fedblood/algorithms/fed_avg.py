@@ -17,7 +17,9 @@ from fedblood.algorithms import dp as dp_lib
 
 def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], server_lr: float,
            server_momentum: float, mu: Optional[float], dp=None,
-           rewrite: Optional[Callable] = None, lr_decay: float = 1.0) -> base.FedAlgorithm:
+           rewrite: Optional[Callable] = None, lr_decay: float = 1.0,
+           local_momentum: float = 0.0) -> base.FedAlgorithm:
+  local_momentum = base.check_momentum(local_momentum)
   server_tx = optax.sgd(server_lr, momentum=server_momentum or None)
 
   def init(params, num_clients):
@@ -35,7 +37,8 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
     local, metrics = base.local_sgd(theta_s, loss_fn, batch_fn, num_steps, rng,
                                     lr=base.round_lr(lr, lr_decay, round_index),
                                     max_grad_norm=max_grad_norm, weight_decay=weight_decay,
-                                    penalty_fn=penalty_fn, dp=dp, rewrite=rewrite)
+                                    penalty_fn=penalty_fn, dp=dp, rewrite=rewrite,
+                                    momentum=local_momentum)
     return base.ClientUpdate(local, client_state, metrics)
 
   def server_update(server_state, client_states, *, local_params, new_client_states, weights,
@@ -51,7 +54,7 @@ def _build(lr: float, weight_decay: float, max_grad_norm: Optional[float], serve
 
 def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[float] = 10.0,
             server_lr: float = 1.0, server_momentum: float = 0.0, lr_decay: float = 1.0,
-            dp: Optional[dp_lib.DpSgd] = None,
+            local_momentum: float = 0.0, dp: Optional[dp_lib.DpSgd] = None,
             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedAvg with sample-weighted averaging.
 
@@ -62,20 +65,21 @@ def fed_avg(lr: float, *, weight_decay: float = 0.0, max_grad_norm: Optional[flo
     server_lr: server learning rate on the averaged update (1.0: plain averaging).
     server_momentum: server heavy-ball momentum (0: none).
     lr_decay: round r's local lr is ``lr * lr_decay ** (r - 1)`` (``base.round_lr``).
+    local_momentum: heavy-ball momentum of the local SGD, reset every round (0: plain SGD).
     dp: DP-SGD in the local step (``base.local_sgd``).
     rewrite: the local gradient's backend rewrite (``base.local_sgd``; default the platform's).
   """
   return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=None, dp=dp,
-                rewrite=rewrite, lr_decay=lr_decay)
+                rewrite=rewrite, lr_decay=lr_decay, local_momentum=local_momentum)
 
 
 def fed_prox(lr: float, mu: float, *, weight_decay: float = 0.0,
              max_grad_norm: Optional[float] = 10.0, server_lr: float = 1.0,
              server_momentum: float = 0.0, lr_decay: float = 1.0,
-             dp: Optional[dp_lib.DpSgd] = None,
+             local_momentum: float = 0.0, dp: Optional[dp_lib.DpSgd] = None,
              rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedProx: FedAvg plus ``mu/2 |p - theta_s|^2`` in each client's loss (see :func:`fed_avg`)."""
   if mu < 0:
     raise ValueError(f'fl.mu must be >= 0, got {mu}')
   return _build(lr, weight_decay, max_grad_norm, server_lr, server_momentum, mu=float(mu), dp=dp,
-                rewrite=rewrite, lr_decay=lr_decay)
+                rewrite=rewrite, lr_decay=lr_decay, local_momentum=local_momentum)

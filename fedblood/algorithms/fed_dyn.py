@@ -46,7 +46,7 @@ class FedDynClientState(NamedTuple):
 
 def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
             max_grad_norm: Optional[float] = 10.0, lr_decay: float = 1.0,
-            dp: Optional[dp_lib.DpSgd] = None,
+            local_momentum: float = 0.0, dp: Optional[dp_lib.DpSgd] = None,
             rewrite: Optional[Callable] = None) -> base.FedAlgorithm:
   """FedDyn.
 
@@ -57,11 +57,14 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
     max_grad_norm: global-norm clipping of the regularised gradient (10 in the authors' code).
     lr_decay: round r's local lr is ``lr * lr_decay ** (r - 1)`` (the authors'
       ``lr_decay_per_round``; 1 in their CIFAR runs).
+    local_momentum: heavy-ball momentum of the local SGD on the regularised objective, its
+      buffer reset every round (0: plain SGD, the authors' code).
     dp: DP-SGD in the local step (``base.local_sgd``); the regulariser is added after the noise.
     rewrite: the local gradient's backend rewrite (``base.local_sgd``; default the platform's).
   """
   if alpha <= 0:
     raise ValueError(f'fl.alpha must be > 0 for fed_dyn, got {alpha}')
+  local_momentum = base.check_momentum(local_momentum)
 
   def init(params, num_clients):
     params = base.copy_tree(params)
@@ -78,7 +81,7 @@ def fed_dyn(lr: float, alpha: float, *, weight_decay: float = 0.0,
                                     lr=base.round_lr(lr, lr_decay, round_index),
                                     max_grad_norm=max_grad_norm,
                                     weight_decay=alpha_k + weight_decay, penalty_fn=penalty_fn,
-                                    dp=dp, rewrite=rewrite)
+                                    dp=dp, rewrite=rewrite, momentum=local_momentum)
     lam = jax.tree.map(lambda l, t, s: l + (t - s), client_state.lam, local, theta_s)
     return base.ClientUpdate(local, FedDynClientState(lam), metrics)
 

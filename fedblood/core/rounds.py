@@ -47,6 +47,7 @@ class RoundSpec(NamedTuple):
   server_lr: float | None
   server_momentum: float | None
   weighting: str | None
+  local_momentum: float | None
   batch_size: int
   local_epochs: int
   execution: str
@@ -56,7 +57,7 @@ class RoundSpec(NamedTuple):
 
 
 _ALGORITHM_KEYS = ('lr', 'lr_decay', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
-                   'server_momentum', 'weighting')
+                   'server_momentum', 'weighting', 'local_momentum')
 
 
 def spec(loss, fl, dp_plan=None) -> RoundSpec:

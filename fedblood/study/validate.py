@@ -148,6 +148,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.batch_size': positive_int,
     'fl.lr': positive,
     'fl.lr_decay': fraction,
+    'fl.local_momentum': below_one,
     'fl.alpha': nonnegative,
     'fl.mu': nonnegative,
     'fl.weight_decay': nonnegative,
