@@ -41,6 +41,16 @@ class Paired(NamedTuple):
     """'above' / 'below' when the interval excludes 0, else 'tie' (inside the noise)."""
     return 'above' if self.low > 0 else 'below' if self.high < 0 else 'tie'
 
+  @property
+  def points(self) -> str:
+    """The difference in points with its interval, as the reports print it."""
+    return points(self.difference, self.low, self.high)
+
+
+def points(difference: float, low: float, high: float) -> str:
+  """A difference of accuracies (fractions) in points with its interval: ``'+1.2 [-0.3, +2.7]'``."""
+  return f'{100 * difference:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]'
+
 
 def paired_comparison(correct_a, correct_b, *, confidence: float = 0.95, resamples: int = 2000,
                       seed: int = 0) -> Paired:

@@ -42,6 +42,8 @@ def test_paired_comparison_identical_models_and_bad_input():
   same = np.array([True, False, True])
   res = stats.paired_comparison(same, same)
   assert (res.low, res.high, res.p_mcnemar, res.verdict) == (0.0, 0.0, 1.0, 'tie')
+  assert res.points == '+0.0 [+0.0, +0.0]'
+  assert stats.points(0.1, -0.0234, 0.25) == '+10.0 [-2.3, +25.0]'
   with pytest.raises(ValueError, match='paired_comparison'):
     stats.paired_comparison([True], [True, False])
 

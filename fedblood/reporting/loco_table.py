@@ -123,8 +123,7 @@ def _measure(row: dict, folds: list, first: dict | None) -> dict:
 
 
 def _paired_cell(p) -> str:
-  return (f'{100 * p.difference:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] '
-          f'p {p.p_mcnemar:.2g} {p.verdict}')
+  return f'{p.points} p {p.p_mcnemar:.2g} {p.verdict}'
 
 
 def write(out, studies: dict) -> Path | None:

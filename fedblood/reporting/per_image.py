@@ -103,6 +103,6 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
       if p is None:
         continue
       out.append(f'| `{table}` | {name(c)} | {report.pct(p["accuracy_a"])} | {report.pct(p["accuracy_b"])} | '
-                 f'{100 * p["difference"]:+.1f} [{100 * p["low"]:+.1f}, {100 * p["high"]:+.1f}] | '
+                 f'{stats.points(p["difference"], p["low"], p["high"])} | '
                  f'{p["a_only"]} / {p["b_only"]} | {p["p_mcnemar"]:.3g} | {p["verdict"]} |')
   return out + ['']

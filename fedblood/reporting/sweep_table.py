@@ -111,8 +111,7 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
         row += ['', '', '', '']
       else:
         vs = stats.paired_comparison(a, read[0]['images'])
-        line += [f'{100 * vs.difference:+.1f} [{100 * vs.low:+.1f}, {100 * vs.high:+.1f}]',
-                 f'{vs.p_mcnemar:.3g}', vs.verdict]
+        line += [vs.points, f'{vs.p_mcnemar:.3g}', vs.verdict]
         row += [vs.difference, vs.low, vs.high, vs.p_mcnemar]
     md.append('| ' + ' | '.join(line) + ' |')
     writer.writerow(row)

@@ -209,8 +209,7 @@ def table(out_rows: list) -> tuple[str, str]:
     md.append('| ' + ' | '.join([
         r['model'], eps_label(r['epsilon']), spent, *(aggregate.cell(s, False) for s in cells),
         aggregate.cell(ext, False), f'{100 * a.mean():.1f} [{100 * low:.1f}, {100 * high:.1f}]',
-        '' if vs is None else f'{100 * vs.difference:+.1f} [{100 * vs.low:+.1f}, '
-                              f'{100 * vs.high:+.1f}] {vs.verdict}',
+        '' if vs is None else f'{vs.points} {vs.verdict}',
         (f'{_short(r["chosen"])} ({100 * r["val"]:.1f})' if 'val' in r else r.get('chosen', ''))])
               + ' |')
     writer.writerow([r['model'], eps_label(r['epsilon']), r.get('spent', ''),
