@@ -382,6 +382,15 @@ def test_a_sweep_over_folds_writes_one_table_that_compares_points_on_the_same_im
     assert {k: v for k, v in row.items() if k not in ('point', 'fl.eval_model')} == {
         k: v for k, v in same.items() if k not in ('point', 'fl.eval_model')}
   assert [r['fl.eval_model'] for r in apart] == ['', 'server']  # b's field that differs from a
+  # A study written before a later field (here fl.swa_start) ran it at its old value: no column.
+  old_config = tmp_path / 'w' / names[0] / 'fold=0' / 'config.json'
+  saved = json.loads(old_config.read_text())
+  del saved['fl']['swa_start']
+  old_config.write_text(json.dumps(saved))
+  sweep_table.compare(tmp_path / 'cmp_old', {'a': tmp_path / 'w' / names[0],
+                                             'b': tmp_path / 'w' / names[1]})
+  header = (tmp_path / 'cmp_old' / 'sweep_folds.csv').read_text().splitlines()[0].split(',')
+  assert 'fl.swa_start' not in header and 'fl.eval_model' in header
   with pytest.raises(FileNotFoundError, match='not a finished --folds study'):
     sweep_table.compare(tmp_path / 'cmp', {'a': tmp_path / 'w' / names[0], 'c': tmp_path})
   # A study of one fold (--only_folds 1) against the 2-fold point: compared on fold 1's images.

@@ -129,7 +129,8 @@ def compare(out, studies: dict, label: str = 'fold') -> Path:
   """:func:`write` into ``out`` for finished ``--folds`` / ``--seeds`` studies ``{name: dir}``.
 
   The first study is the reference point; each point's columns are the config fields in which
-  its first run differs from the first study's (``fl.weighting``, ``reference.restore``...).
+  its first run differs from the first study's (``fl.weighting``, ``reference.restore``...); a
+  field a study predates counts at the value it ran with (``workdir.LATER_FIELDS``).
   The paired comparison needs the same images: the studies must split the same centers into
   the same folds (checked). Studies that ran different folds of the same split (``--only_folds``)
   are compared over the folds they all ran.
@@ -147,11 +148,12 @@ def compare(out, studies: dict, label: str = 'fold') -> Path:
     raise ValueError(f'the studies share no {label}: '
                      + '; '.join(f'{n}: {list(r)}' for n, r in ran.items()))
   only = None if all(list(r) == common for r in ran.values()) else common
-  runs = {name: workdir_lib.read_config(r[common[0]]) or {} for name, r in ran.items()}
-  first = workdir_lib.flatten(next(iter(runs.values())))
+  # A study written before a later field ran it at its old value: not a difference.
+  runs = {name: workdir_lib.with_later_fields(
+      workdir_lib.flatten(workdir_lib.read_config(r[common[0]]) or {})) for name, r in ran.items()}
+  first = next(iter(runs.values()))
   points = []
-  for name, config in runs.items():
-    flat = workdir_lib.flatten(config)
+  for name, flat in runs.items():
     for key in [f'data.{k}' for k in ('folds', *workdir_lib.SPLIT_KEYS)]:
       if flat.get(key) != first.get(key):
         raise ValueError(f'{dirs[name]}: data.{key.split(".", 1)[1]}={flat.get(key)!r}, the '

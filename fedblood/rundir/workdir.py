@@ -84,6 +84,12 @@ def flatten(tree, prefix='') -> dict:
   return out
 
 
+def with_later_fields(flat: dict) -> dict:
+  """A flattened config.json with each of :data:`LATER_FIELDS` it predates at the value such a
+  run had (a field of ANY value stays absent): what it ran, comparable with a newer config."""
+  return {**{k: v for k, v in LATER_FIELDS.items() if v is not ANY and k not in flat}, **flat}
+
+
 def config_dict(config) -> dict:
   """The config as plain JSON data (tuples become lists)."""
   return json.loads(config.to_json_best_effort(sort_keys=True))
