@@ -18,18 +18,17 @@ The four functions' contracts are the Protocols below (:class:`InitFn`, :class:`
   clients keep their states (the algorithm selects them itself).
 * ``eval_params(server_state) -> {name: params}``: the models worth evaluating.
 
-Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md)::
+Local training is clipped SGD through optax, in FedDyn's order (docs/feddyn.md); heavy-ball
+with ``momentum`` > 0 (``fl.local_momentum``), its buffer zero at every call, i.e. every round::
 
   g = clip_by_global_norm(grad(loss + penalty), max_grad_norm)
   params <- params - lr * (g + weight_decay * params)
 
-The gradient goes through ``rewrite`` (a parameter of every builder and of :func:`local_sgd`):
-:func:`fedblood.backend.platform.gradient_rewrite` decides it per backend (on CPU
-:func:`fedblood.backend.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would
-otherwise run the backward convolutions as naive loops; docs/performance.md).
-
-Algorithms differ only in ``penalty`` (a function of the params, e.g. FedProx's
-``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
+The gradient goes through ``rewrite`` (a parameter of every builder and of :func:`local_sgd`),
+per backend :func:`fedblood.backend.platform.gradient_rewrite` (on CPU
+:func:`fedblood.backend.xla_cpu.fast_gradients`: inside the ``fori_loop`` XLA:CPU would otherwise
+run the backward convolutions as naive loops; docs/performance.md). Algorithms differ only in
+``penalty`` (e.g. FedProx's ``mu/2 |p - theta_s|^2``), ``weight_decay`` and their server rule.
 """
 
 from typing import Any, Callable, NamedTuple, Optional, Protocol
@@ -167,9 +166,7 @@ def round_lr(lr: float, lr_decay: float, round_index):
 
 def local_tx(lr, max_grad_norm: Optional[float], weight_decay,
              momentum: float = 0.0) -> optax.GradientTransformation:
-  """Clip the gradient, then add ``weight_decay * params``, then SGD (FedDyn's order): plain
-  when ``momentum`` is 0 (the authors' code), else heavy-ball with a buffer that starts at zero
-  in every round (``fl.local_momentum``; nothing of it is carried between rounds)."""
+  """Clip, add ``weight_decay * params``, then SGD (FedDyn's order), heavy-ball at momentum > 0."""
   clip = optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity()
   return optax.chain(clip, optax.add_decayed_weights(weight_decay),
                      optax.sgd(lr, momentum=momentum or None))
