@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.fl.algorithm = 'fed_dyn'      # 'fed_dyn', 'fed_avg', 'fed_prox' or 'scaffold'
   config.fl.rounds = 10                # communication rounds
   config.fl.local_epochs = 1           # passes over its training split each center makes per round
+  # > 0: every center runs exactly that many local steps a round, whatever its size (small
+  # centers make several passes, a large one part of one); 0: fl.local_epochs passes each.
+  config.fl.local_steps = 0
   config.fl.batch_size = 32            # local SGD batch
   config.fl.lr = 0.05                  # local SGD learning rate (no momentum, as FedDyn's code)
   config.fl.lr_decay = 1.0             # round r's local lr: fl.lr * fl.lr_decay ** (r - 1)

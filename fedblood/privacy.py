@@ -5,7 +5,8 @@ differing by adding or removing one record (dp-accounting's ``ADD_OR_REMOVE_ONE`
 
 * ``mode='example'``: per center k, the record is one of its training images. Each local step
   is a Poisson-sampled Gaussian mechanism (rate ``q_k = B / n_k``, noise multiplier sigma);
-  a round is ``local_epochs * ceil(n_k / B)`` of them, rounds the center sits out add none.
+  a round is ``local_epochs * ceil(n_k / B)`` of them (``fl.local_steps`` when that is > 0),
+  rounds the center sits out add none.
   ``epsilon_k`` after ``s`` steps is that of
   ``SelfComposedDpEvent(PoissonSampledDpEvent(q_k, GaussianDpEvent(sigma)), s)`` at
   ``delta``. ``n_k`` is public.
@@ -217,7 +218,8 @@ def plan(fl_cfg, sizes: dict) -> Plan | None:
   names, counts = list(sizes), [int(n) for n in sizes.values()]
   if mode == 'example':
     rates = tuple(batch / n for n in counts)
-    per_round = tuple(int(fl_cfg['local_epochs']) * -(-n // batch) for n in counts)
+    fixed = int(fl_cfg['local_steps']) if 'local_steps' in fl_cfg else 0  # as the round runs
+    per_round = tuple(fixed or int(fl_cfg['local_epochs']) * -(-n // batch) for n in counts)
   else:
     rates, per_round = (1.0,) * len(counts), (1,) * len(counts)
   sigma, calibrated = float(cfg['noise_multiplier']), False

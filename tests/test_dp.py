@@ -276,6 +276,23 @@ def test_reported_epsilon_is_dp_accountings_for_the_same_event():
   assert privacy.epsilons(client, [7] * 3) == [accountant.get_epsilon(1e-5)] * 3
 
 
+def test_fixed_local_steps_are_accounted_as_the_round_runs_them():
+  """fl.local_steps: every center takes that many Poisson-sampled steps a round, and the
+  accounting counts exactly those (the round's own num_steps under DP-SGD)."""
+  fl = dict(CONFIGS['fed_avg'], batch_size=4, local_epochs=1, local_steps=5, rounds=1,
+            dp=dict(mode='example', clip=1.0, noise_multiplier=1.0, delta=1e-5, seed=3))
+  centers = mlp_centers()
+  sizes = {f'c{k}': int(n) for k, n in enumerate(centers.sizes)}
+  plan = privacy.plan(fl, sizes)
+  assert plan.steps_per_round == (5, 5, 5)
+  assert privacy.plan(dict(fl, local_steps=0), sizes).steps_per_round == (2, 3, 3)
+  alg, round_fn = simulate.build(fl, mlp_loss)
+  trainable, frozen = mlp_params()
+  server, clients = alg.init(trainable, 3)
+  _, _, metrics = round_fn(server, clients, frozen, centers, ALL, jax.random.key(0), 0)
+  np.testing.assert_array_equal(metrics['num_steps'], plan.steps_per_round)
+
+
 def test_orders_dp_accounting_leaves_out_stay_out_of_the_log_and_epsilon_is_its_own(caplog):
   # q=0.1, sigma=0.6: dp-accounting's series fails for the low fractional RDP orders, and it
   # warns once per order it leaves out.

@@ -87,6 +87,7 @@ def _set(config, key, value):
     ('fl.swa_start', -1, 'must be an integer >= 0'),
     ('fl.swa_start', 4, r'is after the last round \(fl.rounds=3\): nothing would be averaged'),
     ('fl.eval_model', 'swa_server', 'set fl.swa_start to the first round averaged'),
+    ('fl.local_steps', -1, 'must be an integer >= 0'),
 ])
 def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, says):
   config = smoke_config(tmp_path / 'tfds')
@@ -107,6 +108,9 @@ def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, say
      r"fl\.local_momentum=0\.9: fl\.algorithm='scaffold' runs plain local SGD"),
     ({'fl.algorithm': 'fed_avg', 'fl.local_momentum': 0.9}, None),
     ({'fl.algorithm': 'fed_avg', 'fl.server_lr': 0.5, 'fl.alpha': 0.0}, None),  # fed_avg: fine
+    ({'fl.local_steps': 4, 'fl.local_epochs': 2},
+     r'fl\.local_steps=4 with fl\.local_epochs=2: .* set fl\.local_epochs=1'),
+    ({'fl.local_steps': 4, 'fl.dp.mode': 'example'}, None),  # accounted as 4 steps a round
 ])
 def test_settings_refused_against_the_data_plan(tmp_path, settings, says):
   config = smoke_config(tmp_path / 'tfds')

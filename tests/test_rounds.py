@@ -1,11 +1,14 @@
-"""The round builder's cache key: it changes exactly when a setting the round reads changes."""
+"""The round builder: its cache key changes exactly when a setting the round reads changes, and
+a site's compiled step is the round's own."""
 
+import jax
 import pytest
 
 from configs import demo  # importable: pyproject sets pytest's pythonpath to the repo root
+from fedblood.algorithms import base
 from fedblood.core import rounds
 from fedblood.study import experiment
-from mlp_federation import mlp_loss
+from mlp_federation import CONFIGS, assert_trees_equal, mlp_centers, mlp_loss, mlp_params
 
 # Fields of config.fl the compiled round does not read (the run's length, evaluation and
 # participation, DP accounting): changing them must not change the key.
@@ -79,3 +82,22 @@ def test_compiled_is_cached_on_the_spec():
   assert rounds.compiled(rounds.spec(mlp_loss, fl))[1] is not round_fn
   with pytest.raises(ValueError, match='form must be one of'):
     rounds.compiled(spec, 'other')
+
+
+def test_a_sites_client_step_takes_the_simulations_fixed_local_steps():
+  """The deployed site's compiled step (form 'client') runs fl.local_steps as the round does:
+  the same update as the simulation's own step for that center, to the bit."""
+  fl = dict(CONFIGS['fed_dyn'], batch_size=4, local_epochs=1, local_steps=5, execution='loop')
+  spec = rounds.spec(mlp_loss, fl)
+  _, site_step = rounds.compiled(spec, 'client')
+  algorithm, round_fn = rounds.compiled(spec)
+  trainable, frozen = mlp_params()
+  server, clients = algorithm.init(trainable, 3)
+  centers, key, k = mlp_centers(), jax.random.key(7), 1
+  want = round_fn.client_step(server, clients, frozen, centers, key, 2, k)
+  own = jax.tree.map(lambda x: x[k:k + 1], centers.examples)  # the site's data alone
+  got = site_step(server, jax.tree.map(lambda x: x[k], clients),
+                  base.client_weights(centers.sizes)[k], frozen, own, centers.sizes[k],
+                  jax.random.fold_in(jax.random.fold_in(key, 2), k), 2)
+  assert int(got.metrics['num_steps']) == 5
+  assert_trees_equal(got, want)

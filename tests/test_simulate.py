@@ -158,6 +158,88 @@ def test_choose_execution(backend, devices, sizes, batch, want):
 
 def test_local_steps():
   assert batches.local_steps(jnp.asarray([5, 12, 9, 0]), 4, 2) == [4, 6, 6, 0]
+  assert batches.local_steps(jnp.asarray([5, 12, 9, 0]), 4, 1, fixed=7) == [7, 7, 7, 0]
+  assert simulate.choose_execution((100, 1, 1), batch_size=10, local_epochs=1, backend='tpu',
+                                   num_devices=2) == 'loop'
+  # the same sizes with 10 steps at every center: 2 * 10 <= 3/4 * 30, the shard pays
+  assert simulate.choose_execution((100, 1, 1), batch_size=10, local_epochs=1, backend='tpu',
+                                   num_devices=2, local_steps=10) == 'shard'
+
+
+def _real_rows(batch):
+  return [int(i) for i in np.asarray(batch['i'])[np.asarray(batch['mask']) == 1]]
+
+
+def test_fixed_local_steps_pass_after_pass_in_fresh_orders():
+  """fl.local_steps: a small center makes several passes, each its real rows once in a new
+  order; a large one stops part-way through its first pass, never visiting a row twice."""
+  examples = {'i': jnp.arange(2 * 16).reshape(2, 16)}
+  batch_fn = batches.make_batch_fn(examples, 1, 5, jax.random.key(0), 2, 1, local_steps=7)
+  seen = [_real_rows(batch_fn(jnp.int32(s))) for s in range(7)]   # 3 steps a pass of 5 rows
+  first, second = sum(seen[0:3], []), sum(seen[3:6], [])
+  assert sorted(first) == sorted(second) == list(range(16, 21))
+  assert first != second
+  assert len(seen[6]) == 2 and set(seen[6]) <= set(range(16, 21))  # a third pass begun
+  batch_fn = batches.make_batch_fn(examples, 0, 12, jax.random.key(1), 4, 1, local_steps=2)
+  rows = sum((_real_rows(batch_fn(jnp.int32(s))) for s in range(2)), [])
+  assert len(rows) == len(set(rows)) == 8 and set(rows) <= set(range(12))
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_round(execution, batch_size=4, local_epochs=1, local_steps=0):
+  alg = algorithms.build(CONFIGS['fed_dyn'])
+  return alg, simulate.build_round(alg, mlp_loss, batch_size=batch_size, local_epochs=local_epochs,
+                                   local_steps=local_steps, execution=execution)
+
+
+def _run_fixed(execution, rounds=2, **steps):
+  alg, round_fn = _fixed_round(execution, **steps)
+  trainable, frozen = mlp_params()
+  server, clients = alg.init(trainable, 3)  # mlp_centers(): sizes 5, 12, 9
+  history = []
+  for r in range(rounds):
+    server, clients, metrics = round_fn(server, clients, frozen, mlp_centers(), ALL,
+                                        jax.random.key(42), r)
+    history.append(metrics)
+  return server, clients, history
+
+
+def test_fixed_local_steps_give_every_center_the_same_steps_in_every_execution():
+  want = _run_fixed('vmap', local_steps=5)
+  for metrics in want[2]:
+    np.testing.assert_array_equal(metrics['num_steps'], [5, 5, 5])  # sizes 5, 12, 9 at B=4
+  assert_trees_close(_run_fixed('loop', local_steps=5), want)
+  epochs = _run_fixed('loop')  # 2, 3, 3 steps: a different update
+  assert not np.allclose(jax.tree.leaves(epochs[0])[0], jax.tree.leaves(want[0])[0])
+
+
+def test_fixed_local_steps_equal_local_epochs_on_full_batches():
+  """With one batch a pass (B >= Nmax) both settings take the same batches: bit-equal."""
+  assert_trees_equal(_run_fixed('loop', batch_size=16, local_steps=3),
+                     _run_fixed('loop', batch_size=16, local_epochs=3))
+
+
+def test_fixed_local_steps_leave_an_empty_center_untouched():
+  alg = algorithms.build(CONFIGS['fed_dyn'])
+  client = jax.jit(simulate.client_fn(alg, mlp_loss, batch_size=4, local_epochs=1,
+                                      local_steps=3), static_argnums=5)
+  trainable, frozen = mlp_params()
+  server, clients = alg.init(trainable, 3)
+  state = jax.tree.map(lambda x: x[0], clients)
+  centers = mlp_centers(sizes=(5, 12, 0))
+  out = client(server, state, 1.0, frozen, centers.examples, 2, jnp.int32(0),
+               jax.random.key(0), 0)
+  assert int(out.metrics['num_steps']) == 0
+  assert_trees_equal(out.local_params, alg.eval_params(server)['server'])
+  assert int(client(server, state, 1.0, frozen, centers.examples, 1, jnp.int32(12),
+                    jax.random.key(0), 0).metrics['num_steps']) == 3
+
+
+@pytest.mark.parametrize('steps,epochs', [(-1, 1), (3, 2)])
+def test_fixed_local_steps_refused_when_they_cannot_run(steps, epochs):
+  alg = algorithms.build(CONFIGS['fed_dyn'])
+  with pytest.raises(ValueError, match='fl.local_steps must be >= 0'):
+    simulate.build_round(alg, mlp_loss, batch_size=4, local_epochs=epochs, local_steps=steps)
 
 
 def test_auto_runs_what_it_chooses_with_identical_results():

@@ -111,6 +111,7 @@ def test_a_config_with_the_later_field_must_match_it(tmp_path):
     (('data', 'augment', 'rand_conv'), 0.5, '0.5'),   # written before RandConv
     (('fl', 'swa_start'), 50, '50'),                  # written before weight averaging
     (('fl', 'local_momentum'), 0.9, '0.9'),           # written before local momentum
+    (('fl', 'local_steps'), 31, '31'),                # written before fixed local steps
 ])
 def test_a_later_field_that_changes_results_matches_only_its_old_value(tmp_path, path, value,
                                                                        shown):

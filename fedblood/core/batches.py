@@ -4,6 +4,9 @@
   ``ceil(n_k / batch_size)`` batches; the last batch is partial: ``batch['mask']``
   (float32[B], 1 for real examples) tells the loss which rows count. So center k
   runs exactly ``local_epochs * ceil(n_k / batch_size)`` steps (:func:`local_steps`).
+* With ``fl.local_steps = S > 0`` every center runs exactly ``S`` steps instead, its batches
+  drawn the same way, epoch after epoch (a center of ``ceil(n_k / B) < S`` batches starts a
+  fresh order where its last pass ends; one of more stops part-way through its first pass).
 * With DP-SGD, each step's batch is a Poisson sample (:func:`make_poisson_fn`).
 """
 
@@ -26,17 +29,23 @@ def epoch_orders(rng, size, nmax: int, epochs: int):
   return jnp.argsort(keys, axis=-1).astype(jnp.int32)
 
 
-def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: int):
-  """``step -> batch`` of center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``)."""
+def make_batch_fn(examples, center, size, rng, batch_size: int, local_epochs: int,
+                  local_steps: int = 0):
+  """``step -> batch`` of center ``center`` of ``examples`` (leaves ``[C, Nmax, ...]``).
+
+  ``local_steps`` > 0: the round runs that many steps whatever the center's size; a pass takes
+  at least one step, so ``local_steps`` orders cover them (``local_epochs`` is then unused).
+  """
   nmax = jax.tree.leaves(examples)[0].shape[1]
   steps_per_epoch = jnp.maximum(ceil_div(size, batch_size), 1)
+  epochs = local_steps if local_steps else local_epochs
   if batch_size >= nmax:  # full-batch steps: visiting order is irrelevant, skip the sorts
-    orders = jnp.broadcast_to(jnp.arange(nmax, dtype=jnp.int32), (local_epochs, nmax))
+    orders = jnp.broadcast_to(jnp.arange(nmax, dtype=jnp.int32), (epochs, nmax))
   else:
-    orders = epoch_orders(rng, size, nmax, local_epochs)
+    orders = epoch_orders(rng, size, nmax, epochs)
 
   def batch_fn(step):
-    epoch = jnp.minimum(step // steps_per_epoch, local_epochs - 1)
+    epoch = jnp.minimum(step // steps_per_epoch, epochs - 1)
     pos = (step % steps_per_epoch) * batch_size + jnp.arange(batch_size)
     idx = orders[epoch, jnp.minimum(pos, nmax - 1)]
     batch = {name: x[center, idx] for name, x in examples.items()}
@@ -75,6 +84,24 @@ def make_poisson_fn(examples, center, size, rng, batch_size: int, microbatch: in
   return batch_fn
 
 
-def local_steps(sizes, batch_size: int, local_epochs: int) -> list:
-  """Each center's number of local steps per round: ``local_epochs * ceil(n_k / batch_size)``."""
-  return [local_epochs * ceil_div(int(n), batch_size) for n in np.asarray(sizes).tolist()]
+def local_steps(sizes, batch_size: int, local_epochs: int, fixed: int = 0) -> list:
+  """Each center's number of local steps per round: ``local_epochs * ceil(n_k / batch_size)``,
+  or ``fixed`` for every non-empty center when it is > 0 (``fl.local_steps``)."""
+  return [(fixed if int(n) else 0) if fixed else local_epochs * ceil_div(int(n), batch_size)
+          for n in np.asarray(sizes).tolist()]
+
+
+def steps_of(fl_cfg) -> int:
+  """``fl.local_steps`` (0 where the config predates it: ``fl.local_epochs`` passes)."""
+  return int(fl_cfg['local_steps']) if 'local_steps' in fl_cfg else 0
+
+
+def check_steps(batch_size, local_epochs, local_steps) -> None:
+  """Raises ValueError naming the ``fl`` keys of a local-step setting the round cannot run."""
+  if batch_size < 1 or local_epochs < 1:
+    raise ValueError(f'fl.batch_size and fl.local_epochs must be >= 1, got {batch_size}, '
+                     f'{local_epochs}')
+  if local_steps < 0 or (local_steps and local_epochs != 1):
+    raise ValueError(f'fl.local_steps must be >= 0 (0: fl.local_epochs passes), and fixes every '
+                     f"center's steps alone (fl.local_epochs left at 1), got local_steps="
+                     f'{local_steps}, local_epochs={local_epochs}')

@@ -20,7 +20,7 @@ import jax
 
 from fedblood import algorithms
 from fedblood.algorithms import dp as dp_lib
-from fedblood.core import simulate, vectorized
+from fedblood.core import batches, simulate, vectorized
 
 FORMS = ('round', 'sweep', 'client', 'server')
 
@@ -54,6 +54,7 @@ class RoundSpec(NamedTuple):
   dp: DpSpec | None         # None: no fl.dp, or fl.dp.mode='off'
   logit_adjust: float = 0.0  # fl.logit_adjust: tau of the local loss (the examples' log_prior)
   swa_start: int = 0        # fl.swa_start: the server averages its models from that round (0: off)
+  local_steps: int = 0      # fl.local_steps: every center's steps a round (0: local_epochs passes)
 
 
 _ALGORITHM_KEYS = ('lr', 'lr_decay', 'alpha', 'mu', 'weight_decay', 'max_grad_norm', 'server_lr',
@@ -76,7 +77,8 @@ def spec(loss, fl, dp_plan=None) -> RoundSpec:
                    batch_size=fl['batch_size'], local_epochs=fl['local_epochs'],
                    execution=fl['execution'] if 'execution' in fl else 'auto', dp=dp_spec,
                    logit_adjust=float(fl['logit_adjust']) if 'logit_adjust' in fl else 0.0,
-                   swa_start=fl['swa_start'] if 'swa_start' in fl else 0)
+                   swa_start=fl['swa_start'] if 'swa_start' in fl else 0,
+                   local_steps=batches.steps_of(fl))
 
 
 def local_loss(round_spec: RoundSpec):
@@ -124,7 +126,8 @@ def compiled(round_spec: RoundSpec, form: str = 'round') -> tuple[Any, Any]:
   if form == 'round':
     return simulate.build(fl, loss)
   algorithm = algorithms.build(fl)
-  sizes = dict(batch_size=fl['batch_size'], local_epochs=fl['local_epochs'])
+  sizes = dict(batch_size=fl['batch_size'], local_epochs=fl['local_epochs'],
+               local_steps=fl['local_steps'])
   if form == 'sweep':
     return algorithm, vectorized.build_sweep_round(algorithm, loss, execution=fl['execution'],
                                                    **sizes)

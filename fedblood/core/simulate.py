@@ -19,12 +19,11 @@ API (stable: the pipeline codes against it)::
   centers' states are returned unchanged). ``key``: the run's base key; center k
   draws from ``fold_in(fold_in(key, round_index), k)``, so a checkpoint needs only
   the round number. ``round_index`` is traced: later rounds never recompile.
-  ``metrics``: dict of [C] arrays: ``loss`` and the loss's aux (e.g. ``accuracy``)
-  averaged over each center's local steps, and ``num_steps`` (int32); zero for
-  inactive centers.
+  ``metrics``: dict of [C] arrays: ``loss`` and the loss's aux (e.g. ``accuracy``) averaged
+  over each center's local steps, and ``num_steps`` (int32); zero for inactive centers.
   With ``donate=True`` (default) the server and client states passed in are consumed.
 * Center k runs exactly ``local_epochs * ceil(n_k / batch_size)`` steps over batches of
-  :mod:`fedblood.core.batches`.
+  :mod:`fedblood.core.batches` (``fl.local_steps`` > 0: that many whatever its size, none if empty).
 * ``execution`` (identical results up to float rounding, see tests), each a function of
   :mod:`fedblood.core.executions`: ``'vmap'`` (:func:`vmap_round`) vmaps the local update over
   centers (centers short of the longest one's steps are masked no-ops); ``'loop'``
@@ -111,28 +110,28 @@ def check_centers(centers: Centers):
 
 
 def choose_execution(sizes, *, batch_size: int, local_epochs: int, backend: str,
-                     num_devices: int = 1) -> str:
+                     num_devices: int = 1, local_steps: int = 0) -> str:
   """The execution ``'auto'`` runs for centers of ``sizes`` on ``num_devices`` of ``backend``.
 
-  * CPU: ``'loop'``. As fast as 'unroll', which compiles C client programs instead
-    of one, and faster than 'vmap' (measured: docs/performance.md);
-    'shard' needs forced host devices, and that process's 'loop' was slower still.
-  * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k``
-    (each device runs its centers in lock-step to the longest one) is at most 3/4
-    of ``sum_k s_k`` (one device running every center in turn), else ``'loop'``;
-    the margin covers vmap's grouped convolutions when a device holds several centers.
-  * one GPU/TPU: ``'loop'``. One paper-scale center step (batch 64 of 224 px, ~3
-    TFLOP) fills the device by itself, so 'vmap' could only add its padded
-    no-op steps (40% of its work with the study's center sizes). Measured on an H200
-    (bench/gpu_round.py): 'vmap' ran 0.53x 'loop' at paper scale.
+  * CPU: ``'loop'``. As fast as 'unroll', which compiles C client programs instead of one,
+    and faster than 'vmap' (measured: docs/performance.md); 'shard' needs forced host
+    devices, and that process's 'loop' was slower still.
+  * GPU/TPU with several devices: ``'shard'`` when ``ceil(C / devices) * max_k s_k`` (each
+    device runs its centers in lock-step to the longest one) is at most 3/4 of ``sum_k s_k``
+    (one device running every center in turn), else ``'loop'``; the margin covers vmap's
+    grouped convolutions when a device holds several centers.
+  * one GPU/TPU: ``'loop'``. One paper-scale center step (batch 64 of 224 px, ~3 TFLOP)
+    fills the device by itself, so 'vmap' could only add its padded no-op steps (40% of its
+    work with the study's center sizes). On an H200 (bench/gpu_round.py): 'vmap' ran 0.53x
+    'loop' at paper scale.
 
   Args:
     sizes: each center's number of training examples.
-    batch_size, local_epochs: as in :func:`build_round`.
+    batch_size, local_epochs, local_steps: as in :func:`build_round`.
     backend: the devices' platform (``'cpu'``, ``'gpu'``, ``'cuda'``, ``'tpu'``...).
     num_devices: devices the round may use.
   """
-  steps = batches.local_steps(sizes, batch_size, local_epochs)
+  steps = batches.local_steps(sizes, batch_size, local_epochs, local_steps)
   if backend == 'cpu' or num_devices < 2:
     return 'loop'
   per_device = batches.ceil_div(len(steps), num_devices)
@@ -169,15 +168,14 @@ class Round(NamedTuple):
     return self if self.resolve is None else self.resolve(centers)
 
 
-def _auto_round(build_fn: Callable, batch_size: int, local_epochs: int,
-                devices: Optional[Sequence[Any]]) -> Round:
+def _auto_round(build_fn: Callable, devices: Optional[Sequence[Any]], steps: dict) -> Round:
   """The 'auto' :class:`Round`: resolves its execution at each call from the centers' sizes."""
   built = {}
 
   def resolve(centers: Centers) -> Round:
     devs = list(devices) if devices is not None else jax.devices()
-    name = choose_execution(centers.sizes, batch_size=batch_size, local_epochs=local_epochs,
-                            backend=devs[0].platform, num_devices=len(devs))
+    name = choose_execution(centers.sizes, backend=devs[0].platform, num_devices=len(devs),
+                            **steps)
     if name not in built:  # one build (hence one compile) per execution ever chosen
       built[name] = build_fn(execution=name)
     return built[name]
@@ -191,7 +189,8 @@ def _auto_round(build_fn: Callable, batch_size: int, local_epochs: int,
 
 
 def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
-              local_epochs: int, dp: Optional[dp_lib.DpSgd] = None) -> Callable:
+              local_epochs: int, dp: Optional[dp_lib.DpSgd] = None,
+              local_steps: int = 0) -> Callable:
   """One center's local update exactly as every execution of the round runs it.
 
   ``client(server_state, client_state, weight, frozen, examples, center, size, rng,
@@ -202,17 +201,22 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
   federation's ``Nmax``, so the batches, and hence the update, are the simulation's. With
   ``dp`` (DP-SGD) the batches are Poisson samples (:func:`fedblood.core.batches.make_poisson_fn`).
   """
+  batches.check_steps(batch_size, local_epochs, local_steps)
+
   def client(server_state, client_state, weight, frozen, examples, center, size, rng,
              round_index):
     perm_rng, step_rng = jax.random.split(rng)
     if dp is None:
       batch_fn = batches.make_batch_fn(examples, center, size, perm_rng, batch_size,
-                                       local_epochs)
+                                       local_epochs, local_steps)
     else:
       batch_fn = batches.make_poisson_fn(examples, center, size, perm_rng, batch_size,
                                          dp.microbatch)
     local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
-    num_steps = local_epochs * batches.ceil_div(size, batch_size)
+    if local_steps:
+      num_steps = local_steps * jnp.minimum(size, 1)
+    else:
+      num_steps = local_epochs * batches.ceil_div(size, batch_size)
     return algorithm.client_update(server_state, client_state, weight=weight, loss_fn=local_loss,
                                    batch_fn=batch_fn, num_steps=num_steps, rng=step_rng,
                                    round_index=round_index)
@@ -231,7 +235,7 @@ def _checked(jitted: Callable) -> Callable:
 def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
                 local_epochs: int, execution: str = 'vmap', donate: bool = True,
                 devices: Optional[Sequence[Any]] = None, dp: Optional[dp_lib.DpSgd] = None,
-                compiler_options: Optional[dict] = None) -> Round:
+                compiler_options: Optional[dict] = None, local_steps: int = 0) -> Round:
   """Builds the :class:`Round` (see the module docstring).
 
   Args:
@@ -245,25 +249,23 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
     devices: devices of the 'shard' mesh (default: all).
     dp: DP-SGD (the ``dp`` the algorithm was built with): batches become Poisson samples
       (:func:`fedblood.core.batches.make_poisson_fn`); a center still takes
-      ``local_epochs * ceil(n_k / B)`` steps.
+      ``local_epochs * ceil(n_k / B)`` steps (or ``local_steps``).
     compiler_options: XLA options every jitted part is compiled with (``jax.jit``'s
       ``compiler_options``; default none beyond the process's XLA_FLAGS, see
       :mod:`fedblood.backend.platform`).
+    local_steps: > 0: each center's steps a round, whatever its size (0: ``local_epochs``).
   """
   if execution not in EXECUTIONS:
     raise ValueError(f'fl.execution must be one of {EXECUTIONS}, got {execution!r}')
-  if batch_size < 1 or local_epochs < 1:
-    raise ValueError(f'fl.batch_size and fl.local_epochs must be >= 1, got {batch_size}, '
-                     f'{local_epochs}')
+  batches.check_steps(batch_size, local_epochs, local_steps)
+  steps = dict(batch_size=batch_size, local_epochs=local_epochs, local_steps=local_steps)
   if execution == 'auto':
-    build_fn = functools.partial(build_round, algorithm, loss_fn, batch_size=batch_size,
-                                 local_epochs=local_epochs, donate=donate, devices=devices,
-                                 dp=dp, compiler_options=compiler_options)
-    return _auto_round(build_fn, batch_size, local_epochs, devices)
+    build_fn = functools.partial(build_round, algorithm, loss_fn, donate=donate, devices=devices,
+                                 dp=dp, compiler_options=compiler_options, **steps)
+    return _auto_round(build_fn, devices, steps)
   jit = functools.partial(jax.jit, compiler_options=compiler_options)
   donated = (0, 1) if donate else ()
-  client = client_fn(algorithm, loss_fn, batch_size=batch_size, local_epochs=local_epochs,
-                     dp=dp)
+  client = client_fn(algorithm, loss_fn, dp=dp, **steps)
   if execution == 'loop':
     client_step = jit(functools.partial(executions.loop_client_step, client=client))
     server_step = jit(functools.partial(executions.loop_server_step, algorithm=algorithm),
@@ -280,7 +282,8 @@ def build_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: 
 
 def build(fl_cfg, loss_fn: Callable, *, rewrite: Optional[Callable] = None,
           **kwargs) -> tuple[base.FedAlgorithm, Round]:
-  """``(algorithm, round)`` from ``config.fl``: algorithm, batch_size, local_epochs, execution.
+  """``(algorithm, round)`` from ``config.fl``: algorithm, batch_size, local_epochs (or _steps),
+  execution.
 
   ``fl.execution`` defaults to ``'auto'`` (see :func:`choose_execution`). ``rewrite``: the
   algorithm's gradient rewrite (:func:`fedblood.algorithms.build`); ``kwargs`` go to
@@ -293,4 +296,5 @@ def build(fl_cfg, loss_fn: Callable, *, rewrite: Optional[Callable] = None,
   execution = fl_cfg['execution'] if 'execution' in fl_cfg else 'auto'
   return algorithm, build_round(algorithm, loss_fn, batch_size=fl_cfg['batch_size'],
                                 local_epochs=fl_cfg['local_epochs'], execution=execution,
-                                dp=dp_lib.from_config(fl_cfg), **kwargs)
+                                dp=dp_lib.from_config(fl_cfg),
+                                local_steps=batches.steps_of(fl_cfg), **kwargs)

@@ -52,28 +52,30 @@ def unstack(tree, num: int) -> list:
 
 
 def build_sweep_round(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: int,
-                      local_epochs: int, execution: str = 'auto') -> simulate.Round:
+                      local_epochs: int, execution: str = 'auto',
+                      local_steps: int = 0) -> simulate.Round:
   """The :class:`fedblood.core.simulate.Round` of K sweep points (see the module docstring).
 
   Input states are donated. Its ``fn`` checks ``active`` (bool ``[K, C]``); for 'auto' its
   ``resolve(centers)`` is the Round it runs.
 
   Args:
-    algorithm, loss_fn, batch_size, local_epochs: as :func:`fedblood.core.simulate.build_round`.
+    algorithm, loss_fn, batch_size, local_epochs, local_steps: as
+      :func:`fedblood.core.simulate.build_round`.
     execution: 'auto', 'vmap', 'loop' or 'unroll'.
   """
   if execution not in SWEEP_EXECUTIONS:
     raise ValueError(f'fl.execution must be one of {SWEEP_EXECUTIONS} for a vectorized sweep, '
                      f'got {execution!r}')
   build = functools.partial(simulate.build_round, algorithm, loss_fn, batch_size=batch_size,
-                            local_epochs=local_epochs, donate=False)
+                            local_epochs=local_epochs, local_steps=local_steps, donate=False)
   built = {}
 
   def resolve(centers) -> simulate.Round:
     name = execution
     if name == 'auto':  # one device: the choice simulate makes for a single run
       name = simulate.choose_execution(centers.sizes, batch_size=batch_size,
-                                       local_epochs=local_epochs,
+                                       local_epochs=local_epochs, local_steps=local_steps,
                                        backend=jax.devices()[0].platform, num_devices=1)
     if name not in built:
       built[name] = _loop(build(execution='loop')) if name == 'loop' else _whole(

@@ -11,10 +11,11 @@ noise), and three differences from the simulation:
   runs of one config differ, and neither equals the simulation (whose seeded noise is for
   research only, docs/privacy.md).
 * **The site accounts for itself.** Each train request it answers adds ``local_epochs *
-  ceil(n / B)`` Poisson-sampled Gaussian mechanisms of rate ``B / n`` to a ledger in its state
-  dir (``privacy.json``), written before the reply leaves, whether or not the server then
-  accepts it. The reply reports dp-accounting's epsilon at the study's ``fl.dp.delta`` for what
-  the site ran in this study, and for everything its ledger holds (every study on these images).
+  ceil(n / B)`` (or ``fl.local_steps``) Poisson-sampled Gaussian mechanisms of rate ``B / n``
+  to a ledger in its state dir (``privacy.json``), written before the reply leaves, whether or
+  not the server then accepts it. The reply reports dp-accounting's epsilon at the study's
+  ``fl.dp.delta`` for what the site ran in this study, and for everything its ledger holds
+  (every study on these images).
 * **A budget.** ``dp-epsilon-budget`` in the node config (with ``dp-delta``, default the
   study's ``fl.dp.delta``): a train request that would take the site's total epsilon above it is
   declined with the reason, and the server leaves the center out of that round. A site with a

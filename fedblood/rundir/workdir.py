@@ -41,7 +41,8 @@ ANY = object()
 LATER_FIELDS = {'fl.select': ANY, 'model.tta': False, 'fl.weighting': 'size',
                 'baselines.personalize': False, 'fl.init': 'reference',
                 'fl.lr_decay': 1.0, 'fl.logit_adjust': 0.0, 'data.augment.blur': 0.0,
-                'data.augment.rand_conv': 0.0, 'fl.swa_start': 0, 'fl.local_momentum': 0.0}
+                'data.augment.rand_conv': 0.0, 'fl.swa_start': 0, 'fl.local_momentum': 0.0,
+                'fl.local_steps': 0}
 
 # The data fields that, with data.folds, decide which images each fold of a --folds study tests.
 SPLIT_KEYS = ('root', 'centers', 'split_seed', 'val_fraction', 'test_fraction')

@@ -145,6 +145,7 @@ RULES: dict[str, Callable[[Any], str | None]] = {
     'fl.algorithm': one_of(*algorithms.NAMES),
     'fl.rounds': positive_int,
     'fl.local_epochs': positive_int,
+    'fl.local_steps': nonnegative_int,
     'fl.batch_size': positive_int,
     'fl.lr': positive,
     'fl.lr_decay': fraction,
@@ -259,6 +260,11 @@ def check(config) -> None:
     raise ValueError(f'config fl.swa_start={swa_start!r} is after the last round (fl.rounds='
                      f'{rounds}): nothing would be averaged; set a round from 1 to {rounds}, '
                      'or 0 (off)')
+  steps, epochs = _get(config, 'fl.local_steps'), _get(config, 'fl.local_epochs')
+  if steps not in (0, _ABSENT) and epochs not in (1, _ABSENT):
+    raise ValueError(f'config fl.local_steps={steps!r} with fl.local_epochs={epochs!r}: '
+                     'fl.local_steps fixes every center\'s steps a round by itself; set '
+                     'fl.local_epochs=1, or fl.local_steps=0 (fl.local_epochs passes)')
   adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
   # Record level only: under fl.dp.mode='client' the unit is a whole center, whose clipped and
   # noised update covers anything computed from its own labels, the prior included.
