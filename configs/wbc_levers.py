@@ -31,10 +31,12 @@ def get_sweep() -> list[dict]:
   when the reference is restored; and logit-adjusted local losses (fl.logit_adjust 1: each
   center's class mix added to its logits in training); and 2 or 3 local epochs per round
   against 1 (more local work for the small centers, whose one epoch is 6-8 steps), and the
-  local lr 0.05 against 0.03 (chosen after 15 rounds, before the current recipe).
-  docs/results.md gives each point's table over folds 0-2."""
+  local lr 0.05 against 0.03 (chosen after 15 rounds, before the current recipe). The local
+  epochs points count local work in passes, so they set fl.local_steps=0 (the recipe's fixed
+  steps off). docs/results.md gives each point's table over folds 0-2."""
   return [{'fl.weighting': 'size'}, {'fl.weighting': 'equal'},
           {'fl.init': 'scratch', 'model.frozen_blocks': 0}, {'fl.lr_decay': 0.98},
           {'fl.alpha': 0.1}, {'fl.alpha': 0.001}, {'data.augment.od_stain': 0.2},
-          {'data.augment.blur': 1.0}, {'fl.logit_adjust': 1.0}, {'fl.local_epochs': 2},
-          {'fl.local_epochs': 3}, {'fl.lr': 0.05}]
+          {'data.augment.blur': 1.0}, {'fl.logit_adjust': 1.0},
+          {'fl.local_epochs': 2, 'fl.local_steps': 0}, {'fl.local_epochs': 3, 'fl.local_steps': 0},
+          {'fl.lr': 0.05}]

@@ -32,7 +32,7 @@ from configs import wbc
 EPSILONS = (8.0, 3.0, 1.0)
 ALGORITHMS = ('fed_dyn', 'fed_avg')
 # (model.frozen_blocks, fl.batch_size, fl.lr, fl.rounds, fl.local_epochs): configs/wbc.py's FL
-# recipe (at 30 rounds) first.
+# recipe (at 30 rounds, one pass a round: fl.local_steps=0 below) first.
 # 10 rounds: the 30-round candidates' validation picked rounds 2-24 at epsilon 8 (fold 0), and
 # fewer rounds at the same epsilon need less noise (sigma 1.26 against 1.85). 2 local epochs:
 # the same number of noisy steps as 20 rounds in 10 rounds' communication.
@@ -53,6 +53,10 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   # Fewer rounds than configs/wbc.py's 100: at a fixed epsilon every round adds noise (sigma
   # 1.85 at epsilon 8 over 30 rounds, 1.26 over 10); the round is then chosen on validation.
   config.fl.rounds = ROUNDS if arg != 'smoke' else config.fl.rounds
+  # Local work in passes (the candidates' fl.local_epochs), as the study ran before configs/wbc.py
+  # fixed every center's steps (fl.local_steps): a small center's steps, hence its epsilon, are
+  # ceil(n / B) a pass.
+  config.fl.local_steps = 0
   config.baselines.local_only = False  # every center alone, the reference: from study W
   config.baselines.pooled = False
   config.lock()

@@ -257,7 +257,7 @@ def test_paper_sweep_points_apply():
 def test_privacy_sweep_is_dp_candidates_per_epsilon_then_fedavg_without_dp():
   from configs import wbc, wbc_privacy  # pylint: disable=g-import-not-at-top
   config, recipe = wbc_privacy.get_config(), wbc.get_config()
-  assert (config.fl.dp.mode, config.fl.rounds) == ('example', 30)
+  assert (config.fl.dp.mode, config.fl.rounds, config.fl.local_steps) == ('example', 30, 0)
   # Candidate 0 is configs/wbc.py's own FL recipe; every point applies to the config.
   assert wbc_privacy.CANDIDATES[0] == (recipe.model.frozen_blocks, recipe.fl.batch_size,
                                        recipe.fl.lr, config.fl.rounds, recipe.fl.local_epochs)
