@@ -110,7 +110,7 @@ def test_bad_config_refused_before_anything_is_written(tmp_path, key, value, say
     ({'fl.algorithm': 'fed_avg', 'fl.server_lr': 0.5, 'fl.alpha': 0.0}, None),  # fed_avg: fine
     ({'fl.local_steps': 4, 'fl.local_epochs': 2},
      r'fl\.local_steps=4 with fl\.local_epochs=2: .* set fl\.local_epochs=1'),
-    ({'fl.local_steps': 4, 'fl.dp.mode': 'example'}, None),  # accounted as 4 steps a round
+    ({'fl.local_steps': 4, 'fl.local_epochs': 1}, None),  # fixed steps with one pass: accepted
 ])
 def test_settings_refused_against_the_data_plan(tmp_path, settings, says):
   config = smoke_config(tmp_path / 'tfds')
