@@ -92,7 +92,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':
   # longer under-fitted (fold 0, round 50: local training accuracy 0.77-0.85 with one pass).
   # Chosen on validation, 5 folds from the same references: the selected round's mean over the
   # 4 centers 89.5 against 89.1 with one pass and 89.1 with 31 steps (docs/results.md). FL
-  # takes about 1.3x its time of one pass (64 local steps a round against 51).
+  # takes 1.07x its time of one pass, measured back to back (64 local steps a round against 51).
   config.fl.local_steps = 16
   if arg == 'smoke':
     config.title = 'fedblood: real centers, smoke run'
