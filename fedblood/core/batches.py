@@ -84,10 +84,16 @@ def make_poisson_fn(examples, center, size, rng, batch_size: int, microbatch: in
   return batch_fn
 
 
+def num_steps(size, batch_size: int, local_epochs: int, fixed: int = 0):
+  """A center of ``size`` examples' local steps a round (``size`` an int or traced):
+  ``local_epochs * ceil(size / batch_size)``, or ``fixed`` when it is > 0 (``fl.local_steps``;
+  none for an empty center)."""
+  return fixed * (size > 0) if fixed else local_epochs * ceil_div(size, batch_size)
+
+
 def local_steps(sizes, batch_size: int, local_epochs: int, fixed: int = 0) -> list:
-  """Each center's number of local steps per round: ``local_epochs * ceil(n_k / batch_size)``,
-  or ``fixed`` for every non-empty center when it is > 0 (``fl.local_steps``)."""
-  return [(fixed if int(n) else 0) if fixed else local_epochs * ceil_div(int(n), batch_size)
+  """Each center's :func:`num_steps`, as ints."""
+  return [int(num_steps(int(n), batch_size, local_epochs, fixed))
           for n in np.asarray(sizes).tolist()]
 
 

@@ -213,12 +213,9 @@ def client_fn(algorithm: base.FedAlgorithm, loss_fn: Callable, *, batch_size: in
       batch_fn = batches.make_poisson_fn(examples, center, size, perm_rng, batch_size,
                                          dp.microbatch)
     local_loss = lambda p, batch, r: loss_fn(p, frozen, batch, r)
-    if local_steps:
-      num_steps = local_steps * jnp.minimum(size, 1)
-    else:
-      num_steps = local_epochs * batches.ceil_div(size, batch_size)
+    steps = batches.num_steps(size, batch_size, local_epochs, local_steps)
     return algorithm.client_update(server_state, client_state, weight=weight, loss_fn=local_loss,
-                                   batch_fn=batch_fn, num_steps=num_steps, rng=step_rng,
+                                   batch_fn=batch_fn, num_steps=steps, rng=step_rng,
                                    round_index=round_index)
 
   return client
