@@ -235,10 +235,12 @@ def test_fixed_local_steps_leave_an_empty_center_untouched():
                     jax.random.key(0), 0).metrics['num_steps']) == 3
 
 
-@pytest.mark.parametrize('steps,epochs', [(-1, 1), (3, 2)])
-def test_fixed_local_steps_refused_when_they_cannot_run(steps, epochs):
+@pytest.mark.parametrize('steps,epochs,message', [
+    (-1, 1, r'fl\.local_steps must be >= 0 .*got -1'),
+    (3, 2, r'fl\.local_steps=3 with fl\.local_epochs=2: .* set fl\.local_epochs=1')])
+def test_fixed_local_steps_refused_when_they_cannot_run(steps, epochs, message):
   alg = algorithms.build(CONFIGS['fed_dyn'])
-  with pytest.raises(ValueError, match='fl.local_steps must be >= 0'):
+  with pytest.raises(ValueError, match=message):
     simulate.build_round(alg, mlp_loss, batch_size=4, local_epochs=epochs, local_steps=steps)
 
 

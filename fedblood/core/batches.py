@@ -102,12 +102,24 @@ def steps_of(fl_cfg) -> int:
   return int(fl_cfg['local_steps']) if 'local_steps' in fl_cfg else 0
 
 
+def steps_conflict(local_epochs, local_steps) -> str | None:
+  """Why ``fl.local_steps`` cannot run beside ``fl.local_epochs`` (None when it can): fixed steps
+  set a center's work a round by themselves. The one statement of the rule, which
+  :func:`check_steps` and ``fedblood.study.validate`` both raise."""
+  if local_steps and local_epochs != 1:
+    return ("fl.local_steps fixes every center's steps a round by itself; set "
+            'fl.local_epochs=1, or fl.local_steps=0 (fl.local_epochs passes)')
+  return None
+
+
 def check_steps(batch_size, local_epochs, local_steps) -> None:
   """Raises ValueError naming the ``fl`` keys of a local-step setting the round cannot run."""
   if batch_size < 1 or local_epochs < 1:
     raise ValueError(f'fl.batch_size and fl.local_epochs must be >= 1, got {batch_size}, '
                      f'{local_epochs}')
-  if local_steps < 0 or (local_steps and local_epochs != 1):
-    raise ValueError(f'fl.local_steps must be >= 0 (0: fl.local_epochs passes), and fixes every '
-                     f"center's steps alone (fl.local_epochs left at 1), got local_steps="
-                     f'{local_steps}, local_epochs={local_epochs}')
+  if local_steps < 0:
+    raise ValueError(f'fl.local_steps must be >= 0 (0: fl.local_epochs passes), got {local_steps}')
+  conflict = steps_conflict(local_epochs, local_steps)
+  if conflict:
+    raise ValueError(f'fl.local_steps={local_steps} with fl.local_epochs={local_epochs}: '
+                     f'{conflict}')

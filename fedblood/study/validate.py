@@ -34,7 +34,7 @@ from fedblood import algorithms, data
 from fedblood import privacy
 from fedblood.algorithms import base, dp
 from fedblood.backend import numerics, platform
-from fedblood.core import simulate
+from fedblood.core import batches, simulate
 from fedblood.data import loader
 from fedblood.data import plan as data_plan
 from fedblood.model import metrics, models, partition
@@ -261,10 +261,9 @@ def check(config) -> None:
                      f'{rounds}): nothing would be averaged; set a round from 1 to {rounds}, '
                      'or 0 (off)')
   steps, epochs = _get(config, 'fl.local_steps'), _get(config, 'fl.local_epochs')
-  if steps not in (0, _ABSENT) and epochs not in (1, _ABSENT):
-    raise ValueError(f'config fl.local_steps={steps!r} with fl.local_epochs={epochs!r}: '
-                     'fl.local_steps fixes every center\'s steps a round by itself; set '
-                     'fl.local_epochs=1, or fl.local_steps=0 (fl.local_epochs passes)')
+  conflict = None if _ABSENT in (steps, epochs) else batches.steps_conflict(epochs, steps)
+  if conflict:
+    raise ValueError(f'config fl.local_steps={steps!r} with fl.local_epochs={epochs!r}: {conflict}')
   adjust, dp_mode = _get(config, 'fl.logit_adjust'), _get(config, 'fl.dp.mode')
   # Record level only: under fl.dp.mode='client' the unit is a whole center, whose clipped and
   # noised update covers anything computed from its own labels, the prior included.
