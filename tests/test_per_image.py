@@ -54,3 +54,26 @@ def test_a_clear_difference_is_above_and_runs_without_predictions_give_no_sectio
   summary = per_image.summarize([deployed], ['ref', 'x'], 'ref')
   assert summary == {'accuracy': {}, 'paired': {}}
   assert per_image.section(summary, ['ref', 'x'], 'ref') == []
+
+
+def test_site_fine_tuned_models_are_paired_with_each_other_when_both_ran():
+  labels = {'ref': np.zeros(40, int), 'x': np.zeros(60, int)}
+  right = {c: np.zeros(len(v), int) for c, v in labels.items()}
+  # pooled + FT misses the first 30 images of x, FL + FT the last 6: 24 more for FL + FT
+  fl_ft = {'ref': right['ref'], 'x': np.r_[np.zeros(54, int), np.ones(6, int)]}
+  pooled_ft = {'ref': right['ref'], 'x': np.r_[np.ones(30, int), np.zeros(30, int)]}
+  tables = {'after': right, 'before': right, 'personalized_fl': fl_ft,
+            'personalized_pooled': pooled_ft}
+  summary = per_image.summarize([_results(labels, tables)], ['ref', 'x'], 'ref')
+  got = summary['personalized']['x']
+  expected = stats.paired_comparison(fl_ft['x'] == 0, pooled_ft['x'] == 0)
+  assert (got['a_only'], got['b_only']) == (30, 6) == (expected.a_only, expected.b_only)
+  assert got['difference'] == expected.difference == 0.4 and got['verdict'] == 'above'
+  assert summary['personalized']['ref']['difference'] == 0.0
+  lines = per_image.section(summary, ['ref', 'x'], 'ref')
+  assert '## FL + site fine-tuning against pooled + site fine-tuning on the same images' in lines
+  assert any(line.startswith('| x | 90.0 | 50.0 | +40.0 [') and '| 30 / 6 |' in line
+             for line in lines)
+  without = per_image.summarize([_results(labels, {'after': right, 'personalized_fl': fl_ft})],
+                                ['ref', 'x'], 'ref')
+  assert 'personalized' not in without  # one of the two alone: nothing to pair

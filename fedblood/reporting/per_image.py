@@ -10,7 +10,10 @@ fold's results.json) together are the whole center: 258-1,497 images instead of 
 - the FL model (Table 2) against the reference model and each baseline on the same images:
   the accuracy difference with a paired bootstrap 95 % interval and McNemar's exact p
   (:func:`fedblood.stats.paired_comparison`); "above" / "below" only when the interval
-  excludes 0, else "tie".
+  excludes 0, else "tie";
+- with site fine-tuning (``baselines.personalize``), the personalised FL model against the pooled
+  model fine-tuned at each site the same way, on the same images (the issue's "personalised FL
+  within 1 point of pooled + site fine-tuning").
 
 Runs without per-image predictions (a deployed run: they stay at the sites) give no section.
 """
@@ -21,6 +24,8 @@ from fedblood import stats
 from fedblood.reporting import report
 
 EXTERNAL = 'all external images'
+# The two site-fine-tuned models (fedblood.study.stages.baselines' tables), compared to each other.
+PERSONALIZED = ('personalized_fl', 'personalized_pooled')
 
 
 def correctness(results_list) -> dict:
@@ -59,15 +64,29 @@ def summarize(results_list, centers, reference) -> dict:
       low, high = stats.accuracy_interval(int(c.sum()), len(c))
       accuracy[table][center] = {'n': len(c), 'correct': int(c.sum()),
                                  'accuracy': float(c.mean()), 'low': low, 'high': high}
-  paired = {}
-  fl = correct.get('after', {})
-  for table, per in correct.items():
-    if table == 'after':
-      continue
-    pairs = {c: stats.paired_comparison(fl[c], per[c])
-             for c in per if c in fl and len(fl[c]) == len(per[c])}
-    paired[table] = {c: {**p._asdict(), 'verdict': p.verdict} for c, p in pairs.items()}
-  return {'accuracy': accuracy, 'paired': paired}
+  paired = {table: _pairs(correct.get('after', {}), per)
+            for table, per in correct.items() if table != 'after'}
+  out = {'accuracy': accuracy, 'paired': paired}
+  if all(t in correct for t in PERSONALIZED):
+    out['personalized'] = _pairs(*(correct[t] for t in PERSONALIZED))
+  return out
+
+
+def _pairs(a: dict, b: dict) -> dict:
+  """``{center: Paired as dict}``: ``a`` against ``b`` on each center both hold whole."""
+  pairs = {c: stats.paired_comparison(a[c], b[c]) for c in b if c in a and len(a[c]) == len(b[c])}
+  return {c: {**p._asdict(), 'verdict': p.verdict} for c, p in pairs.items()}
+
+
+def _interval(a: dict | None) -> str:
+  pct = report.pct
+  return f'{pct(a["accuracy"])} [{pct(a["low"])}, {pct(a["high"])}]' if a else '–'
+
+
+def _row(lead: str, p: dict) -> str:
+  return (f'| {lead} | {report.pct(p["accuracy_a"])} | {report.pct(p["accuracy_b"])} | '
+          f'{stats.points(p["difference"], p["low"], p["high"])} | '
+          f'{p["a_only"]} / {p["b_only"]} | {p["p_mcnemar"]:.3g} | {p["verdict"]} |')
 
 
 def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]:
@@ -86,10 +105,7 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
          '| center | images | ' + ' | '.join(f'`{t}`' for t in tables) + ' |',
          '|---|---|' + '---|' * len(tables)]
   for c in rows:
-    cells = []
-    for t in tables:
-      a = accuracy[t].get(c)
-      cells.append(f'{report.pct(a["accuracy"])} [{report.pct(a["low"])}, {report.pct(a["high"])}]' if a else '–')
+    cells = [_interval(accuracy[t].get(c)) for t in tables]
     out.append(f'| {name(c)} | {accuracy["after"][c]["n"]} | ' + ' | '.join(cells) + ' |')
   out += ['', '## FL (`after`, Table 2) against each other model on the same images', '',
           'Difference of accuracy in points with a paired bootstrap 95 % interval (images '
@@ -98,11 +114,14 @@ def section(summary: dict, centers, reference, label: str = 'fold') -> list[str]
           '| against | center | FL | other | FL - other [95 %] | only FL / only other | p | |',
           '|---|---|---|---|---|---|---|---|']
   for table, per in paired.items():
-    for c in rows:
-      p = per.get(c)
-      if p is None:
-        continue
-      out.append(f'| `{table}` | {name(c)} | {report.pct(p["accuracy_a"])} | {report.pct(p["accuracy_b"])} | '
-                 f'{stats.points(p["difference"], p["low"], p["high"])} | '
-                 f'{p["a_only"]} / {p["b_only"]} | {p["p_mcnemar"]:.3g} | {p["verdict"]} |')
+    out += [_row(f'`{table}` | {name(c)}', per[c]) for c in rows if c in per]
+  personal = summary.get('personalized')
+  if personal:
+    out += ['', '## FL + site fine-tuning against pooled + site fine-tuning on the same images',
+            '', 'Each site fine-tunes FL\'s model (`personalized_fl`) and the pooled model '
+            '(`personalized_pooled`) the same way on its own training split; the same paired '
+            'test as above.', '',
+            '| center | FL + site FT | pooled + site FT | difference [95 %] | only FL + FT / '
+            'only pooled + FT | p | |', '|---|---|---|---|---|---|---|']
+    out += [_row(name(c), personal[c]) for c in rows if c in personal]
   return out + ['']
