@@ -60,7 +60,13 @@ def test_left_out_center_per_fold_over_its_images_and_paired(tmp_path):
   assert float(paired['p_mcnemar']) == pytest.approx(expect.p_mcnemar)  # 3 discordant: 0.25
   assert float(get('a', 'FL − pooled from scratch without it')['value']) == 0.0
   assert float(get('b', "FL − first row's FL")['value']) == pytest.approx(0.2 - 1.0)
-  assert not any(r['row'] == 'b' and 'pooled' in r['quantity'] for r in rows)
+  # B trained no pooled model: none of its own, its FL paired with the first row's (all right)
+  assert not any(r['row'] == 'b' and r['quantity'] in ('pooled from scratch without it',
+                                                       'FL − pooled from scratch without it')
+                 for r in rows)
+  borrowed = get('b', "FL − first row's pooled from scratch without it")
+  assert float(borrowed['value']) == pytest.approx(0.2 - 1.0) and borrowed['images'] == '5'
+  assert not any(r['row'] == 'a' and r['quantity'].startswith("FL − first row's") for r in rows)
   text = path.read_text()
   assert '| b | 5 | a (folds 1) | 40.0: 40.0 [' in text and '| yes |' in text and '| no |' in text
   # Alone, study A is compared over both its folds: per fold, then over the 9 images.

@@ -13,7 +13,10 @@ center :func:`write` gives, for every model that never saw its images,
   should score at or above both;
 * where several rows hold the same center out (points of another sweep, or studies that ran
   apart, named on the command line), each row's FL against the first row's, on the same images
-  (checked: the same folds and the same labels in the same order).
+  (checked: the same folds and the same labels in the same order); and a row that trained no
+  pooled model (an FL-only study) has its FL paired with the first row's pooled model from
+  scratch, in a column of its own that says so (the same model only where the row's lever
+  leaves the pooled fit alone, e.g. an FL setting).
 
 ``--sweep --folds`` writes it as ``loco_folds.md`` / ``.csv`` beside ``sweep_folds.md`` when a
 point leaves a center out; for studies that ran apart (e.g. the recipe's and a lever's)::
@@ -40,6 +43,8 @@ MODELS = (('before', 'reference alone'), ('after', 'FL'), ('after_em', 'FL, EM p
           ('pooled_reference', 'pooled from the reference without it'))
 PAIRED = (('before', 'FL − reference alone'),
           ('pooled_scratch', 'FL − pooled from scratch without it'))
+FIRST_FL = "FL − first row's FL"
+FIRST_POOLED = "FL − first row's pooled from scratch without it"
 TARGET = 0.65  # issue 23: every left-out center at 65 % or above
 
 
@@ -116,9 +121,14 @@ def _measure(row: dict, folds: list, first: dict | None) -> dict:
       if table in out['models']:
         out['paired'][title] = stats.paired_comparison(fl['correct'],
                                                        out['models'][table]['correct'])
-    if first is not None and 'after' in first['models']:
-      out['paired']['FL − first row\'s FL'] = stats.paired_comparison(
-          fl['correct'], first['models']['after']['correct'])
+    if first is not None:
+      borrowed = [('after', FIRST_FL)]
+      if 'pooled_scratch' not in out['models']:  # an FL-only row: the first row's pooled model
+        borrowed.append(('pooled_scratch', FIRST_POOLED))
+      for table, title in borrowed:
+        if table in first['models']:
+          out['paired'][title] = stats.paired_comparison(fl['correct'],
+                                                         first['models'][table]['correct'])
   return out
 
 
@@ -134,7 +144,7 @@ def write(out, studies: dict) -> Path | None:
   if not rows:
     return None
   centers = list(dict.fromkeys(r['center'] for r in rows))
-  paired_titles = [t for _, t in PAIRED] + ["FL − first row's FL"]
+  paired_titles = [t for _, t in PAIRED] + [FIRST_FL, FIRST_POOLED]
   head = ['left out', 'images', 'row', *(t for _, t in MODELS), *paired_titles,
           f'FL ≥ {pct(TARGET)} %']
   md = ['# Centers that never joined: test accuracy over the folds, %', '',
