@@ -33,7 +33,7 @@ import sys
 import numpy as np
 
 from fedblood import stats
-from fedblood.reporting.report import pct
+from fedblood.reporting.report import pct, with_interval
 from fedblood.rundir import workdir as workdir_lib
 
 SUMMARY = 'folds_summary.json'
@@ -169,7 +169,7 @@ def write(out, studies: dict) -> Path | None:
         a = m['models'].get(table)
         cells.append('–' if a is None else
                      ' / '.join(pct(v) for v in a['per_fold'])
-                     + f': {pct(a["accuracy"])} [{pct(a["low"])}, {pct(a["high"])}]')
+                     + f': {with_interval(a["accuracy"], a["low"], a["high"])}')
         if a is not None:
           writer.writerow([center, r['name'], ';'.join(map(str, folds)), title,
                            ';'.join(repr(v) for v in a['per_fold']), len(a['correct']),

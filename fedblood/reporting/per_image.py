@@ -79,8 +79,7 @@ def _pairs(a: dict, b: dict) -> dict:
 
 
 def _interval(a: dict | None) -> str:
-  pct = report.pct
-  return f'{pct(a["accuracy"])} [{pct(a["low"])}, {pct(a["high"])}]' if a else '–'
+  return report.with_interval(a['accuracy'], a['low'], a['high']) if a else '–'
 
 
 def _row(lead: str, p: dict) -> str:

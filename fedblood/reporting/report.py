@@ -55,6 +55,12 @@ def pct(x) -> str:
   return '–' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{100 * x:.1f}'
 
 
+def with_interval(value, low, high) -> str:
+  """An accuracy (a fraction) in % with its interval, as the reports print it: ``'86.3 [84.0,
+  88.4]'``."""
+  return f'{pct(value)} [{pct(low)}, {pct(high)}]'
+
+
 def mean(values) -> float | None:
   """The mean of the values that are not None (None if there are none)."""
   vals = [v for v in values if v is not None]

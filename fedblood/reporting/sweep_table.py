@@ -30,7 +30,7 @@ import numpy as np
 
 from fedblood import stats
 from fedblood.reporting import aggregate, loco_table, per_image
-from fedblood.reporting.report import pct
+from fedblood.reporting.report import with_interval
 from fedblood.rundir import workdir as workdir_lib
 
 BASELINE = ('baselines/pooled_scratch', 'baselines/pooled')  # the first a run has
@@ -104,7 +104,7 @@ def write(workdir, points: Sequence[dict], label: str) -> Path:
     if pooled:
       a = r['images']
       low, high = stats.accuracy_interval(int(a.sum()), len(a))
-      line.append(f'{pct(a.mean())} [{pct(low)}, {pct(high)}]')
+      line.append(with_interval(a.mean(), low, high))
       row += [len(a), int(a.sum())]
       if r is read[0]:
         line += ['(the reference point)', '', '']
